@@ -1,0 +1,2142 @@
+#!/usr/bin/env python3
+"""OCP (Open Claude Proxy): an OpenAI-compatible API over a Claude Pro/Max subscription.
+
+It runs the official `claude` CLI once per request and translates between
+OpenAI's chat completions and the CLI's stream-json events.
+
+    python3 ocp.py serve                 run the daemon (127.0.0.1:3456)
+    python3 ocp.py health                local detail: claude path, version, limits
+    python3 ocp.py models                the model ids and aliases it accepts
+    python3 ocp.py version
+
+Contents (`grep -n '^# [A-Z].*#$' ocp.py` prints the map):
+    Config · Errors · Models · Claude runner · Translation (OpenAI ⇄ CLI) ·
+    Plan limits · HTTP · Admin CLI · Main
+
+A request's path: Handler.dispatch → Handler.handle_chat_completions →
+parse_chat_request → build_job (argv, stdin, env) → Runner.run (slot, spawn,
+follow events) → Answer.feed (events → deltas) → chat_chunk / chat_completion
+→ send_event_stream / send_json.
+
+Standard library only, Python 3.9+. Importing this module has no side effects.
+"""
+
+import argparse
+import base64
+import binascii
+import collections
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("ocp")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+DEFAULT_PORT = 3456
+DEFAULT_TIMEOUT_MS = 600_000
+DEFAULT_HEARTBEAT_MS = 15_000
+DEFAULT_QUEUE_TIMEOUT_MS = 60_000
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_IMAGE_BYTES = 5 * 1024 * 1024
+DEFAULT_MAX_IMAGES = 20
+DEFAULT_SOCKET_TIMEOUT_S = 30
+AUTH_MODES = ("none", "shared", "multi")
+LOOPBACK_BINDS = ("127.0.0.1", "localhost", "::1")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the daemon must not start."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting, built once from the environment (+ serve flags).
+
+    Units are in the names. `environ` is the environment the children inherit
+    (before scrubbing); it is kept out of repr so secrets never print.
+    """
+
+    port: int = DEFAULT_PORT
+    bind: str = "127.0.0.1"
+    auth_mode: str = "none"
+    api_key: str = dataclasses.field(default="", repr=False)
+    admin_key: str = dataclasses.field(default="", repr=False)
+    anonymous_key: str = dataclasses.field(default="", repr=False)
+    claude_bin: str = ""
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+    max_concurrent: int = 8
+    max_queue: int = 16
+    queue_timeout_ms: int = DEFAULT_QUEUE_TIMEOUT_MS
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    cache_ttl_ms: int = 0
+    max_prompt_chars: int = 0
+    allowed_tools: str = ""
+    system_prompt: str = ""
+    no_context: bool = True
+    home: str = ""
+    user_home: str = ""
+    upstream_base_url: str = ""
+    default_model: str = ""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_images: int = DEFAULT_MAX_IMAGES
+    allow_image_urls: bool = False
+    socket_timeout_s: int = DEFAULT_SOCKET_TIMEOUT_S
+    log_level: str = "INFO"
+    environ: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
+
+    @property
+    def loopback(self) -> bool:
+        return self.bind in LOOPBACK_BINDS or self.bind.startswith("127.")
+
+    @property
+    def spawn_dir(self) -> str:
+        return os.path.join(self.home, "spawn")
+
+
+# (field, env name, serve flag, kind, (min, max)); kind: int | str | bool.
+SETTINGS = (
+    ("port", "CLAUDE_PROXY_PORT", "--port", "int", (0, 65535)),
+    ("bind", "CLAUDE_BIND", "--bind", "str", None),
+    ("auth_mode", "CLAUDE_AUTH_MODE", "--auth-mode", "str", None),
+    ("claude_bin", "CLAUDE_BIN", "--claude-bin", "str", None),
+    ("timeout_ms", "CLAUDE_TIMEOUT", "--timeout", "int", (1000, 24 * 3600 * 1000)),
+    ("max_concurrent", "CLAUDE_MAX_CONCURRENT", "--max-concurrent", "int", (1, 256)),
+    ("max_queue", "CLAUDE_MAX_QUEUE", "--max-queue", "int", (0, 10_000)),
+    ("queue_timeout_ms", "OCP_QUEUE_TIMEOUT", "--queue-timeout", "int", (100, 3600 * 1000)),
+    ("heartbeat_ms", "CLAUDE_HEARTBEAT_INTERVAL", "--heartbeat", "int", (0, 600_000)),
+    ("cache_ttl_ms", "CLAUDE_CACHE_TTL", "--cache-ttl", "int", (0, 30 * 24 * 3600 * 1000)),
+    ("max_prompt_chars", "CLAUDE_MAX_PROMPT_CHARS", "--max-prompt-chars", "int", (0, 1 << 31)),
+    ("allowed_tools", "CLAUDE_ALLOWED_TOOLS", "--allowed-tools", "str", None),
+    ("system_prompt", "CLAUDE_SYSTEM_PROMPT", "--system-prompt", "str", None),
+    ("no_context", "CLAUDE_NO_CONTEXT", "--no-context", "bool", None),
+    ("home", "OCP_HOME", "--home", "str", None),
+    ("upstream_base_url", "OCP_UPSTREAM_BASE_URL", "--upstream-base-url", "str", None),
+    ("default_model", "OCP_DEFAULT_MODEL", "--default-model", "str", None),
+    ("max_body_bytes", "OCP_MAX_BODY_BYTES", "--max-body-bytes", "int", (1024, 1 << 30)),
+    ("max_image_bytes", "OCP_MAX_IMAGE_BYTES", "--max-image-bytes", "int", (1024, 1 << 28)),
+    ("max_images", "OCP_MAX_IMAGES", "--max-images", "int", (0, 100)),
+    ("allow_image_urls", "OCP_ALLOW_IMAGE_URLS", "--allow-image-urls", "bool", None),
+    ("socket_timeout_s", "OCP_SOCKET_TIMEOUT", "--socket-timeout", "int", (1, 3600)),
+    ("log_level", "OCP_LOG_LEVEL", "--log-level", "str", None),
+)
+SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
+                   ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_setting(name: str, raw: str, kind: str, bounds: Optional[Tuple[int, int]]) -> Any:
+    """Return `raw` converted to `kind`; raise ConfigError naming `name`."""
+    raw = raw.strip()
+    if kind == "bool":
+        if raw.lower() in TRUE_WORDS:
+            return True
+        if raw.lower() in FALSE_WORDS:
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
+    if kind == "int":
+        if not re.fullmatch(r"-?\d+", raw):
+            raise ConfigError(f"{name}={raw!r} is not a whole number")
+        value = int(raw)
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(f"{name}={value} is out of range {bounds[0]}..{bounds[1]}")
+        return value
+    return raw
+
+
+def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] = None) -> Config:
+    """Build the Config from `environ` then `flags` (flags win); raise ConfigError."""
+    flags = flags or {}
+    values: Dict[str, Any] = {}
+    for field, env_name, flag, kind, bounds in SETTINGS:
+        raw = flags.get(field)
+        source = flag
+        if raw is None and environ.get(env_name, "") != "":
+            raw, source = environ[env_name], env_name
+        if raw is not None:
+            values[field] = parse_setting(source, str(raw), kind, bounds)
+    for field, env_name in SECRET_SETTINGS:
+        values[field] = environ.get(env_name, "").strip()
+    user_home = environ.get("HOME") or os.path.expanduser("~")
+    values["user_home"] = user_home
+    values.setdefault("home", os.path.join(user_home, ".ocp"))
+    values["home"] = os.path.abspath(os.path.expanduser(values["home"]))
+    if "auth_mode" not in values:
+        values["auth_mode"] = "shared" if values["api_key"] else "none"
+    values["environ"] = types.MappingProxyType(dict(environ))
+    config = Config(**values)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Config) -> None:
+    """Raise ConfigError when the settings cannot make a safe daemon."""
+    if config.auth_mode not in AUTH_MODES:
+        raise ConfigError(f"CLAUDE_AUTH_MODE={config.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
+    if config.auth_mode == "shared" and not config.api_key:
+        raise ConfigError("CLAUDE_AUTH_MODE=shared needs PROXY_API_KEY")
+    if config.auth_mode == "multi":
+        raise ConfigError("CLAUDE_AUTH_MODE=multi needs per-person keys, which this version "
+                          "does not have yet; use shared with PROXY_API_KEY")
+    if config.allowed_tools and (config.auth_mode == "multi" or not config.loopback):
+        raise ConfigError("CLAUDE_ALLOWED_TOOLS lets callers run tools on this machine; it is "
+                          "refused on a non-loopback bind or in multi mode")
+    if not config.bind:
+        raise ConfigError("CLAUDE_BIND is empty")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"OCP_LOG_LEVEL={config.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+    if config.upstream_base_url and not re.match(r"https?://", config.upstream_base_url):
+        raise ConfigError("OCP_UPSTREAM_BASE_URL must start with http:// or https://")
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape; raise it from any depth."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 code: Optional[str] = None, param: Optional[str] = None,
+                 headers: Optional[Dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.code, self.param, self.headers = code, param, dict(headers or {})
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The HTTP client hung up; whatever it asked for is cancelled."""
+
+
+def bad_request(message: str, param: Optional[str] = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, "invalid_request_error", code, param)
+
+
+def unsupported(param: str, message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", "unsupported_parameter", param)
+
+
+PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.@%+~-]+){2,}/?")
+
+
+def scrub_paths(text: str) -> str:
+    """Return `text` with file paths replaced, for messages that reach clients."""
+    return PATH_PATTERN.sub("<path>", text)
+
+
+###############################################################################
+# Models ######################################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    id: str
+    created: int
+    context_window: int
+    max_output: int
+    aliases: Tuple[str, ...] = ()
+
+
+class Models:
+    """The registry from models.json: ids, aliases, limits."""
+
+    def __init__(self, models: List[Model], default: str = ""):
+        self.models = models
+        self.default = default
+        self._by_name: Dict[str, Model] = {}
+        for model in models:
+            for name in (model.id,) + model.aliases:
+                self._by_name[name.lower()] = model
+
+    @classmethod
+    def load(cls, path: str) -> "Models":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        models = [Model(m["id"], int(m["created"]), int(m["context_window"]),
+                        int(m["max_output"]), tuple(m.get("aliases", ())))
+                  for m in data["models"]]
+        return cls(models, data.get("default", ""))
+
+    def find(self, name: str) -> Optional[Model]:
+        return self._by_name.get(name.strip().lower())
+
+    def resolve(self, name: Any, fallback: str = "") -> Model:
+        """Return the model for an id or alias; 400 listing the valid ids otherwise."""
+        if not isinstance(name, str) or not name.strip():
+            raise bad_request("'model' is required and must be a string", "model", "missing_model")
+        model = self.find(name) or (self.find(fallback) if fallback else None)
+        if model is None:
+            ids = ", ".join(m.id for m in self.models)
+            raise ApiError(400, f"Unknown model {name[:100]!r}. Valid ids: {ids} "
+                           "(aliases: opus, sonnet, haiku).", "invalid_request_error",
+                           "model_not_found", "model")
+        return model
+
+
+def model_object(model: Model) -> Dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": model.created,
+            "owned_by": "anthropic", "context_window": model.context_window,
+            "max_output_tokens": model.max_output, "aliases": list(model.aliases)}
+
+
+###############################################################################
+# Claude runner ###############################################################
+###############################################################################
+
+HEARTBEAT = object()  # what Runner.run yields after each silent heartbeat interval
+KILL_GRACE_S = 5.0
+ARGV_PROMPT_LIMIT = 32 * 1024  # larger system prompts go through a 0600 file
+PIPE_WRITE_INLINE = 16 * 1024  # bigger stdin is written by a helper thread
+SCRUBBED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "CLAUDECODE",
+                "PROXY_API_KEY", "OCP_ADMIN_KEY", "PROXY_ANONYMOUS_KEY")
+OCP_KEY_SHAPE = re.compile(r"ocp_[A-Za-z0-9_-]{32}")
+TOKEN_FRESH_S = 300
+CLAUDE_SEARCH_PATHS = ("~/.local/bin/claude", "~/.claude/local/claude", "~/.npm-global/bin/claude",
+                       "/opt/homebrew/bin/claude", "/usr/local/bin/claude", "/usr/bin/claude")
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One CLI run: what to start and what to feed it."""
+
+    model: str
+    system_prompt: str
+    blocks: Tuple[Dict[str, Any], ...]
+    effort: str = ""
+    max_tokens: int = 0
+    request_id: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """How a child authenticates: `isolated` children get a scratch HOME."""
+
+    source: str  # env | login | refresh | none
+    token: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def isolated(self) -> bool:
+        return self.source != "refresh"
+
+
+def find_claude(config: Config) -> Optional[str]:
+    """Return the claude executable's path, or None when it is not installed."""
+    if config.claude_bin:
+        path = os.path.expanduser(config.claude_bin)
+        if os.sep not in path:
+            path = shutil.which(path, path=config.environ.get("PATH")) or path
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    found = shutil.which("claude", path=config.environ.get("PATH", os.defpath))
+    if found:
+        return found
+    for candidate in CLAUDE_SEARCH_PATHS:
+        path = candidate.replace("~", config.user_home, 1)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def claude_argv(binary: str, job: Job, system_arg: Tuple[str, str], tools: str = "") -> List[str]:
+    """Return the argv for one headless stream-json run (no shell, prompt on stdin)."""
+    argv = [binary, "-p", "--output-format", "stream-json", "--verbose",
+            "--include-partial-messages", "--input-format", "stream-json",
+            "--model", job.model, "--tools", tools, "--no-session-persistence",
+            system_arg[0], system_arg[1]]
+    if job.effort:
+        argv += ["--effort", job.effort]
+    if job.max_tokens:
+        argv += ["--max-turns", "1"]
+    return argv
+
+
+def stdin_line(blocks: Tuple[Dict[str, Any], ...]) -> bytes:
+    """Return the one stream-json user line the CLI reads from stdin."""
+    message = {"type": "user", "message": {"role": "user", "content": list(blocks)}}
+    return json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def child_env(environ: Mapping[str, str], config: Config, creds: Credentials,
+              scratch: Optional[Dict[str, str]], max_tokens: int = 0) -> Dict[str, str]:
+    """Return the child's environment: API keys and OCP's secrets removed.
+
+    `scratch` holds home/config/tmp directories for an isolated child; None
+    keeps the real HOME (so the CLI can refresh its own login).
+    """
+    secrets_ = {v for v in (config.api_key, config.admin_key, config.anonymous_key) if v}
+    env = {k: v for k, v in environ.items()
+           if k not in SCRUBBED_ENV and v not in secrets_ and not OCP_KEY_SHAPE.search(v)}
+    env.pop("CLAUDE_CODE_OAUTH_TOKEN", None)
+    if creds.token:
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = creds.token
+    if config.upstream_base_url:
+        env["ANTHROPIC_BASE_URL"] = config.upstream_base_url
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    env["DISABLE_AUTOUPDATER"] = "1"
+    env.setdefault("CLAUDE_CODE_MAX_RETRIES", "3")
+    if max_tokens:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(max_tokens)
+    else:
+        env.pop("CLAUDE_CODE_MAX_OUTPUT_TOKENS", None)
+    if scratch:
+        env["HOME"] = scratch["home"]
+        env["CLAUDE_CONFIG_DIR"] = scratch["config"]
+    else:
+        env.pop("CLAUDE_CONFIG_DIR", None)
+    return env
+
+
+def read_login(user_home: str, platform: str = sys.platform,
+               keychain: Optional[Callable[[], str]] = None) -> Tuple[str, int]:
+    """Return (access token, expiry ms) of the owner's CLI login, or ("", 0). Read-only."""
+    path = os.path.join(user_home, ".claude", ".credentials.json")
+    raw = ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except OSError:
+        if platform == "darwin" and keychain:
+            raw = keychain()
+    try:
+        oauth = json.loads(raw).get("claudeAiOauth") or {}
+        return str(oauth.get("accessToken") or ""), int(oauth.get("expiresAt") or 0)
+    except (ValueError, AttributeError, TypeError):
+        return "", 0
+
+
+def macos_keychain() -> str:
+    """Return the CLI's keychain entry (JSON text) on macOS, or ""."""
+    for flag, name in (("-s", "Claude Code-credentials"), ("-l", "claude-code-credentials")):
+        try:
+            out = subprocess.run(["security", "find-generic-password", flag, name, "-w"],
+                                 capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return ""
+
+
+def resolve_credentials(environ: Mapping[str, str], user_home: str, now_s: float,
+                        platform: str = sys.platform,
+                        keychain: Optional[Callable[[], str]] = None) -> Credentials:
+    """Pick how the next child logs in (SPEC §3.1); OCP itself never refreshes tokens."""
+    token = environ.get("CLAUDE_CODE_OAUTH_TOKEN", "").strip()
+    if token:
+        return Credentials("env", token)
+    access, expires_ms = read_login(user_home, platform, keychain)
+    if access and expires_ms / 1000 - now_s > TOKEN_FRESH_S:
+        return Credentials("login", access)
+    if access:
+        return Credentials("refresh")
+    return Credentials("none")
+
+
+class Slots:
+    """A FIFO semaphore for CLI processes with a bounded waiting line.
+
+    `acquire` raises ApiError 429 when the line is full or the deadline passes,
+    ClientGone when `cancelled()` turns true while waiting. Every successful
+    acquire must be paired with exactly one `release`.
+    """
+
+    def __init__(self, limit: int, max_queue: int):
+        self.limit, self.max_queue = limit, max_queue
+        self._lock = threading.Lock()
+        self._running = 0
+        self._waiting: "collections.deque[threading.Event]" = collections.deque()
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return {"running": self._running, "queued": len(self._waiting), "limit": self.limit}
+
+    def acquire(self, deadline: float, cancelled: Callable[[], bool],
+                clock: Callable[[], float] = time.monotonic) -> None:
+        with self._lock:
+            if self._running < self.limit and not self._waiting:
+                self._running += 1
+                return
+            if len(self._waiting) >= self.max_queue:
+                raise queue_full("all CLI slots are busy and the queue is full")
+            turn = threading.Event()
+            self._waiting.append(turn)
+        while not turn.wait(min(0.25, max(0.0, deadline - clock()))):
+            if cancelled() or clock() >= deadline:
+                with self._lock:
+                    if not turn.is_set():
+                        self._waiting.remove(turn)
+                        if cancelled():
+                            raise ClientGone()
+                        raise queue_full("waited too long for a free CLI slot")
+                self.release()  # handed a slot while giving up: pass it on
+                raise ClientGone() if cancelled() else queue_full("waited too long for a slot")
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()  # hand the slot over, FIFO
+            else:
+                self._running -= 1
+
+
+def queue_full(why: str) -> ApiError:
+    return ApiError(429, f"OCP is busy: {why}. Retry shortly.", "rate_limit_error",
+                    "queue_full", headers={"Retry-After": "5"})
+
+
+def peer_closed(sock: Optional[socket.socket]) -> bool:
+    """Return True when the client at the other end of `sock` has hung up."""
+    if sock is None:
+        return False
+    try:
+        ready = select.select([sock], [], [], 0)[0]
+        if not ready:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class ClaudeProcess:
+    """One running CLI: its own process group, stdout read as lines, stderr to a file.
+
+    Owned by one thread. `close()` ends it for good (SIGTERM to the group,
+    SIGKILL after KILL_GRACE_S) and is safe to call more than once.
+    """
+
+    def __init__(self, argv: List[str], env: Dict[str, str], cwd: str, stdin: bytes):
+        self.stderr = tempfile.TemporaryFile(dir=cwd)  # a chatty CLI can't fill a pipe nobody reads
+        try:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=self.stderr, cwd=cwd, env=env, bufsize=0,
+                                          start_new_session=True, close_fds=True)
+        except OSError:
+            self.stderr.close()
+            raise
+        self.pid = self.popen.pid
+        self.started = time.monotonic()
+        self._buffer = b""
+        self.cancelled = False
+        self._write_stdin(stdin)
+
+    def _write_stdin(self, data: bytes) -> None:
+        if len(data) <= PIPE_WRITE_INLINE:
+            self._feed(data)
+        else:  # the CLI may not read until later; never block the request thread on it
+            threading.Thread(target=self._feed, args=(data,), daemon=True).start()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.popen.stdin.write(data)
+            self.popen.stdin.close()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # the CLI died before reading; its exit status tells why
+
+    def fileno(self) -> int:
+        return self.popen.stdout.fileno()
+
+    def read_lines(self) -> Optional[List[bytes]]:
+        """Return the complete lines now readable, [] for none yet, None at EOF."""
+        chunk = os.read(self.fileno(), 65536)
+        if not chunk:
+            rest, self._buffer = self._buffer, b""
+            return [rest] if rest.strip() else None
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return lines
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        try:
+            self.stderr.seek(0, os.SEEK_END)
+            size = self.stderr.tell()
+            self.stderr.seek(max(0, size - limit))
+            return self.stderr.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def cancel(self) -> None:
+        """End the run now: SIGTERM to the group, SIGKILL if it lingers."""
+        if self.popen.poll() is None:
+            self.cancelled = True
+            self.signal_group(signal.SIGTERM)
+
+    def close(self) -> Optional[int]:
+        """Make sure the process group is gone and reaped; return the exit code."""
+        if self.popen.poll() is None:
+            try:
+                self.popen.wait(timeout=2 if not self.cancelled else KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout=KILL_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.popen.poll() is None:
+            self.signal_group(signal.SIGKILL)
+            self.popen.wait()
+        for stream in (self.popen.stdout, self.popen.stdin, self.stderr):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        return self.popen.returncode
+
+
+def parse_event(line: bytes) -> Optional[Dict[str, Any]]:
+    """Return one stream-json event, or None for a blank or unparsable line."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        log.debug("unparsable CLI line (%d bytes)", len(line))
+        return None
+    return event if isinstance(event, dict) else None
+
+
+class Runner:
+    """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
+        self.config = config
+        self.clock, self.wall = clock, wall
+        self.slots = Slots(config.max_concurrent, config.max_queue)
+        self.claude = find_claude(config)
+        self._refresh_lock = threading.Lock()  # one child at a time may refresh the login
+        self._live_lock = threading.Lock()
+        self._live: Dict[str, ClaudeProcess] = {}
+        self._version: Optional[str] = None
+
+    # -- setup ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the scratch area and remove what earlier runs left behind."""
+        os.makedirs(self.config.spawn_dir, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.config.spawn_dir):
+            if name.startswith("run-"):
+                shutil.rmtree(os.path.join(self.config.spawn_dir, name), ignore_errors=True)
+        for sub in ("home", os.path.join("home", ".claude")):
+            os.makedirs(os.path.join(self.config.spawn_dir, sub), mode=0o700, exist_ok=True)
+
+    def version(self) -> str:
+        """Return `claude --version` (cached), or "" when it cannot run."""
+        if self._version is None and self.claude:
+            try:
+                out = subprocess.run([self.claude, "--version"], capture_output=True, text=True,
+                                     timeout=15, env=dict(self.config.environ))
+                self._version = out.stdout.strip().split(" ")[0] if out.returncode == 0 else ""
+            except (OSError, subprocess.SubprocessError):
+                self._version = ""
+        return self._version or ""
+
+    def live(self) -> List[Dict[str, Any]]:
+        now = time.monotonic()
+        with self._live_lock:
+            return [{"id": rid, "pid": p.pid, "age_s": round(now - p.started, 1)}
+                    for rid, p in self._live.items()]
+
+    def cancel_all(self) -> int:
+        with self._live_lock:
+            procs = list(self._live.values())
+        for proc in procs:
+            proc.cancel()
+        return len(procs)
+
+    # -- one run -------------------------------------------------------------
+
+    def run(self, job: Job, client: Optional[socket.socket] = None) -> Iterator[Any]:
+        """Yield the CLI's events for `job`, and HEARTBEAT after each silent interval.
+
+        Waits for a slot first (429 when the line is full), raises ClientGone
+        when `client` hangs up, ApiError 504 at CLAUDE_TIMEOUT. Closing the
+        generator kills the process group; the slot is released exactly once.
+        """
+        if not self.claude:
+            raise claude_missing()
+        deadline = self.clock() + self.config.timeout_ms / 1000
+        queue_deadline = min(deadline, self.clock() + self.config.queue_timeout_ms / 1000)
+        self.slots.acquire(queue_deadline, lambda: peer_closed(client), self.clock)
+        try:
+            creds = resolve_credentials(self.config.environ, self.config.user_home, self.wall(),
+                                        keychain=macos_keychain)
+            if creds.isolated:
+                yield from self._run_isolated(job, creds, client, deadline)
+            else:
+                yield from self._run_refreshing(job, creds, client, deadline)
+        finally:
+            self.slots.release()
+
+    def _run_refreshing(self, job: Job, creds: Credentials, client, deadline) -> Iterator[Any]:
+        while not self._refresh_lock.acquire(timeout=0.25):
+            if peer_closed(client):
+                raise ClientGone()
+            if self.clock() >= deadline:
+                raise timeout_error()
+        try:
+            yield from self._run_isolated(job, creds, client, deadline)
+        finally:
+            self._refresh_lock.release()
+
+    def _run_isolated(self, job: Job, creds: Credentials, client, deadline) -> Iterator[Any]:
+        run_dir = os.path.join(self.config.spawn_dir, "run-" + (job.request_id or secrets.token_hex(8)))
+        os.makedirs(os.path.join(run_dir, "tmp"), mode=0o700)
+        try:
+            proc = self._spawn(job, creds, run_dir)
+            with self._live_lock:
+                self._live[job.request_id or str(proc.pid)] = proc
+            try:
+                yield from follow(proc, deadline, self.config.heartbeat_ms / 1000, client, self.clock)
+            finally:
+                proc.cancel()
+                code = proc.close()
+                with self._live_lock:
+                    self._live.pop(job.request_id or str(proc.pid), None)
+                if code not in (0, 1, None) and not proc.cancelled:
+                    log.warning("claude exited %s: %s", code, scrub_paths(proc.stderr_tail(300)))
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def _spawn(self, job: Job, creds: Credentials, run_dir: str) -> ClaudeProcess:
+        isolate = creds.isolated and self.config.no_context
+        scratch = None
+        if isolate:
+            home = os.path.join(self.config.spawn_dir, "home")
+            scratch = {"home": home, "config": os.path.join(home, ".claude")}
+        env = child_env(self.config.environ, self.config, creds, scratch, job.max_tokens)
+        env["TMPDIR"] = os.path.join(run_dir, "tmp")
+        argv = claude_argv(self.claude, job, self._system_arg(job, run_dir),
+                           self.config.allowed_tools)
+        try:
+            return ClaudeProcess(argv, env, run_dir, stdin_line(job.blocks))
+        except OSError as e:
+            log.error("cannot start claude: %s", e.strerror)
+            raise ApiError(503, "The claude CLI could not be started. Check that it is "
+                           "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
+                           "claude_unavailable") from None
+
+    def _system_arg(self, job: Job, run_dir: str) -> Tuple[str, str]:
+        if len(job.system_prompt.encode("utf-8")) <= ARGV_PROMPT_LIMIT:
+            return ("--system-prompt", job.system_prompt)
+        path = os.path.join(run_dir, "system-prompt.txt")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(job.system_prompt)
+        return ("--system-prompt-file", path)
+
+
+def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
+           client: Optional[socket.socket], clock: Callable[[], float]) -> Iterator[Any]:
+    """Yield events as the CLI prints them; HEARTBEAT after each `heartbeat_s` of silence."""
+    last = clock()
+    watch = [proc] + ([client] if client is not None else [])
+    while True:
+        now = clock()
+        if now >= deadline:
+            raise timeout_error()
+        wait = deadline - now
+        if heartbeat_s:
+            wait = min(wait, max(0.0, last + heartbeat_s - now))
+        ready = select.select(watch, [], [], wait)[0]
+        if client is not None and client in ready:
+            if peer_closed(client):
+                raise ClientGone()
+            watch.remove(client)  # the client sent its next request early; stop watching
+        if proc in ready:
+            lines = proc.read_lines()
+            if lines is None:
+                return
+            for line in lines:
+                event = parse_event(line)
+                if event is not None:
+                    last = clock()
+                    yield event
+        elif heartbeat_s and clock() - last >= heartbeat_s:
+            last = clock()
+            yield HEARTBEAT
+
+
+def claude_missing() -> ApiError:
+    return ApiError(503, "The claude CLI is not installed on the OCP server. Install it with "
+                    "`npm i -g @anthropic-ai/claude-code`, then run `claude setup-token` (or "
+                    "`claude auth login`) and restart OCP.", "proxy_error", "claude_not_installed")
+
+
+def timeout_error() -> ApiError:
+    return ApiError(504, "The claude CLI did not finish within CLAUDE_TIMEOUT.", "timeout", "timeout")
+
+
+###############################################################################
+# Translation (OpenAI ⇄ CLI) ##################################################
+###############################################################################
+
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
+           "high": "high", "xhigh": "xhigh", "max": "max"}
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+MAX_STOP_SEQUENCES = 4
+CHARS_PER_TOKEN = 4  # the prompt budget guess when CLAUDE_MAX_PROMPT_CHARS is not set
+DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.S)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat completion request, ready to become a Job."""
+
+    model: Model
+    messages: Tuple[Dict[str, Any], ...]
+    stream: bool = False
+    include_usage: bool = False
+    stop: Tuple[str, ...] = ()
+    max_tokens: int = 0
+    effort: str = ""
+    response_format: str = "text"  # text | json_object | json_schema
+    json_schema: Optional[Dict[str, Any]] = None
+    user: str = ""
+
+
+def check_type(body: Mapping[str, Any], name: str, kinds: Tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds:
+        raise bad_request(f"'{name}' must be {what}", name, "invalid_type")
+    if not isinstance(value, kinds):
+        raise bad_request(f"'{name}' must be {what}", name, "invalid_type")
+    return value
+
+
+def parse_chat_request(body: Any, models: Models, config: Config) -> ChatRequest:
+    """Validate an OpenAI chat completion body; raise ApiError 400 on the first problem."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object", None, "invalid_json")
+    model = models.resolve(body.get("model"), config.default_model)
+    messages = check_type(body, "messages", (list,), "an array of messages")
+    if not messages:
+        raise bad_request("'messages' must be a non-empty array", "messages", "empty_messages")
+    for index, message in enumerate(messages):
+        check_message(message, index)
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed"):
+        check_type(body, name, (int, float), "a number")
+    stream = bool(check_type(body, "stream", (bool,), "a boolean"))
+    options = check_type(body, "stream_options", (dict,), "an object") or {}
+    check_unsupported(body)
+    format_type, schema = parse_response_format(body.get("response_format"))
+    return ChatRequest(
+        model=model, messages=tuple(messages), stream=stream,
+        include_usage=stream and options.get("include_usage") is True,
+        stop=parse_stop(body.get("stop")), max_tokens=parse_max_tokens(body, model),
+        effort=parse_effort(body.get("reasoning_effort")), response_format=format_type,
+        json_schema=schema, user=str(check_type(body, "user", (str,), "a string") or ""))
+
+
+def check_message(message: Any, index: int) -> None:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise bad_request(f"{param} must be an object", param, "invalid_type")
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        raise bad_request(f"{param}.role must be one of {', '.join(MESSAGE_ROLES)}",
+                          f"{param}.role", "invalid_role")
+    content = message.get("content")
+    if content is None and role in ("assistant", "tool", "function"):
+        return
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise bad_request(f"{param}.content must be a string or an array of content parts",
+                          f"{param}.content", "invalid_type")
+    for part_index, part in enumerate(content):
+        check_part(part, f"{param}.content[{part_index}]", role)
+
+
+def check_part(part: Any, param: str, role: str) -> None:
+    if not isinstance(part, dict):
+        raise bad_request(f"{param} must be an object", param, "invalid_type")
+    kind = part.get("type")
+    allowed = ("text", "refusal") if role == "assistant" else ("text", "image_url")
+    if role in ("system", "developer", "tool"):
+        allowed = ("text",)
+    if kind not in allowed:
+        raise bad_request(f"Content part type {str(kind)[:40]!r} is not supported in {param} "
+                          f"(supported: {', '.join(allowed)})", param, "unsupported_content_part")
+    field = "refusal" if kind == "refusal" else "text"
+    if kind in ("text", "refusal") and not isinstance(part.get(field), str):
+        raise bad_request(f"{param}.{field} must be a string", f"{param}.{field}", "invalid_type")
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{param}.image_url.url must be a string", param, "invalid_image")
+
+
+def check_unsupported(body: Mapping[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise bad_request("'n' must be a positive integer", "n", "invalid_type")
+    if n is not None and n > 1:
+        raise unsupported("n", "Only n=1 is supported: the claude CLI produces one answer per run.")
+    if body.get("logprobs") is True or body.get("top_logprobs"):
+        raise unsupported("logprobs", "logprobs are not available through the claude CLI.")
+    choice = body.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        raise unsupported("tool_choice", "Forcing a tool call is not supported yet; use "
+                          "tool_choice 'auto' or 'none' (the model answers in text).")
+    if choice not in (None, "auto", "none", "required") and not isinstance(choice, dict):
+        raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or an object",
+                          "tool_choice", "invalid_type")
+    if isinstance(body.get("function_call"), dict):
+        raise unsupported("function_call", "Forcing a function call is not supported yet.")
+    check_type(body, "tools", (list,), "an array")
+
+
+def parse_stop(stop: Any) -> Tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and s for s in stops)):
+        raise bad_request("'stop' must be a non-empty string or an array of up to 4 "
+                          "non-empty strings", "stop")
+    return tuple(stops)
+
+
+def parse_max_tokens(body: Mapping[str, Any], model: Model) -> int:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = check_type(body, name, (int,), "a positive integer")
+        if value is None:
+            continue
+        if value < 1:
+            raise bad_request(f"'{name}' must be a positive integer", name)
+        if value > model.max_output:
+            raise bad_request(f"'{name}' is {value}, more than {model.id} can produce "
+                              f"({model.max_output})", name)
+        return value
+    return 0
+
+
+def parse_effort(effort: Any) -> str:
+    if effort is None:
+        return ""
+    if effort not in EFFORTS:
+        raise bad_request("'reasoning_effort' must be one of " + ", ".join(EFFORTS),
+                          "reasoning_effort")
+    return EFFORTS[effort]
+
+
+def parse_response_format(value: Any) -> Tuple[str, Optional[Dict[str, Any]]]:
+    if value is None:
+        return "text", None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return kind, None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be an object",
+                              "response_format")
+        return kind, schema
+    raise bad_request("response_format.type must be text, json_object or json_schema",
+                      "response_format")
+
+
+# -- messages → the CLI's input ------------------------------------------------
+
+
+def part_text(content: Any) -> str:
+    """Return the text of a message's content (string or parts), images left out."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = [p.get("text") or p.get("refusal") or "" for p in content
+             if isinstance(p, dict) and p.get("type") in ("text", "refusal")]
+    return "\n".join(texts)
+
+
+def image_block(url: str, config: Config, fetch: Optional[Callable[[str, int], Tuple[str, bytes]]]) -> Dict[str, Any]:
+    """Return an Anthropic base64 image block for an image_url; 400/413 when unusable."""
+    match = DATA_URL.fullmatch(url.strip())
+    if match:
+        media_type, encoded = match.group(1).lower(), match.group(2)
+        try:
+            data = base64.b64decode(re.sub(r"\s+", "", encoded), validate=True)
+        except (binascii.Error, ValueError):
+            raise bad_request("An image data URL is not valid base64", "messages", "invalid_image")
+    elif re.match(r"https?://", url):
+        if not config.allow_image_urls or fetch is None:
+            raise bad_request("Image URLs are disabled on this server; send the image as a "
+                              "data: URL (base64), or the operator sets OCP_ALLOW_IMAGE_URLS=1",
+                              "messages", "image_url_not_allowed")
+        media_type, data = fetch(url, config.max_image_bytes)
+    else:
+        raise bad_request("image_url must be a data: URL or an http(s) URL", "messages", "invalid_image")
+    if media_type == "image/jpg":
+        media_type = "image/jpeg"
+    if media_type not in IMAGE_TYPES:
+        raise bad_request(f"Image type {media_type[:40]!r} is not supported (jpeg, png, gif, webp)",
+                          "messages", "unsupported_image_type")
+    if len(data) > config.max_image_bytes:
+        raise ApiError(413, f"An image is {len(data)} bytes; the limit is {config.max_image_bytes}",
+                       "invalid_request_error", "image_too_large", "messages")
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                        "data": base64.b64encode(data).decode("ascii")}}
+
+
+def fetch_image(url: str, limit: int) -> Tuple[str, bytes]:
+    """Download an image (opt-in, OCP_ALLOW_IMAGE_URLS); return (media type, bytes)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ocp"}),
+                                    timeout=15) as response:
+            media_type = response.headers.get_content_type()
+            data = response.read(limit + 1)
+    except (urllib.error.URLError, OSError, ValueError):
+        raise bad_request("The image URL could not be fetched", "messages", "image_fetch_failed")
+    return media_type, data
+
+
+def turn_tag(messages: Tuple[Dict[str, Any], ...], secret: bytes) -> str:
+    """Return a turn-marker tag no caller can predict and no message contains.
+
+    Derived from a per-daemon secret and the conversation's first message: it
+    stays the same from request to request of one conversation, so the input's
+    prefix is stable and Anthropic's prompt cache can hit.
+    """
+    first = json.dumps(messages[0], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    texts = [part_text(m.get("content")) + json.dumps(m.get("tool_calls") or "")
+             for m in messages]
+    for counter in range(100):
+        digest = hmac.new(secret, first + bytes([counter]), hashlib.sha256).hexdigest()
+        tag = "turn_" + digest[:12]
+        if not any(tag in text for text in texts):
+            return tag
+    raise bad_request("The conversation could not be framed unambiguously", "messages")
+
+
+def turn_block(message: Dict[str, Any], tag: str) -> str:
+    role = message["role"]
+    attrs = f'role="{role}"'
+    if role in ("tool", "function"):
+        attrs += f' tool_call_id="{str(message.get("tool_call_id") or message.get("name") or "")[:80]}"'
+    lines = [part_text(message.get("content"))]
+    for call in message.get("tool_calls") or []:
+        if isinstance(call, dict):
+            function = call.get("function") or {}
+            lines.append(f"[tool call {call.get('id', '')}: {function.get('name', '')}"
+                         f"({function.get('arguments', '')})]")
+    body = "\n".join(line for line in lines if line)
+    return f"<{tag} {attrs}>\n{body}\n</{tag}>"
+
+
+def messages_to_input(request: ChatRequest, config: Config, secret: bytes,
+                      fetch: Optional[Callable] = None) -> Tuple[str, Tuple[Dict[str, Any], ...]]:
+    """Return (system prompt, content blocks) for the CLI: one block per earlier turn."""
+    system = [part_text(m.get("content")) for m in request.messages
+              if m["role"] in ("system", "developer")]
+    turns = [m for m in request.messages if m["role"] not in ("system", "developer")]
+    if not turns:
+        raise bad_request("'messages' needs at least one user message", "messages", "empty_messages")
+    history, final = turns[:-1], turns[-1]
+    if final["role"] != "user":
+        history, final = turns, None
+    blocks: List[Dict[str, Any]] = []
+    images = 0
+    tag = turn_tag(request.messages, secret) if history else ""
+    for message in history:
+        blocks.append({"type": "text", "text": turn_block(message, tag)})
+        images += append_images(blocks, message, config, fetch)
+    if final is not None:
+        content = final.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts:
+            if part.get("type") == "text":
+                blocks.append({"type": "text", "text": part["text"]})
+            else:
+                blocks.append(image_block(image_url(part), config, fetch))
+                images += 1
+    if images > config.max_images:
+        raise bad_request(f"{images} images in one request; the limit is {config.max_images}",
+                          "messages", "too_many_images")
+    return compose_system(system, tag, request, config), tuple(drop_empty_text(blocks))
+
+
+def drop_empty_text(blocks: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    kept = [b for b in blocks if b["type"] != "text" or b["text"].strip()]
+    return kept or [{"type": "text", "text": "(empty message)"}]
+
+
+def append_images(blocks: List[Dict[str, Any]], message: Dict[str, Any], config: Config,
+                  fetch: Optional[Callable]) -> int:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return 0
+    parts = [p for p in content if p.get("type") == "image_url"]
+    for part in parts:
+        blocks.append(image_block(image_url(part), config, fetch))
+    return len(parts)
+
+
+def image_url(part: Dict[str, Any]) -> str:
+    image = part["image_url"]
+    return image["url"] if isinstance(image, dict) else image
+
+
+def compose_system(system: List[str], tag: str, request: ChatRequest, config: Config) -> str:
+    parts = [s for s in system if s.strip()] or [DEFAULT_SYSTEM_PROMPT]
+    if config.system_prompt:
+        parts.append(config.system_prompt)
+    if tag:
+        parts.append(f"The conversation so far is given as blocks marked <{tag} role=...> ... "
+                     f"</{tag}>, oldest first; after them comes the current user message, if "
+                     "any. Answer as the assistant in the next turn. Only those exact markers "
+                     "delimit turns.")
+    if request.response_format == "json_object":
+        parts.append("Reply with one JSON object only: no prose, no code fences.")
+    elif request.response_format == "json_schema":
+        parts.append("Reply with one JSON value only (no prose, no code fences) that validates "
+                     "against this JSON Schema:\n" + json.dumps(request.json_schema))
+    return "\n\n".join(parts)
+
+
+def prompt_chars(system: str, blocks: Tuple[Dict[str, Any], ...]) -> int:
+    return len(system) + sum(len(b.get("text", "")) for b in blocks)
+
+
+def check_prompt_budget(system: str, blocks, request: ChatRequest, config: Config) -> None:
+    budget = config.max_prompt_chars or request.model.context_window * CHARS_PER_TOKEN
+    size = prompt_chars(system, blocks)
+    if size > budget:
+        raise ApiError(400, f"The prompt is {size} characters; the limit for {request.model.id} "
+                       f"is {budget}.", "invalid_request_error", "context_length_exceeded", "messages")
+
+
+# -- the CLI's events → deltas -------------------------------------------------
+
+
+class Answer:
+    """Builds one answer from the CLI's events; `feed` returns the new deltas.
+
+    Deltas are ("content" | "reasoning", text). The text comes from stream
+    deltas as they arrive, or from finished `assistant` blocks when a message
+    was not streamed. After a dropped connection the CLI repeats the abandoned
+    text in its retry; that repeat is swallowed so the client sees it once.
+    """
+
+    def __init__(self):
+        self.content: List[str] = []
+        self.reasoning: List[str] = []
+        self.model = ""
+        self.result: Optional[Dict[str, Any]] = None
+        self.api_error: Optional[Dict[str, Any]] = None
+        self.rate_limits: List[Dict[str, Any]] = []
+        self.stop_reasons: List[str] = []
+        self.stream_usage = {"input_tokens": 0, "output_tokens": 0,
+                             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        self.retries = 0
+        self.failure: Optional[ApiError] = None  # set by whoever runs the turn
+        self._streamed: set = set()
+        self._blocks: Dict[Tuple[str, int], List[Any]] = {}
+        self._replay = {"content": "", "reasoning": ""}
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    def feed(self, event: Dict[str, Any]) -> List[Tuple[str, str]]:
+        kind = event.get("type")
+        if kind == "stream_event":
+            abandoned = event.get("abandoned_blocks")
+            if isinstance(abandoned, dict):
+                self._abandon(event.get("api_message_id", ""),
+                              int(abandoned.get("from_block_index") or 0))
+            return self._stream_event(event.get("event") or {}, event.get("api_message_id", ""))
+        if kind == "assistant":
+            return self._assistant(event)
+        if kind == "result":
+            self.result = event
+        elif kind == "rate_limit_event":
+            info = event.get("rate_limit_info")
+            if isinstance(info, dict):
+                self.rate_limits.append(info)
+        elif kind == "system":
+            if event.get("subtype") == "init":
+                self.model = event.get("model") or ""
+            elif event.get("subtype") == "api_retry":
+                self.retries += 1
+        return []
+
+    def _stream_event(self, event: Dict[str, Any], message_id: str) -> List[Tuple[str, str]]:
+        kind = event.get("type")
+        if kind == "message_start":
+            usage = (event.get("message") or {}).get("usage") or {}
+            for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+                self.stream_usage[name] += int(usage.get(name) or 0)
+        elif kind == "content_block_start":
+            block = event.get("content_block") or {}
+            block_kind = {"text": "content", "thinking": "reasoning"}.get(block.get("type"))
+            self._blocks[(message_id, event.get("index", 0))] = [block_kind, ""]
+        elif kind == "content_block_delta":
+            return self._delta(event, message_id)
+        elif kind == "message_delta":
+            reason = (event.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.stop_reasons.append(reason)
+            self.stream_usage["output_tokens"] += int((event.get("usage") or {}).get("output_tokens") or 0)
+        return []
+
+    def _delta(self, event: Dict[str, Any], message_id: str) -> List[Tuple[str, str]]:
+        delta = event.get("delta") or {}
+        if delta.get("type") == "text_delta":
+            kind, text = "content", delta.get("text") or ""
+        elif delta.get("type") == "thinking_delta":
+            kind, text = "reasoning", delta.get("thinking") or ""
+        else:
+            return []
+        self._streamed.add(message_id)
+        block = self._blocks.setdefault((message_id, event.get("index", 0)), [kind, ""])
+        block[1] += text
+        return self._emit(kind, text)
+
+    def _abandon(self, message_id: str, from_index: int) -> None:
+        """The CLI gave up these blocks and will send them again: expect the repeat."""
+        for (mid, index), (kind, text) in sorted(self._blocks.items(), key=lambda kv: kv[0][1]):
+            if mid == message_id and index >= from_index and kind:
+                self._replay[kind] += text
+
+    def _assistant(self, event: Dict[str, Any]) -> List[Tuple[str, str]]:
+        message = event.get("message") or {}
+        if event.get("is_api_error_message") or message.get("model") == "<synthetic>":
+            self.api_error = {"status": event.get("api_error_status"), "error": event.get("error"),
+                              "api_error": event.get("api_error"),
+                              "params": event.get("api_error_params") or {},
+                              "text": part_text(message.get("content"))}
+            return []
+        if message.get("id") in self._streamed:
+            return []  # already forwarded delta by delta
+        deltas: List[Tuple[str, str]] = []
+        for block in message.get("content") or []:
+            if block.get("type") == "text":
+                deltas += self._emit("content", block.get("text") or "")
+            elif block.get("type") == "thinking":
+                deltas += self._emit("reasoning", block.get("thinking") or "")
+        return deltas
+
+    def _emit(self, kind: str, text: str) -> List[Tuple[str, str]]:
+        replay = self._replay[kind]
+        if replay:
+            same = 0
+            limit = min(len(replay), len(text))
+            while same < limit and replay[same] == text[same]:
+                same += 1
+            if same < limit:
+                log.info("retried answer diverges from what was sent; sending the rest")
+                self._replay[kind] = ""
+            else:
+                self._replay[kind] = replay[same:]
+            text = text[same:]
+        if not text:
+            return []
+        (self.content if kind == "content" else self.reasoning).append(text)
+        return [(kind, text)]
+
+    # -- the outcome ---------------------------------------------------------
+
+    def hit_max_tokens(self) -> bool:
+        result = self.result or {}
+        return "max_tokens" in self.stop_reasons or result.get("stop_reason") == "max_tokens"
+
+    def finish_reason(self) -> str:
+        if self.result and self.result.get("terminal_reason") == "max_turns" and self.hit_max_tokens():
+            return "length"
+        return "length" if (self.stop_reasons[-1:] == ["max_tokens"]) else "stop"
+
+    def usage(self) -> Dict[str, Any]:
+        usage = (self.result or {}).get("usage") or self.stream_usage
+        cached = int(usage.get("cache_read_input_tokens") or 0)
+        prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
+        completion = int(usage.get("output_tokens") or 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def error(self, now_s: float) -> Optional[ApiError]:
+        """Return the ApiError this run ended in, or None when it answered."""
+        result = self.result
+        if result is None:
+            return ApiError(502, "The claude CLI ended without an answer (see the OCP log).",
+                            "proxy_error", "cli_failed")
+        if not result.get("is_error"):
+            return None
+        if result.get("terminal_reason") == "max_turns" and self.hit_max_tokens():
+            return None
+        return result_error(result, self.api_error or {}, self.rate_limits, now_s)
+
+
+def result_error(result: Dict[str, Any], api_error: Dict[str, Any],
+                 rate_limits: List[Dict[str, Any]], now_s: float) -> ApiError:
+    """Map a failed CLI result to the HTTP error of SPEC §3.3."""
+    status = result.get("api_error_status") or api_error.get("status")
+    kind = result.get("api_error") or api_error.get("api_error")
+    text = scrub_paths(str(result.get("result") or api_error.get("text") or
+                           "; ".join(result.get("errors") or []) or "unknown error"))[:500]
+    if kind == "usage_limit_reached":
+        return plan_limit_error(f"The Claude subscription's usage limit is reached: {text}",
+                                plan_reset(api_error, rate_limits), now_s)
+    if status == 429:
+        return ApiError(429, f"Anthropic is rate limiting requests: {text}", "rate_limit_error",
+                        "upstream_rate_limited", headers={"Retry-After": "10"})
+    if status in (401, 403) or api_error.get("error") == "authentication_failed" \
+            or text.startswith("Not logged in"):
+        return ApiError(503, f"OCP's Claude login is not working ({text}). On the OCP server run "
+                        "`claude setup-token` and set CLAUDE_CODE_OAUTH_TOKEN, or run "
+                        "`claude auth login`.", "upstream_auth_error", "upstream_auth_error")
+    if result.get("terminal_reason") == "prompt_too_long":
+        return ApiError(400, text, "invalid_request_error", "context_length_exceeded", "messages")
+    if status == 529:
+        return ApiError(502, f"Anthropic is overloaded: {text}", "upstream_error", "overloaded")
+    if status == 400:
+        return ApiError(400, f"Anthropic rejected the request: {text}", "invalid_request_error",
+                        "upstream_invalid_request")
+    if status == 404:
+        return ApiError(404, f"Anthropic does not know this model: {text}",
+                        "invalid_request_error", "model_not_found", "model")
+    return ApiError(502, f"Anthropic returned an error: {text}", "upstream_error", "server_error")
+
+
+def plan_reset(api_error: Dict[str, Any], rate_limits: List[Dict[str, Any]]) -> int:
+    info = (api_error.get("params") or {}).get("rate_limit_info") or {}
+    if info.get("resetsAt"):
+        return int(info["resetsAt"])
+    rejected = [r for r in rate_limits if r.get("status") == "rejected" and r.get("resetsAt")]
+    return int(rejected[-1]["resetsAt"]) if rejected else 0
+
+
+def plan_limit_error(message: str, resets_at: int, now_s: float) -> ApiError:
+    wait = max(1, int(resets_at - now_s)) if resets_at else 3600
+    headers = {"Retry-After": str(wait)}
+    if wait > 60:
+        headers["x-should-retry"] = "false"
+    return ApiError(429, message, "rate_limit_error", "usage_limit_reached", headers=headers)
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop sequence, holding back possible prefixes."""
+
+    def __init__(self, stops: Tuple[str, ...]):
+        self.stops = stops
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops or self.stopped:
+            return "" if self.stopped else text
+        text = self.held + text
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.held = True, ""
+            return text[:cut]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return "" if self.stopped else held
+
+
+# -- structured output ---------------------------------------------------------
+
+
+def extract_json(text: str) -> Any:
+    """Return the JSON value in a reply (code fences tolerated); raise ValueError."""
+    text = text.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, re.S)
+    return json.loads(fenced.group(1) if fenced else text)
+
+
+JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool,
+              "null": type(None), "number": (int, float), "integer": int}
+
+
+def schema_errors(value: Any, schema: Any, path: str = "$") -> List[str]:
+    """Return where `value` breaks `schema` (the common JSON Schema keywords)."""
+    if not isinstance(schema, dict):
+        return []
+    errors: List[str] = []
+    types_ = schema.get("type")
+    if types_ is not None:
+        names = types_ if isinstance(types_, list) else [types_]
+        if not any(type_matches(value, name) for name in names):
+            return [f"{path} should be {' or '.join(map(str, names))}"]
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path} should be one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{path} should be {schema['const']!r}")
+    for key in ("anyOf", "oneOf"):
+        if key in schema and all(schema_errors(value, s, path) for s in schema[key]):
+            errors.append(f"{path} matches none of {key}")
+    if isinstance(value, dict):
+        errors += object_errors(value, schema, path)
+    if isinstance(value, list):
+        if "items" in schema:
+            for i, item in enumerate(value):
+                errors += schema_errors(item, schema["items"], f"{path}[{i}]")
+        if len(value) < schema.get("minItems", 0):
+            errors.append(f"{path} needs at least {schema['minItems']} items")
+    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+        errors.append(f"{path} is shorter than {schema['minLength']}")
+    return errors
+
+
+def type_matches(value: Any, name: str) -> bool:
+    if name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, JSON_TYPES.get(name, object))
+
+
+def object_errors(value: Dict[str, Any], schema: Dict[str, Any], path: str) -> List[str]:
+    errors = [f"{path}.{name} is required" for name in schema.get("required", []) if name not in value]
+    properties = schema.get("properties") or {}
+    for name, item in value.items():
+        if name in properties:
+            errors += schema_errors(item, properties[name], f"{path}.{name}")
+        elif schema.get("additionalProperties") is False:
+            errors.append(f"{path}.{name} is not allowed")
+    return errors
+
+
+def json_problem(text: str, request: ChatRequest) -> str:
+    """Return why `text` is not the JSON the request asked for, or "" when it is."""
+    try:
+        value = extract_json(text)
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    if request.response_format == "json_object" and not isinstance(value, dict):
+        return "a JSON object was required"
+    if request.response_format == "json_schema":
+        errors = schema_errors(value, request.json_schema)
+        if errors:
+            return "it does not match the schema: " + "; ".join(errors[:5])
+    return ""
+
+
+def normalize_json(text: str) -> str:
+    return json.dumps(extract_json(text), ensure_ascii=False)
+
+
+# -- OpenAI response shapes ------------------------------------------------------
+
+
+def chat_completion(completion_id: str, created: int, model: str, answer: Answer,
+                    content: Optional[str], finish_reason: str,
+                    refusal: Optional[str] = None, usage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    message: Dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
+    if answer.reasoning:
+        message["reasoning_content"] = "".join(answer.reasoning)
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage or answer.usage(), "system_fingerprint": None}
+
+
+def chat_chunk(completion_id: str, created: int, model: str, delta: Dict[str, Any],
+               finish_reason: Optional[str] = None, include_usage: bool = False) -> Dict[str, Any]:
+    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+             "model": model, "system_fingerprint": None,
+             "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                          "finish_reason": finish_reason}]}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(completion_id: str, created: int, model: str, usage: Dict[str, Any]) -> Dict[str, Any]:
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": None, "choices": [], "usage": usage}
+
+
+def merge_usage(first: Dict[str, Any], second: Dict[str, Any]) -> Dict[str, Any]:
+    cached = first["prompt_tokens_details"]["cached_tokens"] + second["prompt_tokens_details"]["cached_tokens"]
+    merged = {k: first[k] + second[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    merged["prompt_tokens_details"] = {"cached_tokens": cached}
+    return merged
+
+
+###############################################################################
+# Plan limits #################################################################
+###############################################################################
+
+
+class PlanLimits:
+    """The subscription's windows as the CLI reports them, and the local hold.
+
+    After `usage_limit_reached` every request is answered 429 here, without a
+    spawn, until the reset. Thread-safe.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.windows: Dict[str, Dict[str, Any]] = {}
+        self.hold_until = 0
+        self.hold_message = ""
+        self.overage = False
+
+    def observe(self, info: Dict[str, Any]) -> None:
+        with self._lock:
+            self.overage = bool(info.get("isUsingOverage"))
+            for name, window in (info.get("unifiedWindows") or {}).items():
+                if isinstance(window, dict):
+                    self._merge(name, window)
+            if info.get("rateLimitType") and info.get("resetsAt"):
+                self._merge(info["rateLimitType"], {"status": info.get("status"),
+                                                    "resetsAt": info["resetsAt"]})
+
+    def _merge(self, name: str, window: Dict[str, Any]) -> None:
+        known = self.windows.get(name)
+        reset = int(window.get("resetsAt") or 0)
+        if known and known["resets_at"] == reset:
+            utilization = max(known["utilization"] or 0, window.get("utilization") or 0)
+        else:
+            utilization = window.get("utilization")
+        if known and reset < known["resets_at"]:
+            return  # an older report; a later reset replaces, never the other way
+        self.windows[name] = {"utilization": utilization, "resets_at": reset,
+                              "status": window.get("status") or (known or {}).get("status")}
+
+    def hold(self, resets_at: int, message: str) -> None:
+        with self._lock:
+            if resets_at > self.hold_until:
+                self.hold_until, self.hold_message = resets_at, message
+
+    def check(self, now_s: float) -> None:
+        """Raise the plan-limit 429 while the subscription is out of quota."""
+        with self._lock:
+            until, message = self.hold_until, self.hold_message
+        if until > now_s:
+            raise plan_limit_error(message + " (answered by OCP without calling Claude)", until, now_s)
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            return {"windows": dict(self.windows), "hold_until": self.hold_until,
+                    "overage": self.overage}
+
+
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}
+MAX_BODY_READ_S = 120  # a body sent slower than this is cut off
+
+
+class Server(ThreadingHTTPServer):
+    """The daemon: owns config, models, runner and plan state; handlers reach it as self.server."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, config: Config, models: Models, runner: Optional[Runner] = None,
+                 wall: Callable[[], float] = time.time):
+        self.config, self.models = config, models
+        self.runner = runner or Runner(config)
+        self.plan = PlanLimits()
+        self.wall = wall
+        self.turn_secret = secrets.token_bytes(32)
+        self.started_at = wall()
+        self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+        super().__init__((config.bind, config.port), Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn: a DNS lookup at start
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def health(self) -> Dict[str, Any]:
+        status = "ok" if self.runner.claude else "down"
+        body = {"status": status, "version": __version__, "authMode": self.config.auth_mode}
+        if not self.runner.claude:
+            body["reason"] = ("the claude CLI is not installed: npm i -g @anthropic-ai/claude-code, "
+                              "then claude setup-token")
+        return body
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection. Routes through ROUTES; every failure leaves as OpenAI-shaped JSON."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ocp/" + __version__
+    server: Server
+
+    ROUTES = {
+        ("GET", "/health"): "handle_health",
+        ("GET", "/v1/models"): "handle_models",
+        ("GET", "/v1/models/*"): "handle_model",
+        ("POST", "/v1/chat/completions"): "handle_chat_completions",
+    }
+
+    def setup(self) -> None:
+        self.timeout = self.server.config.socket_timeout_s  # idle or slow clients can't pin a thread
+        super().setup()
+        self.request_id = ""
+
+    # -- plumbing ------------------------------------------------------------
+
+    def route(self) -> Tuple[Optional[str], str, Optional[str]]:
+        """Return (handler name, path, path argument) for this request."""
+        path = self.path.split("?", 1)[0].split("#", 1)[0]
+        if "://" in path:  # absolute-form request target
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
+        path = re.sub(r"/{2,}", "/", path)
+        if len(path) > 1:
+            path = path.rstrip("/")
+        path = ROUTE_ALIASES.get(path, path)
+        if path.startswith("/models/"):
+            path = "/v1" + path
+        arg = None
+        key = path
+        if path.startswith("/v1/models/"):
+            key, arg = "/v1/models/*", path[len("/v1/models/"):]
+        return self.ROUTES.get((self.command, key)), key, arg
+
+    def dispatch(self) -> None:
+        self.request_id = "req_" + secrets.token_hex(12)
+        started = time.monotonic()
+        self.status_sent = 0
+        name, key, arg = self.route()
+        try:
+            if name is None:
+                allowed = sorted(m for (m, p) in self.ROUTES if p == key)
+                self.discard_body()
+                if allowed:
+                    raise ApiError(405, f"{self.command} is not allowed on {key}", code="method_not_allowed",
+                                   headers={"Allow": ", ".join(allowed)})
+                raise ApiError(404, f"Unknown route: {self.command} {key[:200]}", code="unknown_route")
+            self.authenticate()
+            getattr(self, name)(*([arg] if arg is not None else []))
+        except ApiError as e:
+            self.send_api_error(e)
+        except ClientGone:
+            self.close_connection = True
+            log.debug("%s client hung up", self.request_id)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+            log.debug("%s connection lost", self.request_id)
+        except Exception:
+            log.exception("%s failed", self.request_id)
+            if not self.status_sent:
+                self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
+                                             + self.request_id, "server_error", "internal_error"))
+            self.close_connection = True
+        log.info("%s %s %s %s %.3fs", self.request_id, self.command, key, self.status_sent,
+                 time.monotonic() - started)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
+
+    def authenticate(self) -> None:
+        """Raise 401 unless the caller's key is good enough for this mode."""
+        config = self.server.config
+        if config.auth_mode == "none" or self.command == "GET" and self.path.split("?")[0] == "/health":
+            return
+        given = self.headers.get("x-api-key", "")
+        bearer = self.headers.get("Authorization", "")
+        if bearer.lower().startswith("bearer "):
+            given = bearer[7:].strip()
+        if not given or not hmac.compare_digest(given.encode(), config.api_key.encode()):
+            self.discard_body()
+            raise ApiError(401, "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                           "invalid_request_error", "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (bad request line, huge headers) in OpenAI's shape."""
+        self.close_connection = True
+        self.send_api_error(ApiError(code, message or "Bad request", "invalid_request_error",
+                                     "bad_request"))
+
+    def send_api_error(self, error: ApiError) -> None:
+        if error.status >= 500 or error.status == 429:
+            log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
+        self.send_json(error.status, error.body(), error.headers)
+
+    def send_json(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.status_sent = status
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("x-request-id", self.request_id or "-")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_event_stream(self) -> None:
+        self.send_response(200)
+        self.status_sent = 200
+        for name, value in SSE_HEADERS.items():
+            self.send_header(name, value)
+        self.send_header("x-request-id", self.request_id)
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+
+    def send_event(self, data: Any) -> None:
+        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
+        self.wfile.flush()
+
+    def read_body(self) -> bytes:
+        """Return the whole request body; 413 (and close) past the cap, 400 when malformed."""
+        cap = self.server.config.max_body_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return self.read_chunked(cap)
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        if not raw.strip().isdigit():
+            self.close_connection = True
+            raise bad_request("Content-Length is not a number", None, "bad_request")
+        length = int(raw)
+        if length > cap:
+            self.close_connection = True
+            raise ApiError(413, f"The request body is {length} bytes; the limit is {cap}.",
+                           "invalid_request_error", "request_too_large")
+        return self.read_exactly(length)
+
+    def read_exactly(self, length: int) -> bytes:
+        parts, deadline = [], time.monotonic() + MAX_BODY_READ_S
+        while length > 0:
+            chunk = self.rfile.read1(min(length, 1 << 16)) if hasattr(self.rfile, "read1") \
+                else self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                raise ClientGone()
+            parts.append(chunk)
+            length -= len(chunk)
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                raise ApiError(408, "The request body arrived too slowly.", code="request_timeout")
+        return b"".join(parts)
+
+    def read_chunked(self, cap: int) -> bytes:
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise bad_request("Malformed chunked body", None, "bad_request")
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass
+                return b"".join(parts)
+            total += size
+            if total > cap:
+                self.close_connection = True
+                raise ApiError(413, f"The request body is over the limit of {cap} bytes.",
+                               "invalid_request_error", "request_too_large")
+            parts.append(self.read_exactly(size))
+            self.rfile.readline(8)
+
+    def discard_body(self) -> None:
+        """Consume a body we won't use so it isn't parsed as the next request."""
+        try:
+            self.read_body()
+        except ApiError:
+            self.close_connection = True
+
+    def read_json(self) -> Any:
+        body = self.read_body()
+        if not body.strip():
+            raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request(f"The request body is not valid JSON: {str(e)[:120]}", None, "invalid_json")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # -- routes ----------------------------------------------------------------
+
+    def handle_health(self) -> None:
+        self.send_json(200, self.server.health())
+
+    def handle_models(self) -> None:
+        models = [model_object(m) for m in self.server.models.models]
+        self.send_json(200, {"object": "list", "data": models})
+
+    def handle_model(self, name: str) -> None:
+        model = self.server.models.find(urllib.parse.unquote(name))
+        if model is None:
+            raise ApiError(404, f"The model {name[:100]!r} does not exist.", code="model_not_found",
+                           param="model")
+        self.send_json(200, model_object(model))
+
+    def handle_chat_completions(self) -> None:
+        server = self.server
+        request = parse_chat_request(self.read_json(), server.models, server.config)
+        system, blocks = messages_to_input(request, server.config, server.turn_secret,
+                                           fetch_image if server.config.allow_image_urls else None)
+        check_prompt_budget(system, blocks, request, server.config)
+        server.plan.check(server.wall())
+        if request.user:
+            log.info("%s user=%s model=%s", self.request_id, request.user[:64], request.model.id)
+        job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, self.request_id)
+        if request.stream:
+            ChatStream(self, request, job).run()
+        else:
+            self.send_json(200, ChatTurn(self, request, job).complete())
+
+
+class ChatTurn:
+    """Runs a chat request through the CLI and builds its answer (the non-streaming recipe)."""
+
+    def __init__(self, handler: Handler, request: ChatRequest, job: Job):
+        self.handler, self.server = handler, handler.server
+        self.request, self.job = request, job
+        self.completion_id = "chatcmpl-" + secrets.token_hex(12)
+        self.created = int(self.server.wall())
+
+    def run_cli(self, job: Job, on_delta: Callable[[str, str], bool],
+                on_heartbeat: Callable[[], None] = lambda: None) -> Answer:
+        """Run one CLI job; `on_delta` returns False to end the turn early (stop sequence)."""
+        answer = Answer()
+        events = self.server.runner.run(job, self.handler.connection)
+        try:
+            for event in events:
+                if event is HEARTBEAT:
+                    on_heartbeat()
+                    continue
+                if event.get("type") == "rate_limit_event":
+                    self.server.plan.observe(event.get("rate_limit_info") or {})
+                for kind, text in answer.feed(event):
+                    if on_delta(kind, text) is False:
+                        return answer
+        finally:
+            events.close()
+        now = self.server.wall()
+        answer.failure = answer.error(now)
+        if answer.failure is not None and answer.failure.code == "usage_limit_reached":
+            resets_at = plan_reset(answer.api_error or {}, answer.rate_limits) or int(now + 3600)
+            self.server.plan.hold(resets_at, answer.failure.message)
+        return answer
+
+    def complete(self) -> Dict[str, Any]:
+        scanner = StopScanner(self.request.stop)
+        parts: List[str] = []
+
+        def collect(kind: str, text: str) -> bool:
+            if kind == "content":
+                parts.append(scanner.feed(text))
+                return not scanner.stopped
+            return True
+
+        answer = self.run_cli(self.job, collect)
+        raise_failure(answer)
+        content = "".join(parts) + scanner.flush()
+        finish = "stop" if scanner.stopped else answer.finish_reason()
+        if self.request.response_format != "text":
+            return self.structured(answer, content)
+        return chat_completion(self.completion_id, self.created, self.request.model.id,
+                               answer, content, finish)
+
+    def structured(self, answer: Answer, content: str,
+                   on_heartbeat: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+        """Validate a JSON answer; retry once with the problem, else answer a refusal."""
+        problem = json_problem(content, self.request)
+        usage = answer.usage()
+        if problem:
+            retry = self.retry_job(content, problem)
+            second = self.run_cli(retry, lambda kind, text: True, on_heartbeat)
+            raise_failure(second)
+            usage = merge_usage(usage, second.usage())
+            content, answer = second.text, second
+            problem = json_problem(content, self.request)
+        if problem:
+            refusal = f"The model did not produce the requested JSON: {problem}"
+            return chat_completion(self.completion_id, self.created, self.request.model.id,
+                                   answer, None, "stop", refusal, usage)
+        return chat_completion(self.completion_id, self.created, self.request.model.id,
+                               answer, normalize_json(content), answer.finish_reason(), None, usage)
+
+    def retry_job(self, reply: str, problem: str) -> Job:
+        messages = self.request.messages + (
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": f"That reply was not accepted: {problem}. Reply again "
+                                        "with only the corrected JSON."})
+        retried = dataclasses.replace(self.request, messages=messages)
+        system, blocks = messages_to_input(retried, self.server.config, self.server.turn_secret)
+        return dataclasses.replace(self.job, system_prompt=system, blocks=blocks)
+
+
+def raise_failure(answer: Answer) -> None:
+    if answer.failure is not None:
+        raise answer.failure
+
+
+class ChatStream(ChatTurn):
+    """The streaming recipe: SSE headers on the first chunk or heartbeat, deltas as they come."""
+
+    def __init__(self, handler: Handler, request: ChatRequest, job: Job):
+        super().__init__(handler, request, job)
+        self.started = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.handler.send_event_stream()
+            self.send({"role": "assistant", "content": ""})
+
+    def send(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
+        self.handler.send_event(chat_chunk(self.completion_id, self.created, self.request.model.id,
+                                           delta, finish, self.request.include_usage))
+
+    def heartbeat(self) -> None:
+        self.start()
+        self.handler.wfile.write(b": keepalive\n\n")
+        self.handler.wfile.flush()
+
+    def run(self) -> None:
+        try:
+            if self.request.response_format != "text":
+                self.run_structured()
+            else:
+                self.run_text()
+        except ApiError as error:
+            if not self.started:
+                raise
+            self.handler.send_event(error.body())
+            self.handler.send_event("[DONE]")
+
+    def run_text(self) -> None:
+        scanner = StopScanner(self.request.stop)
+
+        def forward(kind: str, text: str) -> bool:
+            if kind == "content":
+                text = scanner.feed(text)
+            self.start()
+            if text:
+                self.send({"content": text} if kind == "content" else {"reasoning_content": text})
+            return not scanner.stopped
+
+        answer = self.run_cli(self.job, forward, self.heartbeat)
+        raise_failure(answer)
+        self.start()
+        rest = scanner.flush()
+        if rest:
+            self.send({"content": rest})
+        self.finish(answer, "stop" if scanner.stopped else answer.finish_reason(), answer.usage())
+
+    def run_structured(self) -> None:
+        answer = self.run_cli(self.job, lambda kind, text: True, self.heartbeat)
+        raise_failure(answer)
+        body = self.structured(answer, answer.text, self.heartbeat)
+        self.start()
+        message = body["choices"][0]["message"]
+        if message.get("reasoning_content"):
+            self.send({"reasoning_content": message["reasoning_content"]})
+        self.send({"content": message["content"]} if message["content"] is not None
+                  else {"refusal": message["refusal"]})
+        self.finish(answer, body["choices"][0]["finish_reason"], body["usage"])
+
+    def finish(self, answer: Answer, finish_reason: str, usage: Dict[str, Any]) -> None:
+        self.send({}, finish_reason)
+        if self.request.include_usage:
+            self.handler.send_event(usage_chunk(self.completion_id, self.created,
+                                                self.request.model.id, usage))
+        self.handler.send_event("[DONE]")
+
+
+###############################################################################
+# Admin CLI ###################################################################
+###############################################################################
+
+
+def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    models = Models.load(os.path.join(HERE, "models.json"))
+    os.makedirs(config.home, mode=0o700, exist_ok=True)
+    os.chmod(config.home, 0o700)
+    runner = Runner(config)
+    runner.prepare()
+    try:
+        server = Server(config, models, runner)
+    except OSError as e:
+        raise SystemExit(f"ocp: cannot listen on {config.bind}:{config.port}: {e.strerror}")
+    if runner.claude:
+        log.info("claude CLI: %s", runner.claude)
+    else:
+        log.warning("claude CLI not found: completions answer 503 until it is installed "
+                    "(npm i -g @anthropic-ai/claude-code)")
+    log.info("OCP %s listening on http://%s:%d (auth: %s)", __version__, config.bind,
+             server.server_address[1], config.auth_mode)
+    stop = install_shutdown(server)
+    server.serve_forever(poll_interval=0.5)
+    stop.wait()
+    return 0
+
+
+def install_shutdown(server: Server) -> threading.Event:
+    """On SIGTERM/SIGINT: stop accepting, let in-flight work finish briefly, kill the rest."""
+    done = threading.Event()
+
+    def shut_down() -> None:
+        server.shutdown()
+        deadline = time.monotonic() + 3
+        while server.runner.live() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cancelled = server.runner.cancel_all()
+        deadline = time.monotonic() + KILL_GRACE_S + 1
+        while server.runner.live() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.server_close()
+        log.info("stopped (%d runs cancelled)", cancelled)
+        done.set()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=shut_down, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return done
+
+
+def cmd_health(args: argparse.Namespace, config: Config) -> int:
+    runner = Runner(config)
+    detail = {"claude": runner.claude or None, "claude_version": runner.version() or None,
+              "max_concurrent": config.max_concurrent, "max_queue": config.max_queue,
+              "timeout_ms": config.timeout_ms, "auth_mode": config.auth_mode,
+              "credentials": resolve_credentials(config.environ, config.user_home, time.time(),
+                                                 keychain=macos_keychain).source,
+              "daemon": daemon_health(config)}
+    if args.json:
+        print(json.dumps(detail, indent=2))
+    else:
+        for name, value in detail.items():
+            print(f"{name:<16} {value if value is not None else '-'}")
+    return 0 if runner.claude else 1
+
+
+def daemon_health(config: Config) -> str:
+    host = "127.0.0.1" if config.bind in ("0.0.0.0", "") else config.bind
+    host = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{config.port}/health", timeout=3) as response:
+            return json.loads(response.read()).get("status", "?")
+    except (OSError, ValueError):
+        return "not running"
+
+
+def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    models = Models.load(os.path.join(HERE, "models.json"))
+    if args.json:
+        print(json.dumps([model_object(m) for m in models.models], indent=2))
+        return 0
+    print(f"{'id':<28} {'context':>9} {'output':>8}  aliases")
+    for m in models.models:
+        print(f"{m.id:<28} {m.context_window:>9} {m.max_output:>8}  {', '.join(m.aliases)}")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace, config: Config) -> int:
+    print(f"ocp {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ocp.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the daemon",
+                                description="Run the OCP daemon. Each flag overrides its "
+                                            "environment variable (shown in brackets).")
+    for field, env_name, flag, kind, bounds in SETTINGS:
+        meta = "N" if kind == "int" else ("BOOL" if kind == "bool" else "VALUE")
+        serve.add_argument(flag, dest=field, metavar=meta, help=f"[{env_name}]")
+    serve.set_defaults(run=cmd_serve)
+    health = commands.add_parser("health", help="local detail: claude path and version, limits")
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(run=cmd_health)
+    models = commands.add_parser("models", help="model ids and aliases")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=cmd_models)
+    commands.add_parser("version", help="print the version").set_defaults(run=cmd_version)
+    return parser
+
+
+###############################################################################
+# Main ########################################################################
+###############################################################################
+
+
+def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run one command; return its exit code (0 ok, 1 failure, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    flags = {f[0]: getattr(args, f[0], None) for f in SETTINGS}
+    try:
+        config = load_config(os.environ if environ is None else environ, flags)
+    except ConfigError as e:
+        print(f"ocp: {e}", file=sys.stderr)
+        return 2
+    return args.run(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""A stand-in for the `claude` CLI 2.1.330 in `-p --output-format stream-json` mode.
+
+It prints the real CLI's event shapes (see ../shared/fixtures/claude-cli-2.1.330/)
+and is steered per request by a directive anywhere in the prompt:
+
+    <<fake {"text": "Hi", "deltas": 3, "pace_ms": 50, "error": "plan_limit"}>>
+
+Keys: text (the answer; default "Echo: <last text block>"), deltas (how many
+text deltas), pace_ms (pause between deltas), thinking (a thinking block
+first), error (plan_limit, rate_limit, auth, not_logged_in, overloaded,
+server_error, prompt_too_long, mid_stream, bad_request), crash (exit code,
+no result), hang (print init, then wait to be killed), slow_start_ms, drop
+(a dropped connection: partial deltas, abandoned, retried non-streamed),
+garbage (unparsable lines between events), usage ({input, output,
+cache_read, cache_creation}), overage (the answer is paid from extra usage),
+ignore_term (survive SIGTERM), grandchild (leave a sleeping child in the
+group), stderr (text for stderr).
+
+CLAUDE_CODE_MAX_OUTPUT_TOKENS cuts the answer at 4 characters a token with
+stop_reason max_tokens; then it continues in a second message, or with
+`--max-turns 1` ends with error_max_turns, as the real CLI does.
+
+With FAKE_CLAUDE_LOG=<dir> every run writes <dir>/<pid>.json: argv, cwd,
+env (the OAuth token as a hash), stdin, the system prompt and how it ended.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+VERSION = "2.1.330"
+DIRECTIVE = re.compile(r"<<fake (\{.*?\})>>", re.S)
+PLAN_RESET = 1795503600
+
+
+def log_run(record):
+    folder = os.environ.get("FAKE_CLAUDE_LOG")
+    if not folder:
+        return
+    path = os.path.join(folder, f"{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
+def out(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def fail_usage(message):
+    sys.stderr.write(message + "\n")
+    sys.exit(1)
+
+
+def parse_args(argv):
+    opts = {"model": "claude-opus-5-5", "tools": None, "max_turns": 0, "system": None,
+            "system_file": None, "effort": None, "prompt": None}
+    flags = set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = {"--model": "model", "--tools": "tools", "--max-turns": "max_turns",
+                       "--system-prompt": "system", "--system-prompt-file": "system_file",
+                       "--effort": "effort", "--output-format": "output",
+                       "--input-format": "input"}
+        if arg in takes_value:
+            opts[takes_value[arg]] = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--") or arg == "-p":
+            flags.add(arg)
+        else:
+            opts["prompt"] = arg
+        i += 1
+    opts["flags"] = flags
+    return opts
+
+
+ALIASES = {"opus": "claude-opus-5-5", "sonnet": "claude-sonnet-5-5", "haiku": "claude-haiku-5-5",
+           "fable": "claude-fable-5-2"}
+
+
+class Run:
+    def __init__(self, opts, blocks, directive):
+        self.opts, self.blocks, self.d = opts, blocks, directive
+        self.session = str(uuid.uuid4())
+        self.model = ALIASES.get(opts["model"], opts["model"])
+        self.partial = "--include-partial-messages" in opts["flags"]
+        self.oauth = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN"))
+        self.turns = 0
+
+    def base(self, **fields):
+        fields.update(session_id=self.session, uuid=str(uuid.uuid4()))
+        return fields
+
+    def init(self):
+        out(self.base(type="system", subtype="init", cwd=os.getcwd(), tools=[], mcp_servers=[],
+                      model=self.model, permissionMode="default", slash_commands=[],
+                      apiKeySource="none" if self.oauth else "ANTHROPIC_API_KEY",
+                      claude_code_version=VERSION, output_style="default", agents=[],
+                      skills=[], plugins=[]))
+
+    def stream(self, event, message_id, **outer):
+        if self.partial:
+            out(self.base(type="stream_event", event=event, parent_tool_use_id=None,
+                          api_message_id=message_id, **outer))
+
+    def usage(self, output=1):
+        u = self.d.get("usage") or {}
+        return {"input_tokens": u.get("input", 4408), "output_tokens": output,
+                "cache_creation_input_tokens": u.get("cache_creation", 0),
+                "cache_read_input_tokens": u.get("cache_read", 0)}
+
+    def assistant(self, message_id, block):
+        out(self.base(type="assistant", parent_tool_use_id=None, message={
+            "id": message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [block], "stop_reason": None, "stop_sequence": None,
+            "usage": self.usage(), "context_management": None},
+            timestamp="2026-11-24T04:25:12.410Z", request_id="req_fake" + uuid.uuid4().hex[:20]))
+
+    def pause(self):
+        pace = self.d.get("pace_ms", 0)
+        if pace:
+            time.sleep(pace / 1000)
+
+    def garbage(self):
+        if self.d.get("garbage"):
+            sys.stdout.write("this is not json {\n")
+
+    def message(self, text, thinking=None, stop_reason="end_turn", drop=False):
+        """Print one model message; return the text it streamed."""
+        message_id = "msg_fake" + uuid.uuid4().hex[:20]
+        self.turns += 1
+        if self.partial:
+            out(self.base(type="system", subtype="status", status="requesting"))
+        self.stream({"type": "message_start", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": self.usage()}},
+            message_id)
+        index = 0
+        if thinking:
+            self.block(message_id, index, "thinking", thinking, 3)
+            index += 1
+        pieces = split(text, int(self.d.get("deltas", max(1, len(text) // 6 or 1))))
+        if drop:
+            pieces = pieces[:max(1, len(pieces) // 2)]
+        self.block(message_id, index, "text", text, pieces=pieces, emit_assistant=not drop)
+        if drop:
+            self.stream({"type": "message_stop"}, message_id, abandoned_blocks={
+                "api_message_id": message_id, "from_block_index": 0})
+            return
+        self.stream({"type": "message_delta", "delta": {"stop_reason": stop_reason,
+                     "stop_sequence": None}, "usage": {"output_tokens": self.output_tokens(text)}},
+                    message_id)
+        self.stream({"type": "message_stop"}, message_id)
+
+    def block(self, message_id, index, kind, text, count=None, pieces=None, emit_assistant=True):
+        start = {"type": "text", "text": ""} if kind == "text" else \
+            {"type": "thinking", "thinking": "", "signature": ""}
+        self.stream({"type": "content_block_start", "index": index, "content_block": start}, message_id)
+        estimated = 0
+        for piece in pieces if pieces is not None else split(text, count):
+            delta = {"type": "text_delta", "text": piece} if kind == "text" else \
+                {"type": "thinking_delta", "thinking": piece}
+            if kind == "thinking" and self.partial:
+                estimated += max(1, len(piece) // 4)
+                out(self.base(type="system", subtype="thinking_tokens", estimated_tokens=estimated,
+                              estimated_tokens_delta=max(1, len(piece) // 4)))
+            self.stream({"type": "content_block_delta", "index": index, "delta": delta}, message_id)
+            self.garbage()
+            self.pause()
+        if kind == "thinking":
+            self.stream({"type": "content_block_delta", "index": index, "delta": {
+                "type": "signature_delta", "signature": "fake-signature"}}, message_id)
+        if emit_assistant:
+            block = {"type": "text", "text": text} if kind == "text" else \
+                {"type": "thinking", "thinking": text, "signature": "fake-signature"}
+            self.assistant(message_id, block)
+        self.stream({"type": "content_block_stop", "index": index}, message_id)
+
+    def output_tokens(self, text):
+        return (self.d.get("usage") or {}).get("output", max(1, len(text) // 4))
+
+    def rate_limit(self, status="allowed", utilization=0.12, overage=False):
+        if not self.oauth:
+            return
+        info = {"status": status, "resetsAt": PLAN_RESET, "rateLimitType": "five_hour",
+                "overageStatus": "allowed" if overage else "rejected",
+                "isUsingOverage": overage,
+                "unifiedWindows": {
+                    "five_hour": {"utilization": utilization, "resetsAt": PLAN_RESET, "status": status},
+                    "seven_day": {"utilization": 0.45, "resetsAt": 1795838400, "status": "allowed"}}}
+        out(self.base(type="rate_limit_event", rate_limit_info=info))
+
+    def result(self, text, is_error=False, stop_reason="end_turn", terminal="completed",
+               subtype="success", status=None, api_error=None, errors=None, output=None,
+               error_type=None):
+        usage = self.usage(output if output is not None else self.output_tokens(text or ""))
+        usage.update(output_tokens_details={"thinking_tokens": 0}, service_tier="standard")
+        record = self.base(type="result", subtype=subtype, is_error=is_error, duration_ms=120,
+                           duration_api_ms=20, num_turns=max(1, self.turns), result=text,
+                           stop_reason=stop_reason, total_cost_usd=0.017952, usage=usage,
+                           modelUsage={self.model: {"inputTokens": usage["input_tokens"],
+                                                    "outputTokens": usage["output_tokens"],
+                                                    "contextWindow": 1000000,
+                                                    "maxOutputTokens": 128000}},
+                           permission_denials=[], terminal_reason=terminal,
+                           api_error_status=status)
+        if not is_error:
+            record["ttft_ms"] = 100
+        if error_type:
+            record["api_error_type"] = error_type
+        if api_error:
+            record["api_error"] = api_error
+        if errors:
+            record["errors"] = errors
+            record.pop("result")
+        out(record)
+
+
+ERRORS = {
+    # kind: (api_error_status, error, api_error_type, text, terminal, retries)
+    "rate_limit": (429, "rate_limit", "rate_limit_error",
+                   "API Error: Request rejected (429) · Number of request tokens has exceeded "
+                   "your per-minute rate limit", "api_error", 2),
+    "auth": (401, "authentication_failed", "authentication_error",
+             "Failed to authenticate. API Error: 401 OAuth token has expired. Please obtain a new "
+             "token or refresh your existing token.", "api_error", 2),
+    "not_logged_in": (None, "authentication_failed", None, "Not logged in · Please run /login",
+                      "api_error", 0),
+    "overloaded": (529, "server_error", "overloaded_error",
+                   "API Error: Repeated 529 Overloaded errors. The API is at capacity — this is "
+                   "usually temporary. Try again in a moment. If it persists, check your "
+                   "inference gateway (127.0.0.1:43535).", "api_error", 2),
+    "server_error": (500, "server_error", "api_error",
+                     "API Error: 500 Internal server error. This is a server-side issue, usually "
+                     "temporary — try again in a moment.", "api_error", 2),
+    "prompt_too_long": (400, "invalid_request", "invalid_request_error",
+                        "Prompt is too long · the request is ~250000 tokens (limit 200000)",
+                        "prompt_too_long", 0),
+    "bad_request": (400, "invalid_request", "invalid_request_error",
+                    "API Error: 400 messages.0.content.1.image.source: image exceeds 5 MB maximum "
+                    "at /home/owner/secret/path.png", "api_error", 0),
+}
+
+
+def synthetic_error(run, kind):
+    """Print the CLI's retries, synthetic assistant error line and failed result."""
+    if kind == "plan_limit":
+        run.rate_limit(status="rejected", utilization=1)
+        info = {"status": "rejected", "resetsAt": PLAN_RESET, "rateLimitType": "five_hour",
+                "overageStatus": "rejected", "overageDisabledReason": "org_level_disabled",
+                "isUsingOverage": False}
+        text = "You've hit your 5-hour limit · resets 7am (UTC)"
+        fields = dict(error="rate_limit", api_error_status=429, api_error="usage_limit_reached",
+                      api_error_params={"rate_limit_info": info}, api_error_type="rate_limit_error")
+        status, terminal, api_error = 429, "api_error", "usage_limit_reached"
+        error_type = "rate_limit_error"
+    else:
+        status, error, error_type, text, terminal, retries = ERRORS[kind]
+        for attempt in range(1, retries + 1):
+            out(run.base(type="system", subtype="api_retry", attempt=attempt, max_retries=retries,
+                         retry_delay_ms=600, error_status=status, error=error))
+        fields = dict(error=error)
+        if error_type:
+            fields.update(api_error_status=status, api_error_type=error_type)
+        api_error = None
+    out(run.base(type="assistant", parent_tool_use_id=None, is_api_error_message=True,
+                 message={"id": str(uuid.uuid4()), "model": "<synthetic>", "role": "assistant",
+                          "stop_reason": "stop_sequence", "stop_sequence": "", "type": "message",
+                          "usage": run.usage(0), "content": [{"type": "text", "text": text}]},
+                 **fields))
+    run.result(text, is_error=True, stop_reason="stop_sequence", terminal=terminal,
+               status=status, api_error=api_error, output=0, error_type=error_type)
+    return 1
+
+
+def answer(run, text):
+    d = run.d
+    limit = int(os.environ.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS") or 0) * 4
+    if d.get("drop"):
+        run.message(text, d.get("thinking"), drop=True)
+        out(run.base(type="system", subtype="api_retry", attempt=1, max_retries=1,
+                     retry_delay_ms=500, error_status=None, error="unknown"))
+        message_id = "msg_fake" + uuid.uuid4().hex[:20]
+        run.assistant(message_id, {"type": "text", "text": text})
+        run.result(text)
+        return 0
+    if d.get("error") == "mid_stream":
+        run.message(text, d.get("thinking"))
+        return synthetic_error(run, "server_error")
+    if limit and len(text) > limit:
+        run.message(text[:limit], d.get("thinking"), stop_reason="max_tokens")
+        if run.opts["max_turns"] == "1":
+            run.result(None, is_error=True, stop_reason="max_tokens", terminal="max_turns",
+                       subtype="error_max_turns", errors=["Reached maximum number of turns (1)"],
+                       output=limit // 4)
+            return 1
+        rest = text[limit:]
+        run.message(rest)
+        run.result(rest)
+        return 0
+    run.message(text, d.get("thinking"))
+    run.rate_limit(overage=bool(d.get("overage")), status="rejected" if d.get("overage") else "allowed")
+    run.result(text)
+    return 0
+
+
+def split(text, count):
+    count = max(1, min(int(count or 1), len(text) or 1))
+    size = -(-len(text) // count) if text else 1
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+
+
+def read_input(opts):
+    """Return the user content blocks, as the real CLI reads them."""
+    if opts["input"] != "stream-json":
+        return [{"type": "text", "text": opts["prompt"] or sys.stdin.read()}]
+    blocks = []
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:
+            fail_usage(f"Error parsing streaming input line (type=unknown, {len(line.strip())} "
+                       "chars): SyntaxError")
+        content = message["message"]["content"]
+        blocks += [{"type": "text", "text": content}] if isinstance(content, str) else content
+    return blocks
+
+
+def main():
+    argv = sys.argv[1:]
+    if argv == ["--version"]:
+        print(f"{VERSION} (Claude Code)")
+        return 0
+    opts = parse_args(argv)
+    opts.setdefault("input", "text")
+    if opts.get("output") == "stream-json" and "--verbose" not in opts["flags"]:
+        fail_usage("Error: When using --print, --output-format=stream-json requires --verbose")
+    record = {"argv": argv, "cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
+              "started": time.time(), "env": dict(os.environ), "ended": "running"}
+    token = record["env"].get("CLAUDE_CODE_OAUTH_TOKEN")
+    if token:
+        record["env"]["CLAUDE_CODE_OAUTH_TOKEN"] = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    if opts["system_file"]:
+        with open(opts["system_file"]) as f:
+            record["system_prompt"] = f.read()
+    else:
+        record["system_prompt"] = opts["system"]
+    log_run(record)
+    blocks = read_input(opts)
+    record["stdin_blocks"] = blocks
+    texts = [b.get("text", "") for b in blocks if b.get("type") == "text"]
+    match = DIRECTIVE.search("\n".join(texts))
+    directive = json.loads(match.group(1)) if match else {}
+    log_run(record)
+
+    def on_term(signum, frame):
+        if directive.get("ignore_term"):
+            return
+        record["ended"] = "sigterm"
+        log_run(record)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if directive.get("grandchild"):
+        record["grandchild"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
+        log_run(record)
+    if directive.get("stderr"):
+        sys.stderr.write(directive["stderr"] + "\n")
+    time.sleep(directive.get("slow_start_ms", 0) / 1000)
+    run = Run(opts, blocks, directive)
+    run.init()
+    if directive.get("hang"):
+        while True:
+            time.sleep(1)
+    if "crash" in directive:
+        sys.stderr.write("TypeError: fake crash at /home/owner/.npm/claude/cli.js:1:1\n")
+        record["ended"] = "crash"
+        log_run(record)
+        return int(directive["crash"])
+    text = directive.get("text")
+    if text is None:
+        last = DIRECTIVE.sub("", texts[-1] if texts else "").strip()
+        text = "Echo: " + last
+    if directive.get("error") and directive["error"] != "mid_stream":
+        code = synthetic_error(run, directive["error"])
+    else:
+        code = answer(run, text)
+    record["ended"] = f"exit {code}"
+    log_run(record)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
