@@ -189,7 +189,9 @@ def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] =
     user_home = environ.get("HOME") or os.path.expanduser("~")
     values["user_home"] = user_home
     values.setdefault("home", os.path.join(user_home, ".ocp"))
-    values["home"] = os.path.abspath(os.path.expanduser(values["home"]))
+    if values["home"] == "~" or values["home"].startswith("~/"):
+        values["home"] = user_home + values["home"][1:]
+    values["home"] = os.path.abspath(values["home"])
     if "auth_mode" not in values:
         values["auth_mode"] = "shared" if values["api_key"] else "none"
     values["environ"] = types.MappingProxyType(dict(environ))
@@ -538,7 +540,8 @@ class ClaudeProcess:
     SIGKILL after KILL_GRACE_S) and is safe to call more than once.
     """
 
-    def __init__(self, argv: List[str], env: Dict[str, str], cwd: str, stdin: bytes):
+    def __init__(self, argv: List[str], env: Dict[str, str], cwd: str, stdin: bytes,
+                 grace_s: float = KILL_GRACE_S):
         self.stderr = tempfile.TemporaryFile(dir=cwd)  # a chatty CLI can't fill a pipe nobody reads
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -548,6 +551,7 @@ class ClaudeProcess:
             self.stderr.close()
             raise
         self.pid = self.popen.pid
+        self.grace_s = grace_s
         self.started = time.monotonic()
         self._buffer = b""
         self.cancelled = False
@@ -604,16 +608,19 @@ class ClaudeProcess:
         """Make sure the process group is gone and reaped; return the exit code."""
         if self.popen.poll() is None:
             try:
-                self.popen.wait(timeout=2 if not self.cancelled else KILL_GRACE_S)
+                self.popen.wait(timeout=2 if not self.cancelled else self.grace_s)
             except subprocess.TimeoutExpired:
                 self.signal_group(signal.SIGTERM)
                 try:
-                    self.popen.wait(timeout=KILL_GRACE_S)
+                    self.popen.wait(timeout=self.grace_s)
                 except subprocess.TimeoutExpired:
                     pass
         if self.popen.poll() is None:
             self.signal_group(signal.SIGKILL)
             self.popen.wait()
+        # Anything the CLI left in its group goes too; the group id stays reserved while a
+        # member lives, so this cannot reach an unrelated process.
+        self.signal_group(signal.SIGKILL)
         for stream in (self.popen.stdout, self.popen.stdin, self.stderr):
             try:
                 stream.close()
@@ -648,6 +655,7 @@ class Runner:
         self._live_lock = threading.Lock()
         self._live: Dict[str, ClaudeProcess] = {}
         self._version: Optional[str] = None
+        self.kill_grace_s = KILL_GRACE_S
 
     # -- setup ---------------------------------------------------------------
 
@@ -749,7 +757,7 @@ class Runner:
         argv = claude_argv(self.claude, job, self._system_arg(job, run_dir),
                            self.config.allowed_tools)
         try:
-            return ClaudeProcess(argv, env, run_dir, stdin_line(job.blocks))
+            return ClaudeProcess(argv, env, run_dir, stdin_line(job.blocks), self.kill_grace_s)
         except OSError as e:
             log.error("cannot start claude: %s", e.strerror)
             raise ApiError(503, "The claude CLI could not be started. Check that it is "
@@ -1582,6 +1590,7 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # http.server's 5 turns a burst of connects into SYN retries
 
     def __init__(self, config: Config, models: Models, runner: Optional[Runner] = None,
                  wall: Callable[[], float] = time.time):
@@ -1697,6 +1706,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own errors (bad request line, huge headers) in OpenAI's shape."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # unparsable line: answer with a status line anyway
+            self.request_version = "HTTP/1.1"
         self.send_api_error(ApiError(code, message or "Bad request", "invalid_request_error",
                                      "bad_request"))
 

@@ -6,7 +6,8 @@ and is steered per request by a directive anywhere in the prompt:
 
     <<fake {"text": "Hi", "deltas": 3, "pace_ms": 50, "error": "plan_limit"}>>
 
-Keys: text (the answer; default "Echo: <last text block>"), deltas (how many
+Keys: text (the answer; default "Echo: <last text block>"), texts (a list: the
+reply for the input's count of earlier assistant turns), deltas (how many
 text deltas), pace_ms (pause between deltas), thinking (a thinking block
 first), error (plan_limit, rate_limit, auth, not_logged_in, overloaded,
 server_error, prompt_too_long, mid_stream, bad_request), crash (exit code,
@@ -390,6 +391,9 @@ def main():
         log_run(record)
         return int(directive["crash"])
     text = directive.get("text")
+    if "texts" in directive:  # one scripted reply per earlier assistant turn in the input
+        turn = "\n".join(texts).count('role="assistant"')
+        text = directive["texts"][min(turn, len(directive["texts"]) - 1)]
     if text is None:
         last = DIRECTIVE.sub("", texts[-1] if texts else "").strip()
         text = "Echo: " + last
