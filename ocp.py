@@ -1633,6 +1633,9 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.config.socket_timeout_s  # idle or slow clients can't pin a thread
         super().setup()
+        # Headers and body leave in separate writes; without this Nagle holds the second one
+        # for the client's delayed ACK (~40 ms), and every SSE event would wait too.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request_id = ""
 
     # -- plumbing ------------------------------------------------------------

@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Benchmarks for OCP (not tests): overhead, time to first chunk, memory, /v1/models rate.
+
+    python3 bench/bench.py [--runs 30] [--json]
+
+Starts `ocp.py serve` as its own process on a free port with tests/fake_claude.py
+as the CLI and a throwaway OCP_HOME, then measures:
+
+  overhead   OCP's latency for a non-streaming completion minus the fake CLI run
+             alone (same argv and stdin), median of --runs, at c=1 and c=8
+  ttfc       streaming: time to the first content chunk through OCP minus the
+             fake CLI's own time to its first text delta
+  rss        the daemon's resident memory idle, and after the load above
+  models     GET /v1/models requests per second over keep-alive connections
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FAKE = os.path.join(ROOT, "tests", "fake_claude.py")
+sys.path.insert(0, ROOT)
+import ocp  # noqa: E402  (the bench measures this checkout's ocp.py)
+
+BODY = {"model": "sonnet", "messages": [{"role": "user", "content": "benchmark prompt"}]}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Daemon:
+    def __init__(self, tmp):
+        self.port = free_port()
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.path.join(tmp, "home"),
+               "OCP_HOME": os.path.join(tmp, "ocp"), "CLAUDE_BIN": FAKE,
+               "CLAUDE_PROXY_PORT": str(self.port), "OCP_LOG_LEVEL": "WARNING",
+               "CLAUDE_MAX_CONCURRENT": "8", "CLAUDE_MAX_QUEUE": "64"}
+        os.makedirs(env["HOME"], exist_ok=True)
+        self.env = env
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ocp.py"), "serve"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("bench: the daemon did not start")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=15)
+
+
+def post(port, body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body))
+    response = conn.getresponse()
+    response.read()
+    elapsed = time.perf_counter() - started
+    conn.close()
+    if response.status != 200:
+        raise SystemExit(f"bench: OCP answered {response.status}")
+    return elapsed
+
+
+def first_chunk(port, body):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(dict(body, stream=True)))
+    response = conn.getresponse()
+    first = None
+    for line in response:
+        if first is None and line.startswith(b"data: {") and b'"content": "' in line and b'"content": ""' not in line:
+            first = time.perf_counter() - started
+    conn.close()
+    return first
+
+
+def fake_alone(env, body, stream_first=False):
+    """Run the fake CLI as OCP would (argv, stdin); return its wall time or time to first delta."""
+    config = ocp.Config(home=env["OCP_HOME"])
+    request = ocp.parse_chat_request(body, ocp.Models.load(os.path.join(ROOT, "models.json")), config)
+    system, blocks = ocp.messages_to_input(request, config, b"k" * 32)
+    job = ocp.Job(request.model.id, system, blocks)
+    argv = ocp.claude_argv(FAKE, job, ("--system-prompt", system))
+    child_env = dict(env)
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_env,
+                            start_new_session=True)
+    proc.stdin.write(ocp.stdin_line(job.blocks))
+    proc.stdin.close()
+    first = None
+    for line in proc.stdout:
+        if first is None and b'"text_delta"' in line:
+            first = time.perf_counter() - started
+    proc.wait()
+    return first if stream_first else time.perf_counter() - started
+
+
+def concurrent(fn, workers, per_worker):
+    results, lock = [], threading.Lock()
+
+    def work():
+        for _ in range(per_worker):
+            value = fn()
+            with lock:
+                results.append(value)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def models_rate(port, seconds=3.0, workers=4):
+    counts = []
+    stop = time.monotonic() + seconds
+
+    def work():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        n = 0
+        while time.monotonic() < stop:
+            conn.request("GET", "/v1/models")
+            conn.getresponse().read()
+            n += 1
+        conn.close()
+        counts.append(n)
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def ms(seconds):
+    return round(seconds * 1000, 2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="ocp-bench-")
+    daemon = Daemon(tmp)
+    try:
+        time.sleep(0.5)
+        results = {"rss_idle_mib": round(rss_kib(daemon.proc.pid) / 1024, 1)}
+        for _ in range(3):  # warm caches on both sides
+            post(daemon.port, BODY)
+            fake_alone(daemon.env, BODY)
+        ocp_c1 = statistics.median(post(daemon.port, BODY) for _ in range(args.runs))
+        fake_c1 = statistics.median(fake_alone(daemon.env, BODY) for _ in range(args.runs))
+        per = max(3, args.runs // 8 + 1)
+        ocp_c8 = statistics.median(concurrent(lambda: post(daemon.port, BODY), 8, per))
+        fake_c8 = statistics.median(concurrent(lambda: fake_alone(daemon.env, BODY), 8, per))
+        results.update(ocp_c1_ms=ms(ocp_c1), fake_c1_ms=ms(fake_c1), overhead_c1_ms=ms(ocp_c1 - fake_c1),
+                       ocp_c8_ms=ms(ocp_c8), fake_c8_ms=ms(fake_c8), overhead_c8_ms=ms(ocp_c8 - fake_c8))
+        slow = {"model": "sonnet", "messages": [{"role": "user", "content": "x <<fake " + json.dumps(
+            {"text": "streamed answer in pieces", "deltas": 5, "pace_ms": 20}) + ">>"}]}
+        ttfc_ocp = statistics.median(first_chunk(daemon.port, slow) for _ in range(args.runs))
+        ttfc_fake = statistics.median(fake_alone(daemon.env, slow, True) for _ in range(args.runs))
+        results.update(ttfc_ocp_ms=ms(ttfc_ocp), ttfc_fake_ms=ms(ttfc_fake),
+                       ttfc_overhead_ms=ms(ttfc_ocp - ttfc_fake))
+        concurrent(lambda: post(daemon.port, BODY), 8, 25)
+        results["rss_after_load_mib"] = round(rss_kib(daemon.proc.pid) / 1024, 1)
+        results["models_rps"] = round(models_rate(daemon.port))
+        results["rss_after_models_mib"] = round(rss_kib(daemon.proc.pid) / 1024, 1)
+    finally:
+        daemon.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, value in results.items():
+            print(f"{name:<22} {value}")
+
+
+if __name__ == "__main__":
+    main()
