@@ -252,12 +252,15 @@ def unsupported(param: str, message: str) -> ApiError:
     return ApiError(400, message, "invalid_request_error", "unsupported_parameter", param)
 
 
+GATEWAY_ADVICE = re.compile(r"\s*If it persists, check your inference gateway \([^)]*\)\.?")
+ADDRESS_PATTERN = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s)]+|\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?|\[[0-9a-fA-F:]+\](?::\d+)?")
 PATH_PATTERN = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.@%+~-]+){2,}/?")
 
 
 def scrub_paths(text: str) -> str:
-    """Return `text` with file paths replaced, for messages that reach clients."""
-    return PATH_PATTERN.sub("<path>", text)
+    """Return `text` without file paths or network addresses, for messages that reach clients."""
+    text = GATEWAY_ADVICE.sub("", text)
+    return PATH_PATTERN.sub("<path>", ADDRESS_PATTERN.sub("<address>", text))
 
 
 ###############################################################################
@@ -381,8 +384,6 @@ def claude_argv(binary: str, job: Job, system_arg: Tuple[str, str], tools: str =
             system_arg[0], system_arg[1]]
     if job.effort:
         argv += ["--effort", job.effort]
-    if job.max_tokens:
-        argv += ["--max-turns", "1"]
     return argv
 
 
@@ -541,8 +542,8 @@ class ClaudeProcess:
     """
 
     def __init__(self, argv: List[str], env: Dict[str, str], cwd: str, stdin: bytes,
-                 grace_s: float = KILL_GRACE_S):
-        self.stderr = tempfile.TemporaryFile(dir=cwd)  # a chatty CLI can't fill a pipe nobody reads
+                 scratch: str, grace_s: float = KILL_GRACE_S):
+        self.stderr = tempfile.TemporaryFile(dir=scratch)  # a chatty CLI can't fill a pipe nobody reads
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=self.stderr, cwd=cwd, env=env, bufsize=0,
@@ -665,7 +666,7 @@ class Runner:
         for name in os.listdir(self.config.spawn_dir):
             if name.startswith("run-"):
                 shutil.rmtree(os.path.join(self.config.spawn_dir, name), ignore_errors=True)
-        for sub in ("home", os.path.join("home", ".claude")):
+        for sub in ("home", os.path.join("home", ".claude"), "work"):
             os.makedirs(os.path.join(self.config.spawn_dir, sub), mode=0o700, exist_ok=True)
 
     def version(self) -> str:
@@ -756,8 +757,11 @@ class Runner:
         env["TMPDIR"] = os.path.join(run_dir, "tmp")
         argv = claude_argv(self.claude, job, self._system_arg(job, run_dir),
                            self.config.allowed_tools)
+        # One working directory for every child: the CLI tells the model its cwd, and a
+        # per-request path would make that text differ on every request.
+        cwd = os.path.join(self.config.spawn_dir, "work")
         try:
-            return ClaudeProcess(argv, env, run_dir, stdin_line(job.blocks), self.kill_grace_s)
+            return ClaudeProcess(argv, env, cwd, stdin_line(job.blocks), run_dir, self.kill_grace_s)
         except OSError as e:
             log.error("cannot start claude: %s", e.strerror)
             raise ApiError(503, "The claude CLI could not be started. Check that it is "
@@ -1293,13 +1297,10 @@ class Answer:
     # -- the outcome ---------------------------------------------------------
 
     def hit_max_tokens(self) -> bool:
-        result = self.result or {}
-        return "max_tokens" in self.stop_reasons or result.get("stop_reason") == "max_tokens"
+        return "max_tokens" in self.stop_reasons
 
     def finish_reason(self) -> str:
-        if self.result and self.result.get("terminal_reason") == "max_turns" and self.hit_max_tokens():
-            return "length"
-        return "length" if (self.stop_reasons[-1:] == ["max_tokens"]) else "stop"
+        return "length" if self.stop_reasons[-1:] == ["max_tokens"] else "stop"
 
     def usage(self) -> Dict[str, Any]:
         usage = (self.result or {}).get("usage") or self.stream_usage
@@ -1318,8 +1319,8 @@ class Answer:
                             "proxy_error", "cli_failed")
         if not result.get("is_error"):
             return None
-        if result.get("terminal_reason") == "max_turns" and self.hit_max_tokens():
-            return None
+        if result.get("api_error") == "max_output_tokens" and self.hit_max_tokens():
+            return None  # the CLI gave up continuing past the limit: what came is the answer
         return result_error(result, self.api_error or {}, self.rate_limits, now_s)
 
 
@@ -1877,6 +1878,10 @@ class ChatTurn:
                 for kind, text in answer.feed(event):
                     if on_delta(kind, text) is False:
                         return answer
+                if job.max_tokens and answer.hit_max_tokens():
+                    # The CLI would ask Anthropic to continue (even with --max-turns 1),
+                    # spending the plan on text the client said it does not want.
+                    return answer
         finally:
             events.close()
         now = self.server.wall()

@@ -17,4 +17,4 @@ if summary:
 failed = counts["failures"] + counts["errors"] + counts["unexpected_successes"]
 if rc != 0 and failed == 0:
     failed = 1  # the runner itself failed (import error, crash): count it
-print(total - failed - counts["skipped"] - counts["expected_failures"], failed)
+print(max(0, total - failed - counts["skipped"] - counts["expected_failures"]), failed)

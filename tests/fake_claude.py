@@ -19,8 +19,8 @@ ignore_term (survive SIGTERM), grandchild (leave a sleeping child in the
 group), stderr (text for stderr).
 
 CLAUDE_CODE_MAX_OUTPUT_TOKENS cuts the answer at 4 characters a token with
-stop_reason max_tokens; then it continues in a second message, or with
-`--max-turns 1` ends with error_max_turns, as the real CLI does.
+stop_reason max_tokens; then, as the real CLI does even with --max-turns 1, it
+continues up to three times and fails with api_error "max_output_tokens".
 
 With FAKE_CLAUDE_LOG=<dir> every run writes <dir>/<pid>.json: argv, cwd,
 env (the OAuth token as a hash), stdin, the system prompt and how it ended.
@@ -299,20 +299,40 @@ def answer(run, text):
         run.message(text, d.get("thinking"))
         return synthetic_error(run, "server_error")
     if limit and len(text) > limit:
-        run.message(text[:limit], d.get("thinking"), stop_reason="max_tokens")
-        if run.opts["max_turns"] == "1":
-            run.result(None, is_error=True, stop_reason="max_tokens", terminal="max_turns",
-                       subtype="error_max_turns", errors=["Reached maximum number of turns (1)"],
-                       output=limit // 4)
-            return 1
-        rest = text[limit:]
-        run.message(rest)
-        run.result(rest)
-        return 0
+        return over_the_limit(run, text, limit)
     run.message(text, d.get("thinking"))
     run.rate_limit(overage=bool(d.get("overage")), status="rejected" if d.get("overage") else "allowed")
     run.result(text)
     return 0
+
+
+def over_the_limit(run, text, limit):
+    """As 2.1.330 does, --max-turns or not: continue up to 3 times, then fail."""
+    thinking = run.d.get("thinking")
+    for attempt in range(4):
+        piece, text = text[:limit], text[limit:]
+        if not text:
+            run.message(piece, thinking)
+            run.result(piece)
+            return 0
+        run.message(piece, thinking, stop_reason="max_tokens")
+        thinking = None
+        if attempt < 3:
+            out(run.base(type="user", parent_tool_use_id=None, isSynthetic=True, message={
+                "role": "user", "content": [{"type": "text", "text": RECOVERY}]}))
+    message = (f"API Error: Claude's response exceeded the {limit // 4} output token maximum. To "
+               "configure this behavior, set the CLAUDE_CODE_MAX_OUTPUT_TOKENS environment variable.")
+    out(run.base(type="assistant", parent_tool_use_id=None, is_api_error_message=True, error="max_output_tokens",
+                 message={"id": str(uuid.uuid4()), "model": "<synthetic>", "role": "assistant",
+                          "stop_reason": "stop_sequence", "stop_sequence": "", "type": "message",
+                          "usage": run.usage(0), "content": [{"type": "text", "text": message}]}))
+    run.result(message, is_error=True, stop_reason="stop_sequence", terminal="api_error",
+               api_error="max_output_tokens")
+    return 1
+
+
+RECOVERY = ("Output token limit hit. Resume directly — no apology, no recap of what you were doing. "
+            "Pick up mid-thought if that is where the cut happened. Break remaining work into smaller pieces.")
 
 
 def split(text, count):

@@ -107,7 +107,10 @@ class ServerTest(TempHome):
     def setUp(self):
         super().setUp()
         self.addCleanup(self.kill_leftovers)
-        self.start_server(**self.env)
+        self.start_server(**self.server_env())
+
+    def server_env(self) -> dict:
+        return dict(self.env)
 
     def start_server(self, wall=None, **extra):
         self.config = ocp.load_config(self.environ(**extra))

@@ -111,14 +111,20 @@ class FakeBehaviour(unittest.TestCase):
         code, events = fake(["-p", "--output-format", "stream-json"], "hi")
         self.assertEqual((code, events), (1, []))
 
-    def test_max_output_tokens_with_max_turns_ends_in_error_max_turns(self):
+    def test_max_output_tokens_continues_three_times_then_fails_like_the_real_cli(self):
         code, events = fake(PARTIAL + ["--max-turns", "1"], "x " + directive(text="a" * 100), False,
                             {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "5"})
         result = events[-1]
-        self.assertEqual((code, result["subtype"], result["terminal_reason"]), (1, "error_max_turns", "max_turns"))
-        deltas = "".join(e["event"]["delta"].get("text", "") for e in events
-                         if line_type(e) == "stream_event/content_block_delta")
-        self.assertEqual(deltas, "a" * 20)
+        self.assertEqual((code, result["subtype"], result["terminal_reason"], result["api_error"]),
+                         (1, "success", "api_error", "max_output_tokens"))
+        stops = [e["event"]["delta"]["stop_reason"] for e in events
+                 if line_type(e) == "stream_event/message_delta"]
+        self.assertEqual(stops, ["max_tokens"] * 4)
+        self.assertEqual(sum(1 for e in events if e.get("isSynthetic")), 3)
+
+    def test_a_continuation_that_fits_ends_normally(self):
+        code, events = fake(PARTIAL, "x " + directive(text="a" * 30), False, {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "5"})
+        self.assertEqual((code, events[-1]["is_error"]), (0, False))
 
 
 if __name__ == "__main__":

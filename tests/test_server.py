@@ -97,9 +97,9 @@ class NonStreamingChat(ServerTest):
         run = self.runs()[-1]
         spawn = os.path.join(self.ocp_home, "spawn")
         self.assertEqual(run["env"]["HOME"], os.path.join(spawn, "home"))
-        self.assertTrue(run["cwd"].startswith(os.path.join(spawn, "run-")))
-        self.assertTrue(run["env"]["TMPDIR"].startswith(run["cwd"]))
-        self.assertFalse(os.path.exists(run["cwd"]), "the run's scratch directory is removed")
+        self.assertEqual(run["cwd"], os.path.join(spawn, "work"))
+        self.assertTrue(run["env"]["TMPDIR"].startswith(os.path.join(spawn, "run-")))
+        self.assertFalse(os.path.exists(run["env"]["TMPDIR"]), "the run's scratch directory is removed")
 
     def test_a_large_system_prompt_goes_through_a_private_file(self):
         big = "rule. " * 20000
@@ -140,7 +140,14 @@ class NonStreamingChat(ServerTest):
         self.assertEqual(body["choices"][0]["message"]["content"], "a" * 40)
         run = self.runs()[-1]
         self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "10")
-        self.assertEqual(run["argv"][run["argv"].index("--max-turns") + 1], "1")
+        wait_until(lambda: self.runs()[-1]["ended"] == "sigterm")  # OCP ended the turn itself
+
+    def test_max_tokens_in_a_stream(self):
+        _, _, events = self.stream("x " + directive(text="b" * 400, deltas=40), max_tokens=10)
+        self.assertEqual(content_of(events), "b" * 40)
+        finishing = [e["choices"][0]["finish_reason"] for _, e in events
+                     if isinstance(e, dict) and e["choices"] and e["choices"][0]["finish_reason"]]
+        self.assertEqual(finishing, ["length"])
 
     def test_json_object_is_validated(self):
         body = self.chat("x " + directive(text='```json\n{"a": 1}\n```'),
@@ -411,3 +418,27 @@ class SharedKey(ServerTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class OwnersLogin(ServerTest):
+    def write_login(self, expires_in_s):
+        os.makedirs(os.path.join(self.home, ".claude"))
+        with open(os.path.join(self.home, ".claude", ".credentials.json"), "w") as f:
+            json.dump({"claudeAiOauth": {"accessToken": "owner-access",
+                                         "expiresAt": int((time.time() + expires_in_s) * 1000)}}, f)
+
+    def test_a_fresh_login_goes_to_an_isolated_child_as_a_token(self):
+        self.write_login(3600)
+        self.chat("hi")
+        env = self.runs()[-1]["env"]
+        import hashlib
+        self.assertEqual(env["CLAUDE_CODE_OAUTH_TOKEN"], "sha256:" + hashlib.sha256(b"owner-access").hexdigest())
+        self.assertEqual(env["HOME"], os.path.join(self.ocp_home, "spawn", "home"))
+
+    def test_an_expiring_login_runs_with_the_real_home_to_refresh(self):
+        self.write_login(60)
+        self.chat("hi")
+        env = self.runs()[-1]["env"]
+        self.assertNotIn("CLAUDE_CODE_OAUTH_TOKEN", env)
+        self.assertEqual(env["HOME"], self.home)
+        self.assertNotIn("CLAUDE_CONFIG_DIR", env)

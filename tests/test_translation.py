@@ -233,7 +233,7 @@ class CliInvocation(unittest.TestCase):
             "/bin/claude", "-p", "--output-format", "stream-json", "--verbose",
             "--include-partial-messages", "--input-format", "stream-json", "--model",
             "claude-opus-5-5", "--tools", "", "--no-session-persistence", "--system-prompt", "sys",
-            "--effort", "high", "--max-turns", "1"])
+            "--effort", "high"])
 
     def test_prompt_never_in_argv(self):
         job = ocp.Job("m", "s", ({"type": "text", "text": "SECRET PROMPT"},))
@@ -400,15 +400,15 @@ class CliErrorsBecomeHttpErrors(unittest.TestCase):
     def test_auth_errors_name_the_fix(self):
         self.assertIn("claude setup-token", replay("error_401")[0].error(NOW).message)
 
-    def test_max_tokens_with_max_turns_is_a_length_answer(self):
+    def test_giving_up_past_max_output_tokens_is_a_length_answer(self):
         answer = ocp.Answer()
         for event in [{"type": "stream_event", "api_message_id": "m", "event": {
                           "type": "content_block_delta", "index": 0,
                           "delta": {"type": "text_delta", "text": "partial"}}},
                       {"type": "stream_event", "api_message_id": "m", "event": {
                           "type": "message_delta", "delta": {"stop_reason": "max_tokens"}}},
-                      {"type": "result", "subtype": "error_max_turns", "is_error": True,
-                       "terminal_reason": "max_turns", "stop_reason": "max_tokens"}]:
+                      {"type": "result", "subtype": "success", "is_error": True, "terminal_reason": "api_error",
+                       "api_error": "max_output_tokens", "stop_reason": "stop_sequence"}]:
             answer.feed(event)
         self.assertIsNone(answer.error(NOW))
         self.assertEqual((answer.text, answer.finish_reason()), ("partial", "length"))
@@ -488,6 +488,12 @@ class ErrorMessages(unittest.TestCase):
     def test_paths_are_scrubbed(self):
         self.assertEqual(ocp.scrub_paths("failed at /home/me/.npm/cli.js:1 now"), "failed at <path>:1 now")
         self.assertEqual(ocp.scrub_paths("resets 7am (UTC) · 5/10"), "resets 7am (UTC) · 5/10")
+
+    def test_addresses_are_scrubbed(self):
+        self.assertEqual(ocp.scrub_paths("API Error: 500 boom. If it persists, check your inference "
+                                         "gateway (127.0.0.1:45057)."), "API Error: 500 boom.")
+        self.assertEqual(ocp.scrub_paths("at http://10.0.0.2:8080/v1 and 192.168.1.4:99"),
+                         "at <address> and <address>")
 
 
 if __name__ == "__main__":

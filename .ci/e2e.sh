@@ -1,0 +1,27 @@
+# Sourced by .ci/run: install the pinned claude CLI and the openai SDK (cached outside the
+# checkout), then run the end-to-end suites. With OCP_E2E=1 a missing tool fails the run.
+
+cli_dir="$CACHE/claude-$CLAUDE_VERSION"
+claude="$cli_dir/node_modules/.bin/claude"
+venv="$CACHE/venv-$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+
+if ! command -v npm >/dev/null 2>&1; then
+  echo "== npm missing: installing Debian's nodejs and npm"
+  (apt-get update -qq && apt-get install -y -qq nodejs npm) >/dev/null 2>&1 || echo "!! could not install npm"
+fi
+if ! "$claude" --version 2>/dev/null | grep -q "^$CLAUDE_VERSION"; then
+  echo "== installing @anthropic-ai/claude-code@$CLAUDE_VERSION into $cli_dir"
+  mkdir -p "$cli_dir"
+  # Pin the version: node 20 would otherwise resolve an old release that runs on it.
+  npm install --prefix "$cli_dir" --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_VERSION" \
+    || echo "!! npm install failed"
+fi
+if ! "$venv/bin/python" -c "import openai, pydantic" 2>/dev/null; then
+  echo "== creating $venv with the openai SDK"
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai || echo "!! pip install openai failed"
+fi
+
+started=$(date +%s)
+run_suite "end to end (real claude CLI $CLAUDE_VERSION, openai SDK)" \
+  env OCP_E2E=1 OCP_E2E_CLAUDE="$claude" "$venv/bin/python" -m unittest discover -s tests/e2e -t tests
+echo "== end to end took $(( $(date +%s) - started ))s"

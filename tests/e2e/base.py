@@ -1,0 +1,67 @@
+"""The end-to-end base: OCP drives the real claude CLI against tests/e2e/fake_anthropic.py.
+
+The suites run when OCP_E2E_CLAUDE names the pinned CLI (2.1.330); without it
+they skip with a message, unless OCP_E2E=1 (CI), where a missing tool fails.
+"""
+
+import os
+import shutil
+import subprocess
+import unittest
+
+from helpers import ServerTest, pid_alive, wait_until
+from e2e.fake_anthropic import FakeAnthropic
+
+PINNED = "2.1.330"
+PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAE"
+       "hQGAhKmMIQAAAABJRU5ErkJggg==")  # a 1x1 image
+REQUIRED = os.environ.get("OCP_E2E") == "1"
+
+
+def require(available: bool, what: str,
+            how: str = "set OCP_E2E_CLAUDE to the pinned claude CLI, or run .ci/run") -> None:
+    """Skip (or, under OCP_E2E=1, fail) when a tool the suite needs is missing."""
+    if available:
+        return
+    message = f"{what} ({how})"
+    if REQUIRED:
+        raise AssertionError("OCP_E2E=1 but " + message)
+    raise unittest.SkipTest(message)
+
+
+def real_claude() -> str:
+    path = os.environ.get("OCP_E2E_CLAUDE", "")
+    require(bool(path) and os.access(path, os.X_OK), "the real claude CLI is not installed")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    require(version.startswith(PINNED), f"claude {version.strip()!r} is not the pinned {PINNED}")
+    return path
+
+
+class RealCliTest(ServerTest):
+    """A real OCP server, the real claude CLI, a fake Anthropic upstream; subscription mode."""
+
+    claude = ""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.claude = real_claude()
+
+    def setUp(self):
+        self.upstream = FakeAnthropic()
+        self.addCleanup(self.upstream.close)
+        super().setUp()
+        self.server.runner.kill_grace_s = 2
+
+    def server_env(self) -> dict:
+        return dict(self.env, CLAUDE_BIN=self.claude, OCP_UPSTREAM_BASE_URL=self.upstream.url,
+                    CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-fake-e2e-token", CLAUDE_CODE_MAX_RETRIES="1",
+                    FAKE_CLAUDE_LOG="")
+
+    def kill_leftovers(self):
+        for entry in self.server.runner.live():
+            if pid_alive(entry["pid"]):
+                os.killpg(entry["pid"], 9)
+
+    def live_cli_pids(self):
+        return [e["pid"] for e in self.server.runner.live()]
