@@ -1671,7 +1671,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise ApiError(405, f"{self.command} is not allowed on {key}", code="method_not_allowed",
                                    headers={"Allow": ", ".join(allowed)})
                 raise ApiError(404, f"Unknown route: {self.command} {key[:200]}", code="unknown_route")
-            self.authenticate()
+            self.authenticate(key)
             getattr(self, name)(*([arg] if arg is not None else []))
         except ApiError as e:
             self.send_api_error(e)
@@ -1692,10 +1692,10 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
-    def authenticate(self) -> None:
+    def authenticate(self, route: str) -> None:
         """Raise 401 unless the caller's key is good enough for this mode."""
         config = self.server.config
-        if config.auth_mode == "none" or self.command == "GET" and self.path.split("?")[0] == "/health":
+        if config.auth_mode == "none" or route == "/health":
             return
         given = self.headers.get("x-api-key", "")
         bearer = self.headers.get("Authorization", "")

@@ -403,6 +403,7 @@ class SharedKey(ServerTest):
 
     def test_key_required_except_health(self):
         self.assertEqual(self.request("GET", "/health")[0], 200)
+        self.assertEqual(self.request("GET", "/health/?x=1")[0], 200)
         status, headers, body = self.request("GET", "/v1/models")
         self.assertEqual((status, body["error"]["code"]), (401, "invalid_api_key"))
         self.assertEqual(self.request("GET", "/v1/models", headers={"Authorization": "Bearer nope"})[0], 401)
