@@ -24,8 +24,11 @@ Standard library only, Python 3.9+. Importing this module has no side effects.
 import argparse
 import base64
 import binascii
+import calendar
 import collections
+import contextlib
 import dataclasses
+import datetime
 import hashlib
 import hmac
 import json
@@ -38,6 +41,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -47,6 +51,7 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
+import zoneinfo
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -111,6 +116,10 @@ class Config:
     allow_image_urls: bool = False
     socket_timeout_s: int = DEFAULT_SOCKET_TIMEOUT_S
     log_level: str = "INFO"
+    timezone: str = ""
+    allowed_hosts: Tuple[str, ...] = ()
+    cors_origins: Tuple[str, ...] = ()
+    advertise_anon_key: bool = False
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
 
@@ -121,6 +130,15 @@ class Config:
     @property
     def spawn_dir(self) -> str:
         return os.path.join(self.home, "spawn")
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.home, "ocp.db")
+
+    @property
+    def tzinfo(self) -> Optional[datetime.tzinfo]:
+        """The operator's time zone for quota windows; None is the machine's local zone."""
+        return zoneinfo.ZoneInfo(self.timezone) if self.timezone else None
 
 
 # (field, env name, serve flag, kind, (min, max)); kind: int | str | bool.
@@ -148,6 +166,10 @@ SETTINGS = (
     ("allow_image_urls", "OCP_ALLOW_IMAGE_URLS", "--allow-image-urls", "bool", None),
     ("socket_timeout_s", "OCP_SOCKET_TIMEOUT", "--socket-timeout", "int", (1, 3600)),
     ("log_level", "OCP_LOG_LEVEL", "--log-level", "str", None),
+    ("timezone", "OCP_TIMEZONE", "--timezone", "str", None),
+    ("allowed_hosts", "OCP_ALLOWED_HOSTS", "--allowed-hosts", "list", None),
+    ("cors_origins", "OCP_CORS_ORIGINS", "--cors-origins", "list", None),
+    ("advertise_anon_key", "PROXY_ADVERTISE_ANON_KEY", "--advertise-anon-key", "bool", None),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -157,6 +179,9 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 def parse_setting(name: str, raw: str, kind: str, bounds: Optional[Tuple[int, int]]) -> Any:
     """Return `raw` converted to `kind`; raise ConfigError naming `name`."""
     raw = raw.strip()
+    if kind == "list":
+        return tuple(item.strip().lower() if name.endswith("HOSTS") else item.strip()
+                     for item in raw.split(",") if item.strip())
     if kind == "bool":
         if raw.lower() in TRUE_WORDS:
             return True
@@ -206,12 +231,16 @@ def validate_config(config: Config) -> None:
         raise ConfigError(f"CLAUDE_AUTH_MODE={config.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
     if config.auth_mode == "shared" and not config.api_key:
         raise ConfigError("CLAUDE_AUTH_MODE=shared needs PROXY_API_KEY")
-    if config.auth_mode == "multi":
-        raise ConfigError("CLAUDE_AUTH_MODE=multi needs per-person keys, which this version "
-                          "does not have yet; use shared with PROXY_API_KEY")
-    if config.allowed_tools and (config.auth_mode == "multi" or not config.loopback):
+    if config.allowed_tools and (config.auth_mode == "multi" or not config.loopback
+                                 or config.anonymous_key):
         raise ConfigError("CLAUDE_ALLOWED_TOOLS lets callers run tools on this machine; it is "
-                          "refused on a non-loopback bind or in multi mode")
+                          "refused on a non-loopback bind, in multi mode or with an anonymous key")
+    if config.timezone:
+        try:
+            zoneinfo.ZoneInfo(config.timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"OCP_TIMEZONE={config.timezone!r} is not a known time zone "
+                              "(e.g. Europe/Berlin, America/New_York, UTC)")
     if not config.bind:
         raise ConfigError("CLAUDE_BIND is empty")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -230,14 +259,15 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  code: Optional[str] = None, param: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None):
+                 headers: Optional[Dict[str, str]] = None, extra: Optional[Dict[str, Any]] = None):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.code, self.param, self.headers = code, param, dict(headers or {})
+        self.extra = dict(extra or {})
 
     def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return {"error": dict({"message": self.message, "type": self.type,
+                               "param": self.param, "code": self.code}, **self.extra)}
 
 
 class ClientGone(Exception):
@@ -317,6 +347,637 @@ def model_object(model: Model) -> Dict[str, Any]:
     return {"id": model.id, "object": "model", "created": model.created,
             "owned_by": "anthropic", "context_window": model.context_window,
             "max_output_tokens": model.max_output, "aliases": list(model.aliases)}
+
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+
+KEY_PREFIX_CHARS = 8
+KEY_NAME = re.compile(r"(?!\d+$)[A-Za-z0-9][A-Za-z0-9 ._@+-]{0,63}")  # all digits would read as an id
+QUOTA_FIELDS = ("daily", "weekly", "monthly", "tokens_daily", "tokens_monthly")
+
+MIGRATION_1 = (
+    """CREATE TABLE keys (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        quota_daily INTEGER, quota_weekly INTEGER, quota_monthly INTEGER,
+        quota_tokens_daily INTEGER, quota_tokens_monthly INTEGER,
+        models TEXT)""",
+    """CREATE TABLE usage (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id INTEGER REFERENCES keys(id),
+        key_name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        http_status INTEGER,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd REAL NOT NULL DEFAULT 0,
+        ttft_ms INTEGER,
+        duration_ms INTEGER,
+        request_id TEXT,
+        created_at INTEGER NOT NULL)""",
+    "CREATE INDEX usage_by_key_time ON usage(key_id, created_at)",
+    "CREATE INDEX usage_by_time ON usage(created_at)",
+    """CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        detail TEXT)""",
+)
+
+SELECT_LEGACY_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('api_keys', 'usage_log', 'response_cache')"
+SELECT_LEGACY_KEYS = "SELECT * FROM legacy_api_keys ORDER BY id"
+SELECT_LEGACY_USAGE = "SELECT * FROM legacy_usage_log ORDER BY id"
+INSERT_MIGRATED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, duration_ms, created_at)
+    VALUES (?, ?, ?, ?, ?, ?)"""
+INSERT_KEY = """INSERT INTO keys (name, key_hash, prefix, created_at, revoked_at, quota_daily, quota_weekly,
+    quota_monthly, quota_tokens_daily, quota_tokens_monthly, models)
+    VALUES (:name, :key_hash, :prefix, :created_at, :revoked_at, :daily, :weekly, :monthly,
+            :tokens_daily, :tokens_monthly, :models)"""
+SELECT_KEYS = "SELECT * FROM keys ORDER BY id"
+SELECT_KEY_BY_ID = "SELECT * FROM keys WHERE id = ?"
+SELECT_KEY_BY_NAME = "SELECT * FROM keys WHERE name = ?"
+SELECT_KEY_BY_HASH = "SELECT * FROM keys WHERE key_hash = ?"
+REVOKE_KEY = "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+UPDATE_QUOTA = """UPDATE keys SET quota_daily = :daily, quota_weekly = :weekly, quota_monthly = :monthly,
+    quota_tokens_daily = :tokens_daily, quota_tokens_monthly = :tokens_monthly, models = :models
+    WHERE id = :id"""
+COUNT_WINDOW_USAGE = """SELECT
+    COALESCE(SUM(created_at >= :day AND status IN ('ok', 'pending')), 0) AS day,
+    COALESCE(SUM(created_at >= :week AND status IN ('ok', 'pending')), 0) AS week,
+    COALESCE(SUM(created_at >= :month AND status IN ('ok', 'pending')), 0) AS month,
+    COALESCE(SUM(CASE WHEN created_at >= :day AND status = 'ok'
+                      THEN prompt_tokens + completion_tokens END), 0) AS tokens_day,
+    COALESCE(SUM(CASE WHEN created_at >= :month AND status = 'ok'
+                      THEN prompt_tokens + completion_tokens END), 0) AS tokens_month
+    FROM usage WHERE key_id = :key_id AND created_at >= :earliest"""
+INSERT_PENDING_USAGE = """INSERT INTO usage (key_id, key_name, model, status, request_id, created_at)
+    VALUES (?, ?, ?, 'pending', ?, ?)"""
+FINISH_USAGE = """UPDATE usage SET status = ?, http_status = ?, prompt_tokens = ?, completion_tokens = ?,
+    cached_tokens = ?, cost_usd = ?, ttft_ms = ?, duration_ms = ? WHERE id = ?"""
+CANCEL_STALE_PENDING = "UPDATE usage SET status = 'cancelled' WHERE status = 'pending'"
+SELECT_USAGE_ROWS = """SELECT id, key_name, model, status, http_status, prompt_tokens, completion_tokens,
+    cached_tokens, cost_usd, ttft_ms, duration_ms, request_id, created_at FROM usage
+    WHERE (:everyone OR (key_id IS :key_id AND key_name = :key_name))
+      AND created_at >= :since AND created_at < :until
+    ORDER BY id DESC LIMIT :limit"""
+SELECT_USAGE_BY_KEY = """SELECT key_name, COUNT(*) AS requests,
+    SUM(status = 'ok') AS ok, SUM(status = 'error') AS errors, SUM(status = 'cancelled') AS cancelled,
+    SUM(status = 'cached') AS cached, SUM(prompt_tokens) AS prompt_tokens,
+    SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost_usd), 4) AS cost_usd,
+    CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(created_at) AS last_at
+    FROM usage WHERE created_at >= :since AND created_at < :until
+    GROUP BY key_name ORDER BY requests DESC"""
+INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
+SELECT_AUDIT = "SELECT * FROM audit ORDER BY id DESC LIMIT ?"
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    id: int
+    name: str
+    prefix: str
+    created_at: int
+    revoked_at: Optional[int]
+    quota: Dict[str, Optional[int]]
+    models: Optional[Tuple[str, ...]]
+
+    @classmethod
+    def from_row(cls, row: Any) -> "ApiKey":
+        models = json.loads(row["models"]) if row["models"] else None
+        return cls(row["id"], row["name"], row["prefix"], row["created_at"], row["revoked_at"],
+                   {f: row["quota_" + f] for f in QUOTA_FIELDS}, tuple(models) if models is not None else None)
+
+    def public(self) -> Dict[str, Any]:
+        """The key as admin routes show it: never the secret."""
+        return {"id": self.id, "name": self.name, "prefix": self.prefix, "created_at": self.created_at,
+                "revoked_at": self.revoked_at, "quota": dict(self.quota),
+                "models": list(self.models) if self.models is not None else None}
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, breach: Dict[str, Any]):
+        super().__init__(breach["period"])
+        self.breach = breach
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def new_key_secret() -> str:
+    return "ocp_" + secrets.token_urlsafe(24)  # 32 url-safe characters
+
+
+def sqlite_time(text: Any) -> int:
+    """Return epoch seconds for the original's `datetime('now')` text (UTC)."""
+    try:
+        return int(calendar.timegm(time.strptime(str(text)[:19], "%Y-%m-%d %H:%M:%S")))
+    except ValueError:
+        return 0
+
+
+class Store:
+    """OCP's SQLite database: keys (hashed), usage (which doubles as quota reservations), audit.
+
+    One connection, one lock: every statement runs through `_execute` with the
+    lock held, and a read-modify-write (reserving quota) is one method inside
+    one IMMEDIATE transaction. Thread-safe.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.legacy_imported = False
+        self._lock = threading.RLock()
+        fresh = not os.path.exists(path)
+        if fresh:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self.db.row_factory = sqlite3.Row
+        self._execute("PRAGMA journal_mode = WAL")
+        self._execute("PRAGMA foreign_keys = ON")
+        self._execute("PRAGMA busy_timeout = 10000")
+        self.migrate()
+        tighten(path, 0o600)
+
+    def _execute(self, sql: str, params: Any = ()) -> List[Any]:
+        with self._lock:
+            return self.db.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # -- schema ----------------------------------------------------------------
+
+    def migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION; each step and its version bump in one transaction."""
+        version = self._execute("PRAGMA user_version")[0][0]
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                step(self)
+                self._execute(f"PRAGMA user_version = {int(number)}")
+        if self.legacy_imported:
+            self.scrub_free_pages()
+
+    def create_schema_1(self) -> None:
+        legacy = {row[0] for row in self._execute(SELECT_LEGACY_TABLES)}
+        if "api_keys" in legacy:
+            self._execute("PRAGMA secure_delete = ON")
+            for name in legacy:
+                self._execute(f"ALTER TABLE {name} RENAME TO legacy_{name}")
+        for statement in MIGRATION_1:
+            self._execute(statement)
+        if "api_keys" in legacy:
+            self.import_legacy(legacy)
+
+    def import_legacy(self, legacy: set) -> None:
+        """Take over the Node original's database: keys hashed, history kept, plaintext gone."""
+        ids: Dict[int, int] = {}
+        taken: set = set()
+        for row in self._execute(SELECT_LEGACY_KEYS):
+            columns = row.keys()
+            name = unique_name(str(row["name"] or "key"), taken)
+            created = sqlite_time(row["created_at"])
+            self._execute(INSERT_KEY, {
+                "name": name, "key_hash": hash_key(row["key"]), "prefix": row["key"][:KEY_PREFIX_CHARS],
+                "created_at": created, "revoked_at": created if row["revoked"] else None,
+                "daily": row["quota_daily"] if "quota_daily" in columns else None,
+                "weekly": row["quota_weekly"] if "quota_weekly" in columns else None,
+                "monthly": row["quota_monthly"] if "quota_monthly" in columns else None,
+                "tokens_daily": None, "tokens_monthly": None, "models": None})
+            ids[row["id"]] = self._execute("SELECT last_insert_rowid()")[0][0]
+        if "usage_log" in legacy:
+            for row in self._execute(SELECT_LEGACY_USAGE):
+                self._execute(INSERT_MIGRATED_USAGE, (
+                    ids.get(row["key_id"]), row["key_name"], row["model"],
+                    "ok" if row["success"] else "error", row["elapsed_ms"], sqlite_time(row["created_at"])))
+        for name in legacy:
+            self._execute(f"DROP TABLE legacy_{name}")
+        self._execute(INSERT_AUDIT, (int(time.time()), "ocp", "migrate", "ocp.db",
+                                     f"imported {len(ids)} keys from the Node original"))
+        self.legacy_imported = True
+
+    def scrub_free_pages(self) -> None:
+        """Rewrite the file so no page of the old plaintext keys survives anywhere in it."""
+        with self._lock:
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    # -- keys ------------------------------------------------------------------
+
+    def add_key(self, name: str, quota: Dict[str, Optional[int]], models: Optional[List[str]],
+                now_s: float) -> Tuple[ApiKey, str]:
+        """Create a key; return it and its secret, which is shown once and never stored."""
+        secret = new_key_secret()
+        try:
+            with self.transaction():
+                self._execute(INSERT_KEY, dict(
+                    {f: quota.get(f) for f in QUOTA_FIELDS}, name=name, key_hash=hash_key(secret),
+                    prefix=secret[:KEY_PREFIX_CHARS], created_at=int(now_s), revoked_at=None,
+                    models=json.dumps(models) if models is not None else None))
+                row = self._execute(SELECT_KEY_BY_NAME, (name,))[0]
+        except sqlite3.IntegrityError:
+            raise ApiError(409, f"A key named {name!r} already exists.", code="key_exists", param="name")
+        return ApiKey.from_row(row), secret
+
+    def keys(self) -> List[ApiKey]:
+        return [ApiKey.from_row(row) for row in self._execute(SELECT_KEYS)]
+
+    def find_key(self, ref: str) -> ApiKey:
+        """Return the key with id `ref` (all digits) or named `ref` (names are never all digits)."""
+        ref = str(ref).strip()
+        rows = self._execute(SELECT_KEY_BY_ID if ref.isdigit() else SELECT_KEY_BY_NAME,
+                             (int(ref) if ref.isdigit() else ref,))
+        if not rows:
+            raise ApiError(404, f"No key named {ref[:64]!r}.", code="key_not_found")
+        return ApiKey.from_row(rows[0])
+
+    def key_by_secret(self, secret: str) -> Optional[ApiKey]:
+        """Return the live key for a presented secret (constant-time compare of the hash)."""
+        digest = hash_key(secret)
+        rows = self._execute(SELECT_KEY_BY_HASH, (digest,))
+        if not rows or not hmac.compare_digest(rows[0]["key_hash"], digest) or rows[0]["revoked_at"]:
+            return None
+        return ApiKey.from_row(rows[0])
+
+    def revoke_key(self, key: ApiKey, now_s: float) -> bool:
+        with self.transaction():
+            self._execute(REVOKE_KEY, (int(now_s), key.id))
+            return self._execute("SELECT changes()")[0][0] > 0
+
+    def set_quota(self, key: ApiKey, quota: Dict[str, Optional[int]],
+                  models: Optional[Tuple[str, ...]]) -> ApiKey:
+        with self.transaction():
+            self._execute(UPDATE_QUOTA, dict(quota, id=key.id,
+                                             models=json.dumps(list(models)) if models is not None else None))
+            return ApiKey.from_row(self._execute(SELECT_KEY_BY_ID, (key.id,))[0])
+
+    # -- usage -----------------------------------------------------------------
+
+    def window_counts(self, key: ApiKey, bounds: Dict[str, Tuple[int, int]]) -> Dict[str, int]:
+        starts = {p: bounds[p][0] for p in ("day", "week", "month")}
+        row = self._execute(COUNT_WINDOW_USAGE, dict(starts, key_id=key.id, earliest=min(starts.values())))[0]
+        return dict(row)
+
+    def reserve(self, key: Optional[ApiKey], name: str, model: str, request_id: str, now_s: float,
+                bounds: Dict[str, Tuple[int, int]]) -> Tuple[int, Dict[str, int]]:
+        """Admit one request against the key's quotas; return (usage row id, counts after it).
+
+        Counting and the pending row happen in one IMMEDIATE transaction, so N
+        concurrent requests against R remaining admit exactly R. Raises QuotaExceeded.
+        """
+        with self.transaction():
+            counts = self.window_counts(key, bounds) if key else {}
+            breach = quota_breach(key, counts, bounds) if key else None
+            if breach:
+                raise QuotaExceeded(breach)
+            self._execute(INSERT_PENDING_USAGE, (key.id if key else None, name, model, request_id, int(now_s)))
+            row_id = self._execute("SELECT last_insert_rowid()")[0][0]
+        for period in ("day", "week", "month"):
+            if period in counts:
+                counts[period] += 1
+        return row_id, counts
+
+    def finish(self, row_id: int, status: str, http_status: int, usage: Optional[Dict[str, Any]] = None,
+               cost_usd: float = 0.0, ttft_ms: Optional[int] = None, duration_ms: int = 0) -> None:
+        """Record how an admitted request ended; error and cancelled rows stop counting."""
+        usage = usage or {}
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        self._execute(FINISH_USAGE, (status, http_status, usage.get("prompt_tokens", 0),
+                                     usage.get("completion_tokens", 0), cached, cost_usd, ttft_ms,
+                                     duration_ms, row_id))
+
+    def cancel_stale(self) -> None:
+        """Reservations of a daemon that died are released at the next start."""
+        self._execute(CANCEL_STALE_PENDING)
+
+    def usage_rows(self, key_id: Optional[int], key_name: Optional[str], since: int, until: int,
+                   limit: int) -> List[Dict[str, Any]]:
+        """Rows of one caller (key id, or a keyless caller's name), or everyone's when key_name is None."""
+        rows = self._execute(SELECT_USAGE_ROWS, {"everyone": key_name is None, "key_id": key_id,
+                                                 "key_name": key_name, "since": since, "until": until,
+                                                 "limit": limit})
+        return [dict(row) for row in rows]
+
+    def usage_by_key(self, since: int, until: int) -> List[Dict[str, Any]]:
+        return [dict(row) for row in self._execute(SELECT_USAGE_BY_KEY, {"since": since, "until": until})]
+
+    def audit(self, actor: str, action: str, target: str, detail: str, now_s: float) -> None:
+        self._execute(INSERT_AUDIT, (int(now_s), actor, action, target, detail))
+
+    def audit_trail(self, limit: int = 50) -> List[Dict[str, Any]]:
+        return [dict(row) for row in self._execute(SELECT_AUDIT, (limit,))]
+
+
+MIGRATIONS: Tuple[Callable[[Store], None], ...] = (Store.create_schema_1,)
+
+
+def unique_name(name: str, taken: set) -> str:
+    """Return `name`, or `name-2`, `name-3`…: the original allowed duplicate names."""
+    base = name.strip()[:56] or "key"
+    if not KEY_NAME.fullmatch(base):
+        base = "key-" + re.sub(r"[^A-Za-z0-9._@+-]", "-", base)[:52]
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}-{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def tighten(path: str, mode: int) -> None:
+    try:
+        os.chmod(path, mode)
+    except OSError as e:
+        log.warning("cannot set mode %o on %s: %s", mode, path, e.strerror)
+
+
+###############################################################################
+# Auth & quotas ###############################################################
+###############################################################################
+
+PERIOD_WORDS = {"day": "today", "week": "this week", "month": "this month"}
+QUOTA_PERIODS = (("daily", "day", "day", "requests"), ("weekly", "week", "week", "requests"),
+                 ("monthly", "month", "month", "requests"), ("tokens_daily", "day", "tokens_day", "tokens"),
+                 ("tokens_monthly", "month", "tokens_month", "tokens"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who is asking: a key from the store, the shared or anonymous key, the admin, or nobody."""
+
+    name: str
+    key: Optional[ApiKey] = None
+    admin: bool = False
+
+
+def period_bounds(now_s: float, tz: Optional[datetime.tzinfo]) -> Dict[str, Tuple[int, int]]:
+    """Return {day|week|month: (start, reset)} in epoch seconds for the operator's time zone.
+
+    Days start at midnight, weeks on Monday, months on the 1st. `tz` None is the
+    machine's local zone.
+    """
+    # Arithmetic on wall-clock datetimes, then .timestamp(): a DST change moves the epoch, not the midnight.
+    now = datetime.datetime.fromtimestamp(now_s, tz)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week = day - datetime.timedelta(days=day.weekday())
+    month = day.replace(day=1)
+    next_month = month.replace(year=month.year + month.month // 12, month=month.month % 12 + 1)
+    return {"day": (int(day.timestamp()), int((day + datetime.timedelta(days=1)).timestamp())),
+            "week": (int(week.timestamp()), int((week + datetime.timedelta(days=7)).timestamp())),
+            "month": (int(month.timestamp()), int(next_month.timestamp()))}
+
+
+def quota_breach(key: ApiKey, counts: Dict[str, int],
+                 bounds: Dict[str, Tuple[int, int]]) -> Optional[Dict[str, Any]]:
+    """Return the first quota the next request would exceed, or None."""
+    for field, period, counter, unit in QUOTA_PERIODS:
+        limit = key.quota.get(field)
+        if limit is not None and counts.get(counter, 0) >= limit:
+            return {"period": period, "unit": unit, "limit": limit, "used": counts.get(counter, 0),
+                    "resets_at": bounds[period][1]}
+    return None
+
+
+def format_wait(seconds: float) -> str:
+    """Return '6h 12m', '3d 4h', '45s' for a wait."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def quota_error(breach: Dict[str, Any], now_s: float) -> ApiError:
+    wait = breach["resets_at"] - now_s
+    message = (f"Quota exceeded: {breach['used']}/{breach['limit']} {breach['unit']} "
+               f"{PERIOD_WORDS[breach['period']]}. Resets in {format_wait(wait)}.")
+    quota = {k: breach[k] for k in ("period", "limit", "used", "resets_at")}
+    quota["unit"] = breach["unit"]
+    return ApiError(429, message, "insufficient_quota", "quota_exceeded",
+                    headers={"Retry-After": str(max(1, int(wait)))}, extra={"quota": quota})
+
+
+def ratelimit_headers(key: Optional[ApiKey], counts: Dict[str, int],
+                      bounds: Dict[str, Tuple[int, int]], now_s: float) -> Dict[str, str]:
+    """OpenAI's x-ratelimit-*-requests headers for the key's tightest request quota."""
+    if key is None:
+        return {}
+    tightest = None
+    for field, period, counter, unit in QUOTA_PERIODS:
+        limit = key.quota.get(field)
+        if unit == "requests" and limit is not None:
+            remaining = max(0, limit - counts.get(counter, 0))
+            if tightest is None or remaining < tightest[1]:
+                tightest = (limit, remaining, bounds[period][1])
+    if tightest is None:
+        return {}
+    limit, remaining, reset = tightest
+    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": f"{max(0, int(reset - now_s))}s"}
+
+
+def presented_key(headers: Mapping[str, str]) -> str:
+    """Return the key a request carries (`Authorization: Bearer` or `x-api-key`), or ""."""
+    bearer = headers.get("Authorization") or ""
+    if bearer[:7].lower() == "bearer ":
+        return bearer[7:].strip()
+    return (headers.get("x-api-key") or "").strip()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    return bool(given and expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def identify(given: str, config: Config, admin_key: str, store: Optional["Store"]) -> Optional[Caller]:
+    """Return who a presented key belongs to, or None for no or an unknown key."""
+    if not given:
+        return None
+    if same_secret(given, admin_key):
+        return Caller("admin", admin=True)
+    if config.auth_mode == "shared" and same_secret(given, config.api_key):
+        return Caller("shared")
+    if config.auth_mode == "multi" and same_secret(given, config.anonymous_key):
+        return Caller("anonymous")
+    key = store.key_by_secret(given) if store else None
+    return Caller(key.name, key) if key else None
+
+
+def authenticate(given: str, config: Config, admin_key: str, store: Optional["Store"]) -> Caller:
+    """Return the caller for this mode; 401 when the mode needs a key and this one is not good."""
+    caller = identify(given, config, admin_key, store)
+    if caller is not None:
+        return caller
+    if config.auth_mode == "none":
+        return Caller("local")  # no key needed; a stale one on an open proxy is not worth refusing
+    raise ApiError(401, "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
+                   "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_admin(caller: Caller) -> None:
+    if not caller.admin:
+        raise ApiError(403, "This route needs the admin key (OCP_ADMIN_KEY, or the file admin-key "
+                       "in OCP_HOME).", "permission_error", "admin_required")
+
+
+def check_model_allowed(caller: Caller, model: Model) -> None:
+    allowed = caller.key.models if caller.key else None
+    if allowed is not None and model.id not in allowed and not set(model.aliases) & set(allowed):
+        raise ApiError(403, f"This key may not use {model.id}; allowed: {', '.join(allowed) or 'none'}.",
+                       "permission_error", "model_not_allowed", "model")
+
+
+def check_key_name(name: Any) -> str:
+    if not isinstance(name, str) or not KEY_NAME.fullmatch(name.strip()):
+        raise bad_request("'name' must be 1-64 characters (letters, digits, space . _ @ + -), not "
+                          "all digits, starting with a letter or digit", "name", "invalid_name")
+    return name.strip()
+
+
+def parse_quota(body: Mapping[str, Any], quota: Mapping[str, Optional[int]],
+                models: Optional[Tuple[str, ...]], registry: Models) -> Tuple[Dict[str, Optional[int]], Optional[List[str]]]:
+    """Return (quota, models) with the body's changes applied; null clears a limit."""
+    quota = dict(quota)
+    for field in QUOTA_FIELDS:
+        if field in body:
+            value = body[field]
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= 10 ** 12):
+                raise bad_request(f"'{field}' must be null (unlimited) or a whole number >= 0", field)
+            quota[field] = value
+    chosen = list(models) if models is not None else None
+    if "models" in body:
+        value = body["models"]
+        if value is not None and (not isinstance(value, list) or not all(isinstance(m, str) for m in value)):
+            raise bad_request("'models' must be null (all models) or a list of model ids", "models")
+        chosen = None if value is None else sorted({registry.resolve(m).id for m in value})
+    unknown = set(body) - set(QUOTA_FIELDS) - {"models", "name"}
+    if unknown:
+        raise bad_request(f"Unknown field(s): {', '.join(sorted(unknown))[:200]}", sorted(unknown)[0],
+                          "unknown_field")
+    return quota, chosen
+
+
+def quota_report(store: Store, key: ApiKey, now_s: float, tz: Optional[datetime.tzinfo]) -> Dict[str, Any]:
+    """A key's quotas with what each window has used and when it resets."""
+    bounds = period_bounds(now_s, tz)
+    counts = store.window_counts(key, bounds)
+    windows = []
+    for field, period, counter, unit in QUOTA_PERIODS:
+        windows.append({"quota": field, "period": period, "unit": unit, "limit": key.quota.get(field),
+                        "used": counts[counter], "resets_at": bounds[period][1],
+                        "resets_in": format_wait(bounds[period][1] - now_s)})
+    return dict(key.public(), windows=windows)
+
+
+def parse_time(value: str, name: str) -> int:
+    """Epoch seconds from a number or an ISO 8601 date/time (UTC unless it says otherwise)."""
+    value = value.strip()
+    if re.fullmatch(r"\d{1,12}", value):
+        return int(value)
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad_request(f"'{name}' must be epoch seconds or an ISO 8601 date/time", name)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return int(moment.timestamp())
+
+
+def parse_usage_query(query: Mapping[str, List[str]], now_s: float) -> Tuple[int, int, int, bool]:
+    """Return (since, until, limit, all) from /api/usage's query; 400 on anything unusable."""
+    def one(name: str) -> Optional[str]:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    hours, limit, everyone = one("hours"), one("limit"), (one("all") or "false").lower()
+    if hours is not None and not (hours.isdigit() and 1 <= int(hours) <= 24 * 366):
+        raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
+    if limit is not None and not (limit.isdigit() and 1 <= int(limit) <= 1000):
+        raise bad_request("'limit' must be a whole number from 1 to 1000", "limit")
+    if everyone not in ("true", "false", "1", "0"):
+        raise bad_request("'all' must be true or false", "all")
+    until = parse_time(one("until"), "until") if one("until") else int(now_s) + 1
+    since = parse_time(one("since"), "since") if one("since") else \
+        until - 1 - int(hours or 24) * 3600
+    if since >= until:
+        raise bad_request("'since' must be before 'until'", "since")
+    return since, until, int(limit or 100), everyone in ("true", "1")
+
+
+def load_admin_key(config: Config, create: bool) -> str:
+    """Return the admin key: OCP_ADMIN_KEY, else OCP_HOME/admin-key (made 0600 when `create`)."""
+    if config.admin_key:
+        return config.admin_key
+    path = os.path.join(config.home, "admin-key")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tighten(path, 0o600)
+            return f.read().strip()
+    except FileNotFoundError:
+        if not create:
+            return ""
+    secret = new_key_secret()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(secret + "\n")
+    log.warning("created the admin key in %s (read it there; it is not logged)", path)
+    return secret
+
+
+def host_allowed(host_header: str, config: Config, own_names: Tuple[str, ...]) -> bool:
+    """Refuse DNS rebinding: the Host must be an IP literal, localhost, this machine or listed."""
+    if not host_header:
+        return True  # HTTP/1.0 clients send none; a browser always does
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return "]" in host
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host.count(":") > 1 or re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", host):
+        return True
+    host = host.rstrip(".")
+    return host in ("localhost",) + own_names or host.endswith(".localhost") \
+        or host in config.allowed_hosts
+
+
+def origin_verdict(headers: Mapping[str, str], config: Config) -> Tuple[bool, str]:
+    """Return (allowed, origin to echo in CORS headers) for a browser's cross-site markers."""
+    origin = (headers.get("Origin") or "").strip()
+    if origin and origin != "null":
+        parsed = urllib.parse.urlsplit(origin)
+        if parsed.netloc.lower() == (headers.get("Host") or "").strip().lower():
+            return True, ""
+        if origin in config.cors_origins or "*" in config.cors_origins:
+            return True, origin
+        return False, ""
+    if origin == "null" or (headers.get("Sec-Fetch-Site") or "").lower() == "cross-site":
+        return False, ""
+    return True, ""
 
 
 ###############################################################################
@@ -1594,13 +2255,19 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 128  # http.server's 5 turns a burst of connects into SYN retries
 
     def __init__(self, config: Config, models: Models, runner: Optional[Runner] = None,
+                 store: Optional[Store] = None, admin_key: str = "",
                  wall: Callable[[], float] = time.time):
         self.config, self.models = config, models
         self.runner = runner or Runner(config)
+        os.makedirs(config.home, mode=0o700, exist_ok=True)
+        self.store = store or Store(config.db_path)
+        self.admin_key = admin_key or config.admin_key
         self.plan = PlanLimits()
         self.wall = wall
         self.turn_secret = secrets.token_bytes(32)
         self.started_at = wall()
+        hostname = socket.gethostname().lower()
+        self.own_names = (hostname, hostname.split(".")[0], hostname.split(".")[0] + ".local")
         self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
         super().__init__((config.bind, config.port), Handler)
 
@@ -1608,12 +2275,24 @@ class Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn: a DNS lookup at start
         self.server_name, self.server_port = self.server_address[:2]
 
-    def health(self) -> Dict[str, Any]:
+    def health(self, admin: bool = False) -> Dict[str, Any]:
+        """The public verdict; `admin` adds the detail no one else may see."""
         status = "ok" if self.runner.claude else "down"
-        body = {"status": status, "version": __version__, "authMode": self.config.auth_mode}
+        body: Dict[str, Any] = {"status": status, "version": __version__, "authMode": self.config.auth_mode}
         if not self.runner.claude:
             body["reason"] = ("the claude CLI is not installed: npm i -g @anthropic-ai/claude-code, "
                               "then claude setup-token")
+        if self.config.advertise_anon_key and self.config.auth_mode == "multi" and self.config.anonymous_key:
+            body["anonymousKey"] = self.config.anonymous_key
+        if admin:
+            keys = self.store.keys()
+            body["detail"] = {
+                "claude": self.runner.claude, "claude_version": self.runner.version() or None,
+                "slots": self.runner.slots.snapshot(), "running": self.runner.live(),
+                "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
+                         sum(1 for k in keys if k.revoked_at)},
+                "plan": self.plan.snapshot(), "timezone": self.config.timezone or "local",
+                "uptime_s": int(self.wall() - self.started_at)}
         return body
 
 
@@ -1629,7 +2308,14 @@ class Handler(BaseHTTPRequestHandler):
         ("GET", "/v1/models"): "handle_models",
         ("GET", "/v1/models/*"): "handle_model",
         ("POST", "/v1/chat/completions"): "handle_chat_completions",
+        ("GET", "/api/keys"): "handle_keys_list",
+        ("POST", "/api/keys"): "handle_keys_add",
+        ("DELETE", "/api/keys/*"): "handle_key_revoke",
+        ("GET", "/api/keys/*/quota"): "handle_quota_get",
+        ("PATCH", "/api/keys/*/quota"): "handle_quota_set",
+        ("GET", "/api/usage"): "handle_usage",
     }
+    PUBLIC_ROUTES = ("/health",)
 
     def setup(self) -> None:
         self.timeout = self.server.config.socket_timeout_s  # idle or slow clients can't pin a thread
@@ -1641,8 +2327,8 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------
 
-    def route(self) -> Tuple[Optional[str], str, Optional[str]]:
-        """Return (handler name, path, path argument) for this request."""
+    def route(self) -> Tuple[Optional[str], str, List[str]]:
+        """Return (handler name, route pattern, path arguments) for this request."""
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         if "://" in path:  # absolute-form request target
             path = "/" + path.split("://", 1)[1].partition("/")[2]
@@ -1652,18 +2338,24 @@ class Handler(BaseHTTPRequestHandler):
         path = ROUTE_ALIASES.get(path, path)
         if path.startswith("/models/"):
             path = "/v1" + path
-        arg = None
-        key = path
-        if path.startswith("/v1/models/"):
-            key, arg = "/v1/models/*", path[len("/v1/models/"):]
-        return self.ROUTES.get((self.command, key)), key, arg
+        parts = path.split("/")
+        for _, pattern in self.ROUTES:
+            shape = pattern.split("/")
+            if len(shape) == len(parts) and all(s in ("*", p) for s, p in zip(shape, parts)):
+                args = [urllib.parse.unquote(p) for s, p in zip(shape, parts) if s == "*"]
+                return self.ROUTES.get((self.command, pattern)), pattern, args
+        return None, path, []
 
     def dispatch(self) -> None:
         self.request_id = "req_" + secrets.token_hex(12)
+        self.response_headers: Dict[str, str] = {}
         started = time.monotonic()
         self.status_sent = 0
-        name, key, arg = self.route()
+        name, key, args = self.route()
         try:
+            self.check_browser_safety()
+            if self.command == "OPTIONS" and any(p == key for _, p in self.ROUTES):
+                return self.answer_preflight(key)
             if name is None:
                 allowed = sorted(m for (m, p) in self.ROUTES if p == key)
                 self.discard_body()
@@ -1671,16 +2363,13 @@ class Handler(BaseHTTPRequestHandler):
                     raise ApiError(405, f"{self.command} is not allowed on {key}", code="method_not_allowed",
                                    headers={"Allow": ", ".join(allowed)})
                 raise ApiError(404, f"Unknown route: {self.command} {key[:200]}", code="unknown_route")
-            self.authenticate(key)
-            getattr(self, name)(*([arg] if arg is not None else []))
+            self.caller = self.authenticate(key)
+            getattr(self, name)(*args)
         except ApiError as e:
             self.send_api_error(e)
-        except ClientGone:
+        except (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
             log.debug("%s client hung up", self.request_id)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True
-            log.debug("%s connection lost", self.request_id)
         except Exception:
             log.exception("%s failed", self.request_id)
             if not self.status_sent:
@@ -1690,22 +2379,55 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s %s %s %.3fs", self.request_id, self.command, key, self.status_sent,
                  time.monotonic() - started)
 
+    def send_api_error(self, error: ApiError) -> None:
+        """Answer with `error`; a client that already left gets nothing and no traceback."""
+        if error.status >= 500 or error.status == 429:
+            log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
+        try:
+            self.send_json(error.status, error.body(), error.headers)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
-    def authenticate(self, route: str) -> None:
-        """Raise 401 unless the caller's key is good enough for this mode."""
-        config = self.server.config
-        if config.auth_mode == "none" or route == "/health":
-            return
-        given = self.headers.get("x-api-key", "")
-        bearer = self.headers.get("Authorization", "")
-        if bearer.lower().startswith("bearer "):
-            given = bearer[7:].strip()
-        if not given or not hmac.compare_digest(given.encode(), config.api_key.encode()):
+    def authenticate(self, route: str) -> Caller:
+        """Return the caller; 401 when this mode needs a key and the request has no good one."""
+        server = self.server
+        given = presented_key(self.headers)
+        if route in self.PUBLIC_ROUTES:
+            return identify(given, server.config, server.admin_key, server.store) or Caller("public")
+        try:
+            return authenticate(given, server.config, server.admin_key, server.store)
+        except ApiError:
             self.discard_body()
-            raise ApiError(401, "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                           "invalid_request_error", "invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise
+
+    def check_browser_safety(self) -> None:
+        """403 for a foreign Host (DNS rebinding) or a cross-site browser request."""
+        server = self.server
+        if not host_allowed(self.headers.get("Host", ""), server.config, server.own_names):
+            self.discard_body()
+            raise ApiError(403, "This Host is not served here. The operator can list it in "
+                           "OCP_ALLOWED_HOSTS.", "permission_error", "host_not_allowed")
+        allowed, origin = origin_verdict(self.headers, server.config)
+        if not allowed:
+            self.discard_body()
+            raise ApiError(403, "Cross-site browser requests are refused. The operator can list the "
+                           "site in OCP_CORS_ORIGINS.", "permission_error", "cross_origin_forbidden")
+        if origin:
+            self.response_headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
+
+    def answer_preflight(self, route: str) -> None:
+        methods = sorted(m for m, p in self.ROUTES if p == route)
+        self.discard_body()
+        self.send_response(204)
+        self.status_sent = 204
+        for name, value in dict(self.response_headers, **{
+                "Access-Control-Allow-Methods": ", ".join(methods),
+                "Access-Control-Allow-Headers": "Authorization, Content-Type, x-api-key",
+                "Access-Control-Max-Age": "600", "Content-Length": "0"}).items():
+            self.send_header(name, value)
+        self.end_headers()
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
         """http.server's own errors (bad request line, huge headers) in OpenAI's shape."""
@@ -1715,11 +2437,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_api_error(ApiError(code, message or "Bad request", "invalid_request_error",
                                      "bad_request"))
 
-    def send_api_error(self, error: ApiError) -> None:
-        if error.status >= 500 or error.status == 429:
-            log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
-        self.send_json(error.status, error.body(), error.headers)
-
     def send_json(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
@@ -1727,7 +2444,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-request-id", self.request_id or "-")
-        for name, value in (headers or {}).items():
+        for name, value in dict(getattr(self, "response_headers", {}), **(headers or {})).items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -1741,6 +2458,8 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in SSE_HEADERS.items():
             self.send_header(name, value)
         self.send_header("x-request-id", self.request_id)
+        for name, value in self.response_headers.items():
+            self.send_header(name, value)
         self.send_header("Connection", "close")  # the stream ends when the connection does
         self.end_headers()
         self.close_connection = True
@@ -1825,7 +2544,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- routes ----------------------------------------------------------------
 
     def handle_health(self) -> None:
-        self.send_json(200, self.server.health())
+        self.send_json(200, self.server.health(admin=self.caller.admin))
 
     def handle_models(self) -> None:
         models = [model_object(m) for m in self.server.models.models]
@@ -1841,17 +2560,75 @@ class Handler(BaseHTTPRequestHandler):
     def handle_chat_completions(self) -> None:
         server = self.server
         request = parse_chat_request(self.read_json(), server.models, server.config)
+        check_model_allowed(self.caller, request.model)
         system, blocks = messages_to_input(request, server.config, server.turn_secret,
                                            fetch_image if server.config.allow_image_urls else None)
         check_prompt_budget(system, blocks, request, server.config)
-        server.plan.check(server.wall())
         if request.user:
             log.info("%s user=%s model=%s", self.request_id, request.user[:64], request.model.id)
         job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, self.request_id)
-        if request.stream:
-            ChatStream(self, request, job).run()
-        else:
-            self.send_json(200, ChatTurn(self, request, job).complete())
+        turn = (ChatStream if request.stream else ChatTurn)(self, request, job)
+        with Admission(self, request.model.id, turn) as admission:
+            self.response_headers.update(admission.headers)
+            server.plan.check(server.wall())
+            if request.stream:
+                turn.run()
+            else:
+                self.send_json(200, turn.complete())
+
+    # -- keys, quotas, usage -----------------------------------------------------
+
+    def handle_keys_list(self) -> None:
+        require_admin(self.caller)
+        self.send_json(200, {"object": "list", "data": [k.public() for k in self.server.store.keys()]})
+
+    def handle_keys_add(self) -> None:
+        require_admin(self.caller)
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise bad_request("The body must be a JSON object with a 'name'", None, "invalid_json")
+        name = check_key_name(body.get("name"))
+        quota, models = parse_quota(body, {f: None for f in QUOTA_FIELDS}, None, self.server.models)
+        key, secret = self.server.store.add_key(name, quota, models, self.server.wall())
+        self.audit("key.add", name, json.dumps({"quota": quota, "models": models}))
+        self.send_json(201, dict(key.public(), key=secret))
+
+    def handle_key_revoke(self, ref: str) -> None:
+        require_admin(self.caller)
+        key = self.server.store.find_key(ref)
+        revoked = self.server.store.revoke_key(key, self.server.wall())
+        self.audit("key.revoke", key.name, "")
+        self.send_json(200, dict(self.server.store.find_key(str(key.id)).public(), revoked=revoked))
+
+    def handle_quota_get(self, ref: str) -> None:
+        require_admin(self.caller)
+        self.send_json(200, quota_report(self.server.store, self.server.store.find_key(ref),
+                                         self.server.wall(), self.server.config.tzinfo))
+
+    def handle_quota_set(self, ref: str) -> None:
+        require_admin(self.caller)
+        key = self.server.store.find_key(ref)
+        body = self.read_json()
+        if not isinstance(body, dict):
+            raise bad_request("The body must be a JSON object of quota fields", None, "invalid_json")
+        quota, models = parse_quota(body, key.quota, key.models, self.server.models)
+        key = self.server.store.set_quota(key, quota, models)
+        self.audit("key.quota", key.name, json.dumps(body, sort_keys=True))
+        self.send_json(200, quota_report(self.server.store, key, self.server.wall(), self.server.config.tzinfo))
+
+    def handle_usage(self) -> None:
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        since, until, limit, everyone = parse_usage_query(query, self.server.wall())
+        caller = self.caller
+        if everyone:
+            require_admin(caller)
+            self.audit("usage.all", "*", self.path.partition("?")[2][:200])
+        rows = self.server.store.usage_rows(None if everyone else (caller.key.id if caller.key else None),
+                                            None if everyone else caller.name, since, until, limit)
+        self.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
+
+    def audit(self, action: str, target: str, detail: str) -> None:
+        self.server.store.audit(f"http:{self.client_address[0]}", action, target, detail, self.server.wall())
 
 
 class ChatTurn:
@@ -1862,6 +2639,11 @@ class ChatTurn:
         self.request, self.job = request, job
         self.completion_id = "chatcmpl-" + secrets.token_hex(12)
         self.created = int(self.server.wall())
+        self.started = time.monotonic()
+        self.ttft_ms: Optional[int] = None
+        self.cost_usd = 0.0
+        self.usage: Optional[Dict[str, Any]] = None
+        self.failure: Optional[ApiError] = None  # an error already sent in-band
 
     def run_cli(self, job: Job, on_delta: Callable[[str, str], bool],
                 on_heartbeat: Callable[[], None] = lambda: None) -> Answer:
@@ -1876,6 +2658,8 @@ class ChatTurn:
                 if event.get("type") == "rate_limit_event":
                     self.server.plan.observe(event.get("rate_limit_info") or {})
                 for kind, text in answer.feed(event):
+                    if self.ttft_ms is None:
+                        self.ttft_ms = int((time.monotonic() - self.started) * 1000)
                     if on_delta(kind, text) is False:
                         return answer
                 if job.max_tokens and answer.hit_max_tokens():
@@ -1884,6 +2668,7 @@ class ChatTurn:
                     return answer
         finally:
             events.close()
+            self.cost_usd += float((answer.result or {}).get("total_cost_usd") or 0)
         now = self.server.wall()
         answer.failure = answer.error(now)
         if answer.failure is not None and answer.failure.code == "usage_limit_reached":
@@ -1906,9 +2691,12 @@ class ChatTurn:
         content = "".join(parts) + scanner.flush()
         finish = "stop" if scanner.stopped else answer.finish_reason()
         if self.request.response_format != "text":
-            return self.structured(answer, content)
-        return chat_completion(self.completion_id, self.created, self.request.model.id,
-                               answer, content, finish)
+            body = self.structured(answer, content)
+        else:
+            body = chat_completion(self.completion_id, self.created, self.request.model.id,
+                                   answer, content, finish)
+        self.usage = body["usage"]
+        return body
 
     def structured(self, answer: Answer, content: str,
                    on_heartbeat: Callable[[], None] = lambda: None) -> Dict[str, Any]:
@@ -1944,16 +2732,54 @@ def raise_failure(answer: Answer) -> None:
         raise answer.failure
 
 
+class Admission:
+    """One request's quota reservation and usage row: reserved on entry, recorded on exit.
+
+    The exit records ok, error (with its status) or cancelled, whatever ended
+    the request; error and cancelled rows release the reservation.
+    """
+
+    def __init__(self, handler: Handler, model_id: str, turn: "ChatTurn"):
+        self.store, self.turn = handler.server.store, turn
+        now = handler.server.wall()
+        bounds = period_bounds(now, handler.server.config.tzinfo)
+        caller = handler.caller
+        try:
+            self.row, counts = self.store.reserve(caller.key, caller.name, model_id, handler.request_id,
+                                                  now, bounds)
+        except QuotaExceeded as e:
+            raise quota_error(e.breach, now) from None
+        self.headers = ratelimit_headers(caller.key, counts, bounds, now)
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        turn = self.turn
+        if error is None and turn.failure is not None:
+            status, code = "error", turn.failure.status
+        elif error is None:
+            status, code = "ok", 200
+        elif isinstance(error, ApiError):
+            status, code = "error", error.status
+        elif isinstance(error, (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout)):
+            status, code = "cancelled", 499
+        else:
+            status, code = "error", 500
+        self.store.finish(self.row, status, code, turn.usage if status == "ok" else None, turn.cost_usd,
+                          turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
+
+
 class ChatStream(ChatTurn):
     """The streaming recipe: SSE headers on the first chunk or heartbeat, deltas as they come."""
 
     def __init__(self, handler: Handler, request: ChatRequest, job: Job):
         super().__init__(handler, request, job)
-        self.started = False
+        self.streaming = False
 
     def start(self) -> None:
-        if not self.started:
-            self.started = True
+        if not self.streaming:
+            self.streaming = True
             self.handler.send_event_stream()
             self.send({"role": "assistant", "content": ""})
 
@@ -1973,8 +2799,9 @@ class ChatStream(ChatTurn):
             else:
                 self.run_text()
         except ApiError as error:
-            if not self.started:
+            if not self.streaming:
                 raise
+            self.failure = error
             self.handler.send_event(error.body())
             self.handler.send_event("[DONE]")
 
@@ -2010,6 +2837,7 @@ class ChatStream(ChatTurn):
         self.finish(answer, body["choices"][0]["finish_reason"], body["usage"])
 
     def finish(self, answer: Answer, finish_reason: str, usage: Dict[str, Any]) -> None:
+        self.usage = usage
         self.send({}, finish_reason)
         if self.request.include_usage:
             self.handler.send_event(usage_chunk(self.completion_id, self.created,
@@ -2026,12 +2854,13 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     models = Models.load(os.path.join(HERE, "models.json"))
-    os.makedirs(config.home, mode=0o700, exist_ok=True)
-    os.chmod(config.home, 0o700)
+    store = open_store(config)
+    store.cancel_stale()
+    admin_key = load_admin_key(config, create=config.auth_mode == "multi")
     runner = Runner(config)
     runner.prepare()
     try:
-        server = Server(config, models, runner)
+        server = Server(config, models, runner, store, admin_key)
     except OSError as e:
         raise SystemExit(f"ocp: cannot listen on {config.bind}:{config.port}: {e.strerror}")
     if runner.claude:
@@ -2044,6 +2873,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     stop = install_shutdown(server)
     server.serve_forever(poll_interval=0.5)
     stop.wait()
+    store.close()
     return 0
 
 
@@ -2090,13 +2920,8 @@ def cmd_health(args: argparse.Namespace, config: Config) -> int:
 
 
 def daemon_health(config: Config) -> str:
-    host = "127.0.0.1" if config.bind in ("0.0.0.0", "") else config.bind
-    host = f"[{host}]" if ":" in host else host
-    try:
-        with urllib.request.urlopen(f"http://{host}:{config.port}/health", timeout=3) as response:
-            return json.loads(response.read()).get("status", "?")
-    except (OSError, ValueError):
-        return "not running"
+    body = daemon_get(config, "/health")
+    return body.get("status", "?") if body else "not running"
 
 
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
@@ -2108,6 +2933,177 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
     for m in models.models:
         print(f"{m.id:<28} {m.context_window:>9} {m.max_output:>8}  {', '.join(m.aliases)}")
     return 0
+
+
+def open_store(config: Config) -> Store:
+    """Open OCP_HOME's database (the owner's files: 0700 home, 0600 database)."""
+    os.makedirs(config.home, mode=0o700, exist_ok=True)
+    tighten(config.home, 0o700)
+    return Store(config.db_path)
+
+
+def print_table(rows: List[Dict[str, Any]], columns: List[Tuple[str, str]]) -> None:
+    """Print rows as an aligned table; `columns` are (field, heading)."""
+    cells = [[heading for _, heading in columns]]
+    for row in rows:
+        cells.append(["-" if row.get(f) is None else str(row.get(f)) for f, _ in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def key_row(key: ApiKey) -> Dict[str, Any]:
+    row = dict(key.public(), **{f: key.quota[f] for f in QUOTA_FIELDS})
+    row["status"] = "revoked" if key.revoked_at else "active"
+    row["created"] = time.strftime("%Y-%m-%d", time.localtime(key.created_at))
+    row["models"] = ",".join(key.models) if key.models is not None else "all"
+    return row
+
+
+KEY_COLUMNS = [("id", "ID"), ("name", "NAME"), ("prefix", "KEY"), ("status", "STATUS"),
+               ("created", "CREATED"), ("daily", "DAY"), ("weekly", "WEEK"), ("monthly", "MONTH"),
+               ("tokens_daily", "TOKENS/DAY"), ("tokens_monthly", "TOKENS/MONTH"), ("models", "MODELS")]
+
+
+def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
+    keys = open_store(config).keys()
+    if args.json:
+        print(json.dumps([k.public() for k in keys], indent=2))
+    elif not keys:
+        print("No keys yet. Create one with: ocp.py keys add NAME")
+    else:
+        print_table([key_row(k) for k in keys], KEY_COLUMNS)
+    return 0
+
+
+def quota_changes(args: argparse.Namespace) -> Dict[str, Any]:
+    """The quota fields the command line set (absent ones are left alone)."""
+    changes = {f: getattr(args, f) for f in QUOTA_FIELDS if hasattr(args, f)}
+    if hasattr(args, "models"):
+        changes["models"] = None if args.models in ("all", "") else args.models.split(",")
+    return changes
+
+
+def cmd_keys_add(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config)
+    name = check_key_name(args.name)
+    quota, models = parse_quota(quota_changes(args), {f: None for f in QUOTA_FIELDS}, None,
+                                Models.load(os.path.join(HERE, "models.json")))
+    key, secret = store.add_key(name, quota, models, time.time())
+    store.audit("cli", "key.add", name, json.dumps({"quota": quota, "models": models}), time.time())
+    if args.json:
+        print(json.dumps(dict(key.public(), key=secret), indent=2))
+        return 0
+    print(f"Key created for {name!r}:\n\n    {secret}\n")
+    print("Copy it now: OCP keeps only its hash and cannot show it again.")
+    limits = ", ".join(f"{f} {v}" for f, v in quota.items() if v is not None)
+    print(f"Quota: {limits or 'unlimited'}; models: {', '.join(models) if models else 'all'}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config)
+    key = store.find_key(args.name)
+    revoked = store.revoke_key(key, time.time())
+    store.audit("cli", "key.revoke", key.name, "", time.time())
+    if args.json:
+        print(json.dumps({"name": key.name, "revoked": revoked}))
+    else:
+        print(f"Revoked {key.name!r}." if revoked else f"{key.name!r} was already revoked.")
+    return 0
+
+
+def cmd_keys_quota(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config)
+    key = store.find_key(args.name)
+    changes = quota_changes(args)
+    if changes:
+        quota, models = parse_quota(changes, key.quota, key.models,
+                                    Models.load(os.path.join(HERE, "models.json")))
+        key = store.set_quota(key, quota, models)
+        store.audit("cli", "key.quota", key.name, json.dumps(changes, sort_keys=True), time.time())
+    report = quota_report(store, key, time.time(), config.tzinfo)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{key.name} ({key.prefix}…, {'revoked' if key.revoked_at else 'active'}); models: "
+          f"{', '.join(key.models) if key.models is not None else 'all'}")
+    for window in report["windows"]:
+        window["resets"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(window["resets_at"])) + \
+            f" (in {window['resets_in']})"
+        window["limit"] = "unlimited" if window["limit"] is None else window["limit"]
+    print_table(report["windows"], [("quota", "QUOTA"), ("used", "USED"), ("limit", "LIMIT"),
+                                    ("unit", "UNIT"), ("resets", "RESETS")])
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace, config: Config) -> int:
+    store = open_store(config)
+    until = int(time.time()) + 1
+    since = parse_time(args.since, "--since") if args.since else until - 1 - args.hours * 3600
+    if args.by_key:
+        rows = store.usage_by_key(since, until)
+        columns = [("key_name", "KEY"), ("requests", "REQUESTS"), ("ok", "OK"), ("errors", "ERRORS"),
+                   ("cancelled", "CANCELLED"), ("prompt_tokens", "PROMPT"), ("completion_tokens", "COMPLETION"),
+                   ("cost_usd", "COST$"), ("avg_ms", "AVG MS"), ("last", "LAST")]
+    else:
+        key_name = store.find_key(args.key).name if args.key else None
+        rows = store.usage_rows(None, None, since, until, args.limit)
+        rows = [r for r in rows if key_name is None or r["key_name"] == key_name]
+        columns = [("time", "TIME"), ("key_name", "KEY"), ("model", "MODEL"), ("status", "STATUS"),
+                   ("http_status", "HTTP"), ("prompt_tokens", "PROMPT"), ("completion_tokens", "COMPLETION"),
+                   ("duration_ms", "MS")]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        for field, stamp in (("last", "last_at"), ("time", "created_at")):
+            if row.get(stamp):
+                row[field] = time.strftime("%Y-%m-%d %H:%M", time.localtime(row[stamp]))
+    if not rows:
+        print("No requests in that period.")
+    else:
+        print_table(rows, columns)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    admin_key = load_admin_key(config, create=False)
+    body = daemon_get(config, "/health", admin_key)
+    if body is None:
+        print(f"ocp: the daemon is not answering on port {config.port}; start it with: ocp.py serve",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    detail = body.get("detail")
+    print(f"status {body['status']}  version {body['version']}  auth {body['authMode']}")
+    if detail is None:
+        print("(no admin key here: set OCP_ADMIN_KEY for the detail)")
+        return 0
+    slots = detail["slots"]
+    print(f"claude {detail['claude_version'] or '-'} at {detail['claude'] or 'not found'}")
+    print(f"CLI processes {slots['running']}/{slots['limit']} running, {slots['queued']} queued; "
+          f"keys {detail['keys']['active']} active, {detail['keys']['revoked']} revoked; "
+          f"up {format_wait(detail['uptime_s'])}")
+    for name, window in sorted(detail["plan"]["windows"].items()):
+        used = window["utilization"]
+        print(f"plan {name}: {'-' if used is None else f'{used * 100:.0f}%'} used, resets "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(window['resets_at']))}")
+    return 0
+
+
+def daemon_get(config: Config, path: str, key: str = "") -> Optional[Dict[str, Any]]:
+    """GET a route of the running daemon as JSON, or None when it does not answer."""
+    host = "127.0.0.1" if config.bind in ("0.0.0.0", "") else ("::1" if config.bind == "::" else config.bind)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}{path}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError):
+        return None
 
 
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
@@ -2133,7 +3129,60 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=cmd_models)
     commands.add_parser("version", help="print the version").set_defaults(run=cmd_version)
+    add_key_commands(commands)
+    usage = commands.add_parser("usage", help="requests per key or one by one (from the database)")
+    usage.add_argument("--by-key", action="store_true", help="totals per key")
+    usage.add_argument("--hours", type=positive_int, default=24 * 30, help="look back this far (default 720)")
+    usage.add_argument("--since", help="from this time (epoch seconds or ISO 8601) instead")
+    usage.add_argument("--limit", type=positive_int, default=50, help="rows to show (default 50)")
+    usage.add_argument("--key", help="only this key (name or id)")
+    usage.add_argument("--json", action="store_true")
+    usage.set_defaults(run=cmd_usage)
+    status = commands.add_parser("status", help="ask the running daemon how it is (with the admin key)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_status)
     return parser
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def quota_value(text: str) -> Optional[int]:
+    if text.lower() in ("none", "unlimited"):
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'")
+    return int(text)
+
+
+def add_key_commands(commands: Any) -> None:
+    keys = commands.add_parser("keys", help="per-person API keys: list, add, revoke, quota")
+    keys.add_argument("--json", action="store_true")
+    keys.set_defaults(run=cmd_keys_list)
+    verbs = keys.add_subparsers(dest="verb", metavar="VERB")
+    listing = verbs.add_parser("list", help="all keys (never the secrets)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_keys_list)
+    add = verbs.add_parser("add", help="create a key and print it once")
+    add.add_argument("name")
+    revoke = verbs.add_parser("revoke", help="revoke a key (name or id)")
+    revoke.add_argument("name")
+    revoke.add_argument("--json", action="store_true")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    quota = verbs.add_parser("quota", help="show a key's quotas and usage, or change them")
+    quota.add_argument("name")
+    for parser, run in ((add, cmd_keys_add), (quota, cmd_keys_quota)):
+        for field in QUOTA_FIELDS:
+            parser.add_argument("--" + field.replace("_", "-"), dest=field, type=quota_value,
+                                default=argparse.SUPPRESS, metavar="N",
+                                help=f"{field.replace('_', ' ')} limit ('none' = unlimited)")
+        parser.add_argument("--models", default=argparse.SUPPRESS, metavar="A,B",
+                            help="allowed models ('all' = any)")
+        parser.add_argument("--json", action="store_true")
+        parser.set_defaults(run=run)
 
 
 ###############################################################################
@@ -2154,7 +3203,14 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] 
     except ConfigError as e:
         print(f"ocp: {e}", file=sys.stderr)
         return 2
-    return args.run(args, config)
+    try:
+        return args.run(args, config)
+    except ApiError as e:
+        print(f"ocp: {e.message}", file=sys.stderr)
+        return 2 if e.status == 400 else 1  # a bad argument is a usage error
+    except (sqlite3.Error, OSError) as e:
+        print(f"ocp: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -172,12 +172,13 @@ class ServerTest(TempHome):
                 events.append((time.monotonic(), line))
         return response.status, response.headers, events
 
-    def open_raw(self, body: dict) -> socket.socket:
+    def open_raw(self, body: dict, key: str = "") -> socket.socket:
         """Send a chat request on a bare socket (for hang-ups); return the socket."""
         data = json.dumps(body).encode()
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: " + str(len(data)).encode() +
+        auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\n" + auth + b"Content-Length: " + str(len(data)).encode() +
                      b"\r\n\r\n" + data)
         return sock
 
