@@ -21,6 +21,8 @@ follow events) → Answer.feed (events → deltas) → chat_chunk / chat_complet
 Standard library only, Python 3.9+. Importing this module has no side effects.
 """
 
+from __future__ import annotations  # annotations stay strings: typing is never loaded at run time
+
 import argparse
 import base64
 import binascii
@@ -34,6 +36,7 @@ import hmac
 import json
 import logging
 import os
+import queue
 import re
 import secrets
 import select
@@ -48,12 +51,12 @@ import tempfile
 import threading
 import time
 import types
-import urllib.error
 import urllib.parse
-import urllib.request
-import zoneinfo
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for type checkers and readers only: importing typing costs the daemon 0.5 MB
+    from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -138,7 +141,10 @@ class Config:
     @property
     def tzinfo(self) -> Optional[datetime.tzinfo]:
         """The operator's time zone for quota windows; None is the machine's local zone."""
-        return zoneinfo.ZoneInfo(self.timezone) if self.timezone else None
+        if not self.timezone:
+            return None
+        import zoneinfo  # only when the operator names a zone: the daemon stays small
+        return zoneinfo.ZoneInfo(self.timezone)
 
 
 # (field, env name, serve flag, kind, (min, max)); kind: int | str | bool.
@@ -237,8 +243,8 @@ def validate_config(config: Config) -> None:
                           "refused on a non-loopback bind, in multi mode or with an anonymous key")
     if config.timezone:
         try:
-            zoneinfo.ZoneInfo(config.timezone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            config.tzinfo
+        except (LookupError, ValueError):  # ZoneInfoNotFoundError is a KeyError
             raise ConfigError(f"OCP_TIMEZONE={config.timezone!r} is not a known time zone "
                               "(e.g. Europe/Berlin, America/New_York, UTC)")
     if not config.bind:
@@ -394,6 +400,7 @@ MIGRATION_1 = (
         detail TEXT)""",
 )
 
+LEGACY_TABLES = ("usage_log", "response_cache", "api_keys")  # the Node original's, in drop order
 SELECT_LEGACY_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('api_keys', 'usage_log', 'response_cache')"
 SELECT_LEGACY_KEYS = "SELECT * FROM legacy_api_keys ORDER BY id"
 SELECT_LEGACY_USAGE = "SELECT * FROM legacy_usage_log ORDER BY id"
@@ -504,6 +511,9 @@ class Store:
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
         self._execute("PRAGMA journal_mode = WAL")
+        # WAL + NORMAL cannot corrupt the file; a power cut may lose the last usage rows,
+        # which beats an fsync per request on a Raspberry Pi's SD card.
+        self._execute("PRAGMA synchronous = NORMAL")
         self._execute("PRAGMA foreign_keys = ON")
         self._execute("PRAGMA busy_timeout = 10000")
         self.migrate()
@@ -572,8 +582,9 @@ class Store:
                 self._execute(INSERT_MIGRATED_USAGE, (
                     ids.get(row["key_id"]), row["key_name"], row["model"],
                     "ok" if row["success"] else "error", row["elapsed_ms"], sqlite_time(row["created_at"])))
-        for name in legacy:
-            self._execute(f"DROP TABLE legacy_{name}")
+        for name in LEGACY_TABLES:  # usage_log refers to api_keys: children first
+            if name in legacy:
+                self._execute(f"DROP TABLE legacy_{name}")
         self._execute(INSERT_AUDIT, (int(time.time()), "ocp", "migrate", "ocp.db",
                                      f"imported {len(ids)} keys from the Node original"))
         self.legacy_imported = True
@@ -1304,6 +1315,35 @@ def parse_event(line: bytes) -> Optional[Dict[str, Any]]:
     return event if isinstance(event, dict) else None
 
 
+class Sweeper:
+    """Removes finished runs' scratch directories on its own thread, off the request's path.
+
+    The CLI keeps pasted images and temp files there, so removal is prompt;
+    `drain` waits for the queue (tests, shutdown).
+    """
+
+    def __init__(self):
+        self._queue: "queue.Queue[str]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def remove(self, path: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="ocp-sweeper", daemon=True)
+                self._thread.start()
+        self._queue.put(path)
+
+    def _work(self) -> None:
+        while True:
+            path = self._queue.get()
+            shutil.rmtree(path, ignore_errors=True)
+            self._queue.task_done()
+
+    def drain(self) -> None:
+        self._queue.join()
+
+
 class Runner:
     """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set."""
 
@@ -1318,6 +1358,7 @@ class Runner:
         self._live: Dict[str, ClaudeProcess] = {}
         self._version: Optional[str] = None
         self.kill_grace_s = KILL_GRACE_S
+        self.sweeper = Sweeper()
 
     # -- setup ---------------------------------------------------------------
 
@@ -1390,8 +1431,8 @@ class Runner:
             self._refresh_lock.release()
 
     def _run_isolated(self, job: Job, creds: Credentials, client, deadline) -> Iterator[Any]:
-        run_dir = os.path.join(self.config.spawn_dir, "run-" + (job.request_id or secrets.token_hex(8)))
-        os.makedirs(os.path.join(run_dir, "tmp"), mode=0o700)
+        run_dir = tempfile.mkdtemp(prefix=f"run-{job.request_id}-", dir=self.config.spawn_dir)  # 0700
+        os.mkdir(os.path.join(run_dir, "tmp"), 0o700)
         try:
             proc = self._spawn(job, creds, run_dir)
             with self._live_lock:
@@ -1406,7 +1447,7 @@ class Runner:
                 if code not in (0, 1, None) and not proc.cancelled:
                     log.warning("claude exited %s: %s", code, scrub_paths(proc.stderr_tail(300)))
         finally:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            self.sweeper.remove(run_dir)
 
     def _spawn(self, job: Job, creds: Credentials, run_dir: str) -> ClaudeProcess:
         isolate = creds.isolated and self.config.no_context
@@ -1701,6 +1742,8 @@ def image_block(url: str, config: Config, fetch: Optional[Callable[[str, int], T
 
 def fetch_image(url: str, limit: int) -> Tuple[str, bytes]:
     """Download an image (opt-in, OCP_ALLOW_IMAGE_URLS); return (media type, bytes)."""
+    import urllib.error
+    import urllib.request  # opt-in feature: not loaded into every daemon
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "ocp"}),
                                     timeout=15) as response:
@@ -2891,6 +2934,7 @@ def install_shutdown(server: Server) -> threading.Event:
         while server.runner.live() and time.monotonic() < deadline:
             time.sleep(0.05)
         server.server_close()
+        server.runner.sweeper.drain()
         log.info("stopped (%d runs cancelled)", cancelled)
         done.set()
 
@@ -3098,6 +3142,7 @@ def daemon_get(config: Config, path: str, key: str = "") -> Optional[Dict[str, A
     """GET a route of the running daemon as JSON, or None when it does not answer."""
     host = "127.0.0.1" if config.bind in ("0.0.0.0", "") else ("::1" if config.bind == "::" else config.bind)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}{path}"
+    import urllib.request  # command-line only
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -3190,6 +3235,23 @@ def add_key_commands(commands: Any) -> None:
 ###############################################################################
 
 
+def reexec_from_cache(argv: List[str]) -> None:
+    """Run `serve` from ocp's bytecode cache instead of this compiled-as-__main__ copy.
+
+    `python3 ocp.py` compiles all of this file in memory, and the heap it leaves
+    (~3 MB) would stay with a daemon that runs for months. exec keeps the pid, so
+    service managers see nothing; where __pycache__ cannot be written it just
+    compiles again, as before.
+    """
+    if __name__ != "__main__" or os.environ.get("OCP_NO_REEXEC") or sys.flags.dont_write_bytecode:
+        return
+    bootstrap = f"import sys; sys.path.insert(0, {HERE!r}); import ocp; sys.exit(ocp.main())"
+    env = dict(os.environ, OCP_NO_REEXEC="1")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-c", bootstrap] + argv, env)
+
+
 def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
     """Run one command; return its exit code (0 ok, 1 failure, 2 usage)."""
     parser = build_parser()
@@ -3214,4 +3276,6 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] 
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"]:
+        reexec_from_cache(sys.argv[1:])
     sys.exit(main())

@@ -7,7 +7,9 @@ Starts `ocp.py serve` as its own process on a free port with tests/fake_claude.p
 as the CLI and a throwaway OCP_HOME, then measures:
 
   overhead   OCP's latency for a non-streaming completion minus the fake CLI run
-             alone (same argv and stdin), median of --runs, at c=1 and c=8
+             alone (same argv and stdin): rounds alternate the two, and the figure is
+             the median of the paired differences over --runs rounds, at c=1 and c=8
+  cpu        the daemon's own CPU time (user + system) per completion
   ttfc       streaming: time to the first content chunk through OCP minus the
              fake CLI's own time to its first text delta
   rss        the daemon's resident memory idle, and after the load above
@@ -123,6 +125,23 @@ def fake_alone(env, body, stream_first=False):
     return first if stream_first else time.perf_counter() - started
 
 
+def cpu_seconds(pid):
+    """User + system CPU time the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def paired(ocp_round, fake_round, rounds):
+    """Alternate OCP and bare-CLI rounds; return (median OCP, median CLI, median difference)."""
+    ocp_times, fake_times = [], []
+    for _ in range(rounds):
+        ocp_times.append(ocp_round())
+        fake_times.append(fake_round())
+    differences = [a - b for a, b in zip(ocp_times, fake_times)]
+    return statistics.median(ocp_times), statistics.median(fake_times), statistics.median(differences)
+
+
 def concurrent(fn, workers, per_worker):
     results, lock = [], threading.Lock()
 
@@ -179,19 +198,20 @@ def main():
         for _ in range(3):  # warm caches on both sides
             post(daemon.port, BODY)
             fake_alone(daemon.env, BODY)
-        ocp_c1 = statistics.median(post(daemon.port, BODY) for _ in range(args.runs))
-        fake_c1 = statistics.median(fake_alone(daemon.env, BODY) for _ in range(args.runs))
-        per = max(3, args.runs // 8 + 1)
-        ocp_c8 = statistics.median(concurrent(lambda: post(daemon.port, BODY), 8, per))
-        fake_c8 = statistics.median(concurrent(lambda: fake_alone(daemon.env, BODY), 8, per))
-        results.update(ocp_c1_ms=ms(ocp_c1), fake_c1_ms=ms(fake_c1), overhead_c1_ms=ms(ocp_c1 - fake_c1),
-                       ocp_c8_ms=ms(ocp_c8), fake_c8_ms=ms(fake_c8), overhead_c8_ms=ms(ocp_c8 - fake_c8))
+        cpu_before = cpu_seconds(daemon.proc.pid)
+        ocp_c1, fake_c1, overhead_c1 = paired(lambda: post(daemon.port, BODY),
+                                              lambda: fake_alone(daemon.env, BODY), args.runs)
+        results["cpu_per_request_ms"] = ms((cpu_seconds(daemon.proc.pid) - cpu_before) / args.runs)
+        ocp_c8, fake_c8, overhead_c8 = paired(
+            lambda: statistics.median(concurrent(lambda: post(daemon.port, BODY), 8, 1)),
+            lambda: statistics.median(concurrent(lambda: fake_alone(daemon.env, BODY), 8, 1)), args.runs)
+        results.update(ocp_c1_ms=ms(ocp_c1), fake_c1_ms=ms(fake_c1), overhead_c1_ms=ms(overhead_c1),
+                       ocp_c8_ms=ms(ocp_c8), fake_c8_ms=ms(fake_c8), overhead_c8_ms=ms(overhead_c8))
         slow = {"model": "sonnet", "messages": [{"role": "user", "content": "x <<fake " + json.dumps(
             {"text": "streamed answer in pieces", "deltas": 5, "pace_ms": 20}) + ">>"}]}
-        ttfc_ocp = statistics.median(first_chunk(daemon.port, slow) for _ in range(args.runs))
-        ttfc_fake = statistics.median(fake_alone(daemon.env, slow, True) for _ in range(args.runs))
-        results.update(ttfc_ocp_ms=ms(ttfc_ocp), ttfc_fake_ms=ms(ttfc_fake),
-                       ttfc_overhead_ms=ms(ttfc_ocp - ttfc_fake))
+        ttfc_ocp, ttfc_fake, ttfc_overhead = paired(lambda: first_chunk(daemon.port, slow),
+                                                    lambda: fake_alone(daemon.env, slow, True), args.runs)
+        results.update(ttfc_ocp_ms=ms(ttfc_ocp), ttfc_fake_ms=ms(ttfc_fake), ttfc_overhead_ms=ms(ttfc_overhead))
         concurrent(lambda: post(daemon.port, BODY), 8, 25)
         results["rss_after_load_mib"] = round(rss_kib(daemon.proc.pid) / 1024, 1)
         results["models_rps"] = round(models_rate(daemon.port))

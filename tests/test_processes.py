@@ -70,6 +70,7 @@ class ClientHangsUp(ServerTest):
         self.assertEqual(len(self.runs()), 2 * count)
         wait_until(lambda: self.live_fake_pids() == [], timeout=10)
         self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+        self.server.runner.sweeper.drain()
         self.assertEqual(sorted(os.listdir(os.path.join(self.ocp_home, "spawn"))), ["home", "work"])
 
 
