@@ -3243,13 +3243,12 @@ def reexec_from_cache(argv: List[str]) -> None:
     service managers see nothing; where __pycache__ cannot be written it just
     compiles again, as before.
     """
-    if __name__ != "__main__" or os.environ.get("OCP_NO_REEXEC") or sys.flags.dont_write_bytecode:
-        return
+    if __name__ != "__main__" or sys.flags.dont_write_bytecode:
+        return  # after the exec this module is `ocp`, not __main__: it cannot loop
     bootstrap = f"import sys; sys.path.insert(0, {HERE!r}); import ocp; sys.exit(ocp.main())"
-    env = dict(os.environ, OCP_NO_REEXEC="1")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-c", bootstrap] + argv, env)
+    os.execv(sys.executable, [sys.executable, "-c", bootstrap] + argv)
 
 
 def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
