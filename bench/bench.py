@@ -160,7 +160,7 @@ def concurrent(fn, workers, per_worker):
 
 
 def models_rate(port, seconds=3.0, workers=4):
-    counts = []
+    """GET /v1/models as fast as `workers` keep-alive connections can; return requests a second."""
     stop = time.monotonic() + seconds
 
     def work():
@@ -171,14 +171,9 @@ def models_rate(port, seconds=3.0, workers=4):
             conn.getresponse().read()
             n += 1
         conn.close()
-        counts.append(n)
+        return n
 
-    threads = [threading.Thread(target=work) for _ in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / seconds
+    return sum(concurrent(work, workers, 1)) / seconds
 
 
 def ms(seconds):

@@ -10,7 +10,7 @@ import threading
 import time
 import unittest
 
-from helpers import FAKE_CLAUDE, ROOT, ServerTest, TempHome, directive, pid_alive, wait_until
+from helpers import ROOT, ServerTest, TempHome, connectable, directive, free_port, pid_alive, wait_until
 
 HANG = {"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]}
 
@@ -183,20 +183,6 @@ class DaemonShutdown(TempHome):
         self.assertEqual(daemon.wait(timeout=15), 0)
         self.assertFalse(pid_alive(run["pid"]))
         self.assertFalse(connectable(port))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def connectable(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

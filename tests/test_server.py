@@ -1,10 +1,8 @@
 """The real server on port 0 driving tests/fake_claude.py: routes, chat, streaming, errors."""
 
-import base64
 import json
 import os
 import socket
-import stat
 import time
 import unittest
 

@@ -18,7 +18,7 @@ import unittest
 import zoneinfo
 
 import ocp
-from helpers import ROOT, ServerTest, TempHome, directive, wait_until
+from helpers import ROOT, ServerTest, TempHome, connectable, directive, free_port, wait_until
 
 ADMIN = "ocp_admin_key_for_tests_0000000000"
 UTC = datetime.timezone.utc
@@ -501,20 +501,6 @@ class KeyCommands(TempHome):
         code, _, err = self.main("status")
         self.assertEqual(code, 1)
         self.assertIn("not answering", err)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def connectable(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

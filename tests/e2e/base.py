@@ -5,11 +5,10 @@ they skip with a message, unless OCP_E2E=1 (CI), where a missing tool fails.
 """
 
 import os
-import shutil
 import subprocess
 import unittest
 
-from helpers import ServerTest, pid_alive, wait_until
+from helpers import ServerTest, pid_alive
 from e2e.fake_anthropic import FakeAnthropic
 
 PINNED = "2.1.330"

@@ -1,8 +1,6 @@
 """OCP → the real claude CLI 2.1.330 → a fake Anthropic API: what the client got and what reached upstream."""
 
 import base64
-import json
-import os
 import time
 import unittest
 
