@@ -566,22 +566,23 @@ class Store:
         ids: Dict[int, int] = {}
         taken: set = set()
         for row in self._execute(SELECT_LEGACY_KEYS):
-            columns = row.keys()
-            name = unique_name(str(row["name"] or "key"), taken)
-            created = sqlite_time(row["created_at"])
+            old = dict(row)  # older releases lack some columns (quotas, revoked)
+            name = unique_name(str(old.get("name") or "key"), taken)
+            created = sqlite_time(old.get("created_at"))
             self._execute(INSERT_KEY, {
-                "name": name, "key_hash": hash_key(row["key"]), "prefix": row["key"][:KEY_PREFIX_CHARS],
-                "created_at": created, "revoked_at": created if row["revoked"] else None,
-                "daily": row["quota_daily"] if "quota_daily" in columns else None,
-                "weekly": row["quota_weekly"] if "quota_weekly" in columns else None,
-                "monthly": row["quota_monthly"] if "quota_monthly" in columns else None,
-                "tokens_daily": None, "tokens_monthly": None, "models": None})
+                "name": name, "key_hash": hash_key(old["key"]), "prefix": old["key"][:KEY_PREFIX_CHARS],
+                "created_at": created, "revoked_at": created if old.get("revoked") else None,
+                "daily": old.get("quota_daily"), "weekly": old.get("quota_weekly"),
+                "monthly": old.get("quota_monthly"), "tokens_daily": None, "tokens_monthly": None,
+                "models": None})
             ids[row["id"]] = self._execute("SELECT last_insert_rowid()")[0][0]
         if "usage_log" in legacy:
             for row in self._execute(SELECT_LEGACY_USAGE):
+                old = dict(row)
                 self._execute(INSERT_MIGRATED_USAGE, (
-                    ids.get(row["key_id"]), row["key_name"], row["model"],
-                    "ok" if row["success"] else "error", row["elapsed_ms"], sqlite_time(row["created_at"])))
+                    ids.get(old.get("key_id")), old.get("key_name") or "anonymous", old.get("model") or "?",
+                    "ok" if old.get("success", 1) else "error", old.get("elapsed_ms"),
+                    sqlite_time(old.get("created_at"))))
         for name in LEGACY_TABLES:  # usage_log refers to api_keys: children first
             if name in legacy:
                 self._execute(f"DROP TABLE legacy_{name}")

@@ -182,6 +182,21 @@ def build_legacy_database(path):
     db.close()
 
 
+class AnOlderOriginalsDatabase(TempHome):
+    def test_without_quota_or_revoked_columns(self):
+        os.makedirs(self.ocp_home)
+        path = os.path.join(self.ocp_home, "ocp.db")
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE api_keys (id INTEGER PRIMARY KEY, key TEXT UNIQUE NOT NULL, name TEXT NOT NULL)")
+        db.execute("INSERT INTO api_keys (key, name) VALUES ('ocp_Older0release0key000000000000', '7')")
+        db.commit()
+        db.close()
+        store = ocp.Store(path)
+        self.addCleanup(store.close)
+        key = store.key_by_secret("ocp_Older0release0key000000000000")
+        self.assertEqual((key.name, key.revoked_at, key.quota["daily"]), ("key-7", None, None))
+
+
 class TheNodeOriginalsDatabase(TempHome):
     def setUp(self):
         super().setUp()
