@@ -123,6 +123,10 @@ class Config:
     allowed_hosts: Tuple[str, ...] = ()
     cors_origins: Tuple[str, ...] = ()
     advertise_anon_key: bool = False
+    cache_max_entries: int = 500
+    cache_max_bytes: int = 64 * 1024 * 1024
+    plan_only: bool = False
+    log_prompts: bool = False
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
 
@@ -176,6 +180,10 @@ SETTINGS = (
     ("allowed_hosts", "OCP_ALLOWED_HOSTS", "--allowed-hosts", "list", None),
     ("cors_origins", "OCP_CORS_ORIGINS", "--cors-origins", "list", None),
     ("advertise_anon_key", "PROXY_ADVERTISE_ANON_KEY", "--advertise-anon-key", "bool", None),
+    ("cache_max_entries", "OCP_CACHE_MAX_ENTRIES", "--cache-max-entries", "int", (1, 1_000_000)),
+    ("cache_max_bytes", "OCP_CACHE_MAX_BYTES", "--cache-max-bytes", "int", (1024, 1 << 34)),
+    ("plan_only", "OCP_PLAN_ONLY", "--plan-only", "bool", None),
+    ("log_prompts", "OCP_LOG_PROMPTS", "--log-prompts", "bool", None),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -401,6 +409,21 @@ MIGRATION_1 = (
 )
 
 LEGACY_TABLES = ("usage_log", "response_cache", "api_keys")  # the Node original's, in drop order
+MIGRATION_2 = (
+    """CREATE TABLE cache (
+        hash TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        model TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER NOT NULL,
+        hits INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE INDEX cache_by_use ON cache(used_at)",
+    "CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+)
+
 SELECT_LEGACY_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('api_keys', 'usage_log', 'response_cache')"
 SELECT_LEGACY_KEYS = "SELECT * FROM legacy_api_keys ORDER BY id"
 SELECT_LEGACY_USAGE = "SELECT * FROM legacy_usage_log ORDER BY id"
@@ -444,6 +467,21 @@ SELECT_USAGE_BY_KEY = """SELECT key_name, COUNT(*) AS requests,
     CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(created_at) AS last_at
     FROM usage WHERE created_at >= :since AND created_at < :until
     GROUP BY key_name ORDER BY requests DESC"""
+INSERT_CACHED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, http_status, prompt_tokens,
+    completion_tokens, cached_tokens, duration_ms, request_id, created_at)
+    VALUES (?, ?, ?, 'cached', 200, ?, ?, ?, ?, ?, ?)"""
+SELECT_CACHE_ANSWER = "SELECT answer FROM cache WHERE hash = ? AND expires_at > ?"
+TOUCH_CACHE = "UPDATE cache SET used_at = ?, hits = hits + 1 WHERE hash = ?"
+UPSERT_CACHE = """INSERT INTO cache (hash, owner, model, answer, bytes, created_at, expires_at, used_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT(hash) DO UPDATE SET answer = excluded.answer, bytes = excluded.bytes,
+        created_at = excluded.created_at, expires_at = excluded.expires_at, used_at = excluded.used_at"""
+DELETE_EXPIRED_CACHE = "DELETE FROM cache WHERE expires_at <= ?"
+SELECT_CACHE_TOTALS = "SELECT COUNT(*) AS entries, COALESCE(SUM(bytes), 0) AS bytes, COALESCE(SUM(hits), 0) AS hits FROM cache"
+DELETE_LEAST_USED_CACHE = "DELETE FROM cache WHERE hash = (SELECT hash FROM cache ORDER BY used_at, created_at LIMIT 1)"
+DELETE_ALL_CACHE = "DELETE FROM cache"
+SELECT_STATE = "SELECT value FROM state WHERE name = ?"
+UPSERT_STATE = "INSERT INTO state (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
 SELECT_AUDIT = "SELECT * FROM audit ORDER BY id DESC LIMIT ?"
 
@@ -549,6 +587,10 @@ class Store:
                 self._execute(f"PRAGMA user_version = {int(number)}")
         if self.legacy_imported:
             self.scrub_free_pages()
+
+    def create_schema_2(self) -> None:
+        for statement in MIGRATION_2:
+            self._execute(statement)
 
     def create_schema_1(self) -> None:
         legacy = {row[0] for row in self._execute(SELECT_LEGACY_TABLES)}
@@ -695,6 +737,58 @@ class Store:
     def usage_by_key(self, since: int, until: int) -> List[Dict[str, Any]]:
         return [dict(row) for row in self._execute(SELECT_USAGE_BY_KEY, {"since": since, "until": until})]
 
+    def record_cached(self, key: Optional[ApiKey], name: str, model: str, request_id: str,
+                      usage: Dict[str, Any], duration_ms: int, now_s: float) -> None:
+        """Log a cache hit: a finished row that counts against no quota."""
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        self._execute(INSERT_CACHED_USAGE, (key.id if key else None, name, model, usage.get("prompt_tokens", 0),
+                                            usage.get("completion_tokens", 0), cached, duration_ms,
+                                            request_id, int(now_s)))
+
+    # -- response cache ------------------------------------------------------------
+
+    def cache_get(self, digest: str, now_s: float) -> Optional[Dict[str, Any]]:
+        with self.transaction():
+            rows = self._execute(SELECT_CACHE_ANSWER, (digest, int(now_s)))
+            if rows:
+                self._execute(TOUCH_CACHE, (int(now_s), digest))
+        return json.loads(rows[0]["answer"]) if rows else None
+
+    def cache_put(self, digest: str, owner: str, model: str, answer: Dict[str, Any], now_s: float,
+                  ttl_s: float, max_entries: int, max_bytes: int) -> None:
+        """Store an answer; expired rows go first, then the least recently used past the bounds."""
+        text = json.dumps(answer, ensure_ascii=False)
+        size = len(text.encode("utf-8"))
+        if size > max_bytes:
+            return
+        with self.transaction():
+            self._execute(DELETE_EXPIRED_CACHE, (int(now_s),))
+            self._execute(UPSERT_CACHE, (digest, owner, model, text, size, int(now_s), int(now_s + ttl_s), int(now_s)))
+            while True:
+                totals = self._execute(SELECT_CACHE_TOTALS)[0]
+                if totals["entries"] <= max_entries and totals["bytes"] <= max_bytes:
+                    break
+                self._execute(DELETE_LEAST_USED_CACHE)
+
+    def cache_totals(self, now_s: float) -> Dict[str, int]:
+        self._execute(DELETE_EXPIRED_CACHE, (int(now_s),))
+        return dict(self._execute(SELECT_CACHE_TOTALS)[0])
+
+    def cache_clear(self) -> int:
+        with self.transaction():
+            count = self._execute(SELECT_CACHE_TOTALS)[0]["entries"]
+            self._execute(DELETE_ALL_CACHE)
+        return count
+
+    # -- small persistent state (plan windows) --------------------------------------
+
+    def load_state(self, name: str) -> Optional[Any]:
+        rows = self._execute(SELECT_STATE, (name,))
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def save_state(self, name: str, value: Any) -> None:
+        self._execute(UPSERT_STATE, (name, json.dumps(value)))
+
     def audit(self, actor: str, action: str, target: str, detail: str, now_s: float) -> None:
         self._execute(INSERT_AUDIT, (int(now_s), actor, action, target, detail))
 
@@ -702,7 +796,7 @@ class Store:
         return [dict(row) for row in self._execute(SELECT_AUDIT, (limit,))]
 
 
-MIGRATIONS: Tuple[Callable[[Store], None], ...] = (Store.create_schema_1,)
+MIGRATIONS: Tuple[Callable[[Store], None], ...] = (Store.create_schema_1, Store.create_schema_2)
 
 
 def unique_name(name: str, taken: set) -> str:
@@ -990,6 +1084,103 @@ def origin_verdict(headers: Mapping[str, str], config: Config) -> Tuple[bool, st
     if origin == "null" or (headers.get("Sec-Fetch-Site") or "").lower() == "cross-site":
         return False, ""
     return True, ""
+
+
+###############################################################################
+# Cache & singleflight ########################################################
+###############################################################################
+
+SESSION_FIELDS = ("session_id", "conversation_id", "thread_id", "previous_response_id")
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+
+
+def cache_bypass(body: Mapping[str, Any]) -> str:
+    """Return why a request must not be cached or shared ("" when it may be)."""
+    if body.get("tools") or body.get("functions"):
+        return "tools"
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if any(body.get(f) or metadata.get(f) for f in SESSION_FIELDS):
+        return "session"
+    if '"cache_control"' in json.dumps(body.get("messages"), ensure_ascii=False):
+        return "cache_control"
+    return ""
+
+
+def normalize_message(message: Mapping[str, Any]) -> Dict[str, Any]:
+    """A message as it affects the answer: a string and one text part are the same."""
+    content = message.get("content")
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    normalized = {"role": message["role"], "content": content}
+    for field in ("name", "tool_calls", "tool_call_id"):
+        if message.get(field) is not None:
+            normalized[field] = message[field]
+    return normalized
+
+
+def cache_key(owner: str, request: ChatRequest, body: Mapping[str, Any]) -> str:
+    """SHA-256 of a canonical JSON of who asks, the model, the messages and every answer-affecting parameter."""
+    canonical = {"owner": owner, "model": request.model.id,
+                 "messages": [normalize_message(m) for m in request.messages],
+                 "stop": list(request.stop), "max_tokens": request.max_tokens, "effort": request.effort,
+                 "format": request.response_format, "schema": request.json_schema,
+                 "sampling": {f: body.get(f) for f in SAMPLING_FIELDS}}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Flight:
+    """One CLI run that identical concurrent requests share.
+
+    The leader publishes the complete answer (or the error); followers wait for
+    it. `followers` tells the leader whether anyone still wants the answer.
+    """
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.answer: Optional[Dict[str, Any]] = None
+        self.error: Optional[ApiError] = None
+        self.followers = 0
+
+
+class Flights:
+    """The flights in the air, by cache key. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: Dict[str, Flight] = {}
+        self.counters = {"hits": 0, "misses": 0, "shared": 0}
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    def join(self, key: str) -> Tuple[Flight, bool]:
+        """Return (flight, leader?): the first caller leads, later identical ones follow."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = Flight()
+                return flight, True
+            flight.followers += 1
+            self.counters["shared"] += 1
+            return flight, False
+
+    def land(self, key: str, flight: Flight, answer: Optional[Dict[str, Any]], error: Optional[ApiError]) -> None:
+        """The leader is done: publish, and let the next identical request start afresh."""
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.answer, flight.error = answer, error
+        flight.done.set()
+
+    def leave(self, flight: Flight) -> None:
+        with self._lock:
+            flight.followers -= 1
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self.counters, in_flight=len(self._flights))
 
 
 ###############################################################################
@@ -1398,40 +1589,42 @@ class Runner:
 
     # -- one run -------------------------------------------------------------
 
-    def run(self, job: Job, client: Optional[socket.socket] = None) -> Iterator[Any]:
+    def run(self, job: Job, client: Optional[socket.socket] = None,
+            keep_going: Callable[[], bool] = lambda: False) -> Iterator[Any]:
         """Yield the CLI's events for `job`, and HEARTBEAT after each silent interval.
 
         Waits for a slot first (429 when the line is full), raises ClientGone
-        when `client` hangs up, ApiError 504 at CLAUDE_TIMEOUT. Closing the
-        generator kills the process group; the slot is released exactly once.
+        when `client` hangs up (unless `keep_going()`: others share the run),
+        ApiError 504 at CLAUDE_TIMEOUT. Closing the generator kills the process
+        group; the slot is released exactly once.
         """
         if not self.claude:
             raise claude_missing()
         deadline = self.clock() + self.config.timeout_ms / 1000
         queue_deadline = min(deadline, self.clock() + self.config.queue_timeout_ms / 1000)
-        self.slots.acquire(queue_deadline, lambda: peer_closed(client), self.clock)
+        self.slots.acquire(queue_deadline, lambda: peer_closed(client) and not keep_going(), self.clock)
         try:
             creds = resolve_credentials(self.config.environ, self.config.user_home, self.wall(),
                                         keychain=macos_keychain)
             if creds.isolated:
-                yield from self._run_isolated(job, creds, client, deadline)
+                yield from self._run_isolated(job, creds, client, deadline, keep_going)
             else:
-                yield from self._run_refreshing(job, creds, client, deadline)
+                yield from self._run_refreshing(job, creds, client, deadline, keep_going)
         finally:
             self.slots.release()
 
-    def _run_refreshing(self, job: Job, creds: Credentials, client, deadline) -> Iterator[Any]:
+    def _run_refreshing(self, job: Job, creds: Credentials, client, deadline, keep_going) -> Iterator[Any]:
         while not self._refresh_lock.acquire(timeout=0.25):
             if peer_closed(client):
                 raise ClientGone()
             if self.clock() >= deadline:
                 raise timeout_error()
         try:
-            yield from self._run_isolated(job, creds, client, deadline)
+            yield from self._run_isolated(job, creds, client, deadline, keep_going)
         finally:
             self._refresh_lock.release()
 
-    def _run_isolated(self, job: Job, creds: Credentials, client, deadline) -> Iterator[Any]:
+    def _run_isolated(self, job: Job, creds: Credentials, client, deadline, keep_going) -> Iterator[Any]:
         run_dir = tempfile.mkdtemp(prefix=f"run-{job.request_id}-", dir=self.config.spawn_dir)  # 0700
         os.mkdir(os.path.join(run_dir, "tmp"), 0o700)
         try:
@@ -1439,7 +1632,8 @@ class Runner:
             with self._live_lock:
                 self._live[job.request_id or str(proc.pid)] = proc
             try:
-                yield from follow(proc, deadline, self.config.heartbeat_ms / 1000, client, self.clock)
+                yield from follow(proc, deadline, self.config.heartbeat_ms / 1000, client, self.clock,
+                                  keep_going)
             finally:
                 proc.cancel()
                 code = proc.close()
@@ -1482,7 +1676,8 @@ class Runner:
 
 
 def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
-           client: Optional[socket.socket], clock: Callable[[], float]) -> Iterator[Any]:
+           client: Optional[socket.socket], clock: Callable[[], float],
+           keep_going: Callable[[], bool] = lambda: False) -> Iterator[Any]:
     """Yield events as the CLI prints them; HEARTBEAT after each `heartbeat_s` of silence."""
     last = clock()
     watch = [proc] + ([client] if client is not None else [])
@@ -1495,9 +1690,9 @@ def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
             wait = min(wait, max(0.0, last + heartbeat_s - now))
         ready = select.select(watch, [], [], wait)[0]
         if client is not None and client in ready:
-            if peer_closed(client):
+            if peer_closed(client) and not keep_going():
                 raise ClientGone()
-            watch.remove(client)  # the client sent its next request early; stop watching
+            watch.remove(client)  # early next request, or others still want the answer: stop watching
         if proc in ready:
             lines = proc.read_lines()
             if lines is None:
@@ -2187,16 +2382,21 @@ def normalize_json(text: str) -> str:
 # -- OpenAI response shapes ------------------------------------------------------
 
 
-def chat_completion(completion_id: str, created: int, model: str, answer: Answer,
-                    content: Optional[str], finish_reason: str,
-                    refusal: Optional[str] = None, usage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    message: Dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
-    if answer.reasoning:
-        message["reasoning_content"] = "".join(answer.reasoning)
+def outcome_of(answer: Answer, content: Optional[str], finish_reason: str, refusal: Optional[str] = None,
+               usage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The finished answer as data: what a response, the cache and shared requests carry."""
+    return {"content": content, "reasoning": "".join(answer.reasoning), "refusal": refusal,
+            "finish_reason": finish_reason, "usage": usage or answer.usage()}
+
+
+def chat_completion(completion_id: str, created: int, model: str, outcome: Dict[str, Any]) -> Dict[str, Any]:
+    message: Dict[str, Any] = {"role": "assistant", "content": outcome["content"], "refusal": outcome["refusal"]}
+    if outcome["reasoning"]:
+        message["reasoning_content"] = outcome["reasoning"]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": finish_reason}],
-            "usage": usage or answer.usage(), "system_fingerprint": None}
+                         "finish_reason": outcome["finish_reason"]}],
+            "usage": outcome["usage"], "system_fingerprint": None}
 
 
 def chat_chunk(completion_id: str, created: int, model: str, delta: Dict[str, Any],
@@ -2285,6 +2485,7 @@ class PlanLimits:
 # HTTP ########################################################################
 ###############################################################################
 
+REPLAY_PIECE_CHARS = 24  # a cached or shared answer streams in pieces this size
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}
@@ -2309,6 +2510,7 @@ class Server(ThreadingHTTPServer):
         self.plan = PlanLimits()
         self.wall = wall
         self.turn_secret = secrets.token_bytes(32)
+        self.flights = Flights()
         self.started_at = wall()
         hostname = socket.gethostname().lower()
         self.own_names = (hostname, hostname.split(".")[0], hostname.split(".")[0] + ".local")
@@ -2358,6 +2560,8 @@ class Handler(BaseHTTPRequestHandler):
         ("GET", "/api/keys/*/quota"): "handle_quota_get",
         ("PATCH", "/api/keys/*/quota"): "handle_quota_set",
         ("GET", "/api/usage"): "handle_usage",
+        ("GET", "/cache/stats"): "handle_cache_stats",
+        ("DELETE", "/cache"): "handle_cache_clear",
     }
     PUBLIC_ROUTES = ("/health",)
 
@@ -2603,7 +2807,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_chat_completions(self) -> None:
         server = self.server
-        request = parse_chat_request(self.read_json(), server.models, server.config)
+        body = self.read_json()
+        request = parse_chat_request(body, server.models, server.config)
         check_model_allowed(self.caller, request.model)
         system, blocks = messages_to_input(request, server.config, server.turn_secret,
                                            fetch_image if server.config.allow_image_urls else None)
@@ -2612,13 +2817,31 @@ class Handler(BaseHTTPRequestHandler):
             log.info("%s user=%s model=%s", self.request_id, request.user[:64], request.model.id)
         job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, self.request_id)
         turn = (ChatStream if request.stream else ChatTurn)(self, request, job)
+        owner = str(self.caller.key.id) if self.caller.key else self.caller.name
+        key = cache_key(owner, request, body) if server.config.cache_ttl_ms and not cache_bypass(body) else ""
+        if key and self.answer_from_cache(turn, key):
+            return
         with Admission(self, request.model.id, turn) as admission:
             self.response_headers.update(admission.headers)
             server.plan.check(server.wall())
-            if request.stream:
-                turn.run()
+            if key:
+                self.response_headers["x-ocp-cache"] = "miss"
+                turn.run_shared(key, owner)
             else:
-                self.send_json(200, turn.complete())
+                turn.respond()
+
+    def answer_from_cache(self, turn: ChatTurn, key: str) -> bool:
+        """Replay a cached answer (free of quota, logged as cached); False on a miss."""
+        server = self.server
+        answer = server.store.cache_get(key, server.wall())
+        server.flights.count("hits" if answer else "misses")
+        if answer is None:
+            return False
+        turn.replay(answer, "hit")
+        server.store.record_cached(self.caller.key, self.caller.name, turn.request.model.id, self.request_id,
+                                   answer["usage"], int((time.monotonic() - turn.started) * 1000),
+                                   server.wall())
+        return True
 
     # -- keys, quotas, usage -----------------------------------------------------
 
@@ -2671,6 +2894,20 @@ class Handler(BaseHTTPRequestHandler):
                                             None if everyone else caller.name, since, until, limit)
         self.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
 
+    def handle_cache_stats(self) -> None:
+        require_admin(self.caller)
+        server = self.server
+        self.send_json(200, dict(server.store.cache_totals(server.wall()), **server.flights.snapshot(),
+                                 enabled=bool(server.config.cache_ttl_ms), ttl_ms=server.config.cache_ttl_ms,
+                                 max_entries=server.config.cache_max_entries,
+                                 max_bytes=server.config.cache_max_bytes))
+
+    def handle_cache_clear(self) -> None:
+        require_admin(self.caller)
+        cleared = self.server.store.cache_clear()
+        self.audit("cache.clear", "*", str(cleared))
+        self.send_json(200, {"cleared": cleared})
+
     def audit(self, action: str, target: str, detail: str) -> None:
         self.server.store.audit(f"http:{self.client_address[0]}", action, target, detail, self.server.wall())
 
@@ -2686,14 +2923,81 @@ class ChatTurn:
         self.started = time.monotonic()
         self.ttft_ms: Optional[int] = None
         self.cost_usd = 0.0
-        self.usage: Optional[Dict[str, Any]] = None
+        self.outcome: Optional[Dict[str, Any]] = None
         self.failure: Optional[ApiError] = None  # an error already sent in-band
+        self.keep_going: Callable[[], bool] = lambda: False  # followers still want the answer
+        self.detached = False  # our client left; the run goes on for followers
+
+    @property
+    def usage(self) -> Optional[Dict[str, Any]]:
+        return self.outcome["usage"] if self.outcome else None
+
+    def respond(self) -> None:
+        self.handler.send_json(200, self.complete())
+
+    def replay(self, outcome: Dict[str, Any], source: str) -> None:
+        """Answer with a finished answer (a cache hit, or a run shared with others)."""
+        self.outcome = outcome
+        self.handler.send_json(200, chat_completion(self.completion_id, self.created,
+                                                    self.request.model.id, outcome),
+                               {"x-ocp-cache": source})
+
+    def wait_heartbeat(self) -> None:
+        """Nothing to send while a non-streaming follower waits."""
+
+    def await_flight(self, flight: Flight) -> Dict[str, Any]:
+        """Wait for the shared run's answer; raise its error, 504 at the timeout, ClientGone."""
+        config = self.server.config
+        deadline = time.monotonic() + config.timeout_ms / 1000
+        beat = config.heartbeat_ms / 1000
+        next_beat = time.monotonic() + beat
+        while not flight.done.wait(0.1):
+            now = time.monotonic()
+            if peer_closed(self.handler.connection):
+                raise ClientGone()
+            if now >= deadline:
+                raise timeout_error()
+            if beat and now >= next_beat:
+                self.wait_heartbeat()
+                next_beat = now + beat
+        if flight.error is not None:
+            raise flight.error
+        return flight.answer
+
+    def run_shared(self, key: str, owner: str) -> None:
+        """Lead the CLI run for identical concurrent requests, or follow one and replay its answer."""
+        server = self.server
+        flight, leader = server.flights.join(key)
+        if not leader:
+            try:
+                outcome = self.await_flight(flight)
+            finally:
+                server.flights.leave(flight)
+            return self.replay(outcome, "shared")
+        self.keep_going = lambda: flight.followers > 0
+        answer, error = None, None
+        try:
+            self.respond()
+            answer, error = (self.outcome, None) if self.failure is None else (None, self.failure)
+        except ApiError as e:
+            error = e
+            raise
+        except BaseException:
+            error = ApiError(503, "The request this one shared was cancelled; retry.", "proxy_error",
+                             "shared_request_cancelled", headers={"Retry-After": "1"})
+            raise
+        finally:
+            server.flights.land(key, flight, answer, error)
+        if answer and answer["finish_reason"] == "stop" and not answer["refusal"]:
+            server.store.cache_put(key, owner, self.request.model.id, answer, server.wall(),
+                                   server.config.cache_ttl_ms / 1000, server.config.cache_max_entries,
+                                   server.config.cache_max_bytes)
 
     def run_cli(self, job: Job, on_delta: Callable[[str, str], bool],
                 on_heartbeat: Callable[[], None] = lambda: None) -> Answer:
         """Run one CLI job; `on_delta` returns False to end the turn early (stop sequence)."""
         answer = Answer()
-        events = self.server.runner.run(job, self.handler.connection)
+        events = self.server.runner.run(job, self.handler.connection, self.keep_going)
         try:
             for event in events:
                 if event is HEARTBEAT:
@@ -2735,16 +3039,14 @@ class ChatTurn:
         content = "".join(parts) + scanner.flush()
         finish = "stop" if scanner.stopped else answer.finish_reason()
         if self.request.response_format != "text":
-            body = self.structured(answer, content)
+            self.outcome = self.structured(answer, content)
         else:
-            body = chat_completion(self.completion_id, self.created, self.request.model.id,
-                                   answer, content, finish)
-        self.usage = body["usage"]
-        return body
+            self.outcome = outcome_of(answer, content, finish)
+        return chat_completion(self.completion_id, self.created, self.request.model.id, self.outcome)
 
     def structured(self, answer: Answer, content: str,
                    on_heartbeat: Callable[[], None] = lambda: None) -> Dict[str, Any]:
-        """Validate a JSON answer; retry once with the problem, else answer a refusal."""
+        """Validate a JSON answer (an outcome); retry once with the problem, else a refusal."""
         problem = json_problem(content, self.request)
         usage = answer.usage()
         if problem:
@@ -2756,10 +3058,8 @@ class ChatTurn:
             problem = json_problem(content, self.request)
         if problem:
             refusal = f"The model did not produce the requested JSON: {problem}"
-            return chat_completion(self.completion_id, self.created, self.request.model.id,
-                                   answer, None, "stop", refusal, usage)
-        return chat_completion(self.completion_id, self.created, self.request.model.id,
-                               answer, normalize_json(content), answer.finish_reason(), None, usage)
+            return outcome_of(answer, None, "stop", refusal, usage)
+        return outcome_of(answer, normalize_json(content), answer.finish_reason(), None, usage)
 
     def retry_job(self, reply: str, problem: str) -> Job:
         messages = self.request.messages + (
@@ -2802,6 +3102,8 @@ class Admission:
         turn = self.turn
         if error is None and turn.failure is not None:
             status, code = "error", turn.failure.status
+        elif error is None and turn.detached:
+            status, code = "cancelled", 499  # our client left; the run went on for others
         elif error is None:
             status, code = "ok", 200
         elif isinstance(error, ApiError):
@@ -2828,13 +3130,52 @@ class ChatStream(ChatTurn):
             self.send({"role": "assistant", "content": ""})
 
     def send(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
-        self.handler.send_event(chat_chunk(self.completion_id, self.created, self.request.model.id,
-                                           delta, finish, self.request.include_usage))
+        self.emit(chat_chunk(self.completion_id, self.created, self.request.model.id,
+                             delta, finish, self.request.include_usage))
+
+    def emit(self, payload: Any) -> None:
+        """Write one SSE event; a client that left is dropped, unless followers keep the run going."""
+        if self.detached:
+            return
+        try:
+            self.handler.send_event(payload)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            if not self.keep_going():
+                raise ClientGone() from None
+            self.detached = True
 
     def heartbeat(self) -> None:
         self.start()
-        self.handler.wfile.write(b": keepalive\n\n")
-        self.handler.wfile.flush()
+        self.emit_comment(b": keepalive\n\n")
+
+    def emit_comment(self, line: bytes) -> None:
+        if self.detached:
+            return
+        try:
+            self.handler.wfile.write(line)
+            self.handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            if not self.keep_going():
+                raise ClientGone() from None
+            self.detached = True
+
+    wait_heartbeat = heartbeat
+
+    def respond(self) -> None:
+        self.run()
+
+    def replay(self, outcome: Dict[str, Any], source: Optional[str]) -> None:
+        self.outcome = outcome
+        if source and not self.streaming:
+            self.handler.response_headers["x-ocp-cache"] = source
+        self.start()
+        if outcome["reasoning"]:
+            self.send({"reasoning_content": outcome["reasoning"]})
+        if outcome["content"] is None:
+            self.send({"refusal": outcome["refusal"]})
+        for start in range(0, len(outcome["content"] or ""), REPLAY_PIECE_CHARS):
+            self.send({"content": outcome["content"][start:start + REPLAY_PIECE_CHARS]})
+        self.finish(outcome["finish_reason"], outcome["usage"])
 
     def run(self) -> None:
         try:
@@ -2846,15 +3187,18 @@ class ChatStream(ChatTurn):
             if not self.streaming:
                 raise
             self.failure = error
-            self.handler.send_event(error.body())
-            self.handler.send_event("[DONE]")
+            self.emit(error.body())
+            self.emit("[DONE]")
 
     def run_text(self) -> None:
         scanner = StopScanner(self.request.stop)
 
+        sent_content: List[str] = []
+
         def forward(kind: str, text: str) -> bool:
             if kind == "content":
                 text = scanner.feed(text)
+                sent_content.append(text)
             self.start()
             if text:
                 self.send({"content": text} if kind == "content" else {"reasoning_content": text})
@@ -2866,27 +3210,22 @@ class ChatStream(ChatTurn):
         rest = scanner.flush()
         if rest:
             self.send({"content": rest})
-        self.finish(answer, "stop" if scanner.stopped else answer.finish_reason(), answer.usage())
+            sent_content.append(rest)
+        self.outcome = outcome_of(answer, "".join(sent_content),
+                                  "stop" if scanner.stopped else answer.finish_reason())
+        self.finish(self.outcome["finish_reason"], self.outcome["usage"])
 
     def run_structured(self) -> None:
         answer = self.run_cli(self.job, lambda kind, text: True, self.heartbeat)
         raise_failure(answer)
-        body = self.structured(answer, answer.text, self.heartbeat)
-        self.start()
-        message = body["choices"][0]["message"]
-        if message.get("reasoning_content"):
-            self.send({"reasoning_content": message["reasoning_content"]})
-        self.send({"content": message["content"]} if message["content"] is not None
-                  else {"refusal": message["refusal"]})
-        self.finish(answer, body["choices"][0]["finish_reason"], body["usage"])
+        outcome = self.structured(answer, answer.text, self.heartbeat)
+        self.replay(outcome, None)
 
-    def finish(self, answer: Answer, finish_reason: str, usage: Dict[str, Any]) -> None:
-        self.usage = usage
+    def finish(self, finish_reason: str, usage: Dict[str, Any]) -> None:
         self.send({}, finish_reason)
         if self.request.include_usage:
-            self.handler.send_event(usage_chunk(self.completion_id, self.created,
-                                                self.request.model.id, usage))
-        self.handler.send_event("[DONE]")
+            self.emit(usage_chunk(self.completion_id, self.created, self.request.model.id, usage))
+        self.emit("[DONE]")
 
 
 ###############################################################################
