@@ -484,6 +484,15 @@ SELECT_STATE = "SELECT value FROM state WHERE name = ?"
 UPSERT_STATE = "INSERT INTO state (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
 INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
 SELECT_AUDIT = "SELECT * FROM audit ORDER BY id DESC LIMIT ?"
+SELECT_MODEL_STATS = """SELECT model, COUNT(*) AS requests, SUM(status = 'error') AS errors,
+    SUM(http_status = 504) AS timeouts, SUM(status = 'cached') AS cached,
+    CAST(AVG(CASE WHEN status = 'ok' THEN duration_ms END) AS INTEGER) AS avg_ms,
+    MAX(CASE WHEN status = 'ok' THEN duration_ms END) AS max_ms,
+    CAST(AVG(CASE WHEN status = 'ok' THEN ttft_ms END) AS INTEGER) AS avg_ttft_ms,
+    SUM(prompt_tokens) AS prompt_tokens, SUM(completion_tokens) AS completion_tokens,
+    ROUND(SUM(cost_usd), 4) AS cost_usd
+    FROM usage WHERE created_at >= ? GROUP BY model ORDER BY requests DESC"""
+SELECT_STATUS_COUNTS = "SELECT status, COUNT(*) AS n FROM usage WHERE created_at >= ? GROUP BY status"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -791,6 +800,12 @@ class Store:
 
     def audit(self, actor: str, action: str, target: str, detail: str, now_s: float) -> None:
         self._execute(INSERT_AUDIT, (int(now_s), actor, action, target, detail))
+
+    def model_stats(self, since: int) -> List[Dict[str, Any]]:
+        return [dict(row) for row in self._execute(SELECT_MODEL_STATS, (since,))]
+
+    def status_counts(self, since: int) -> Dict[str, int]:
+        return {row["status"]: row["n"] for row in self._execute(SELECT_STATUS_COUNTS, (since,))}
 
     def audit_trail(self, limit: int = 50) -> List[Dict[str, Any]]:
         return [dict(row) for row in self._execute(SELECT_AUDIT, (limit,))]
@@ -2428,57 +2443,90 @@ def merge_usage(first: Dict[str, Any], second: Dict[str, Any]) -> Dict[str, Any]
 
 
 class PlanLimits:
-    """The subscription's windows as the CLI reports them, and the local hold.
+    """The subscription's windows as the CLI reports them, the local hold, and overage.
 
     After `usage_limit_reached` every request is answered 429 here, without a
-    spawn, until the reset. Thread-safe.
+    spawn, until the reset. `save` (if given) persists the state on every
+    change, so a restart does not forget a hold. Thread-safe.
     """
 
-    def __init__(self):
+    def __init__(self, saved: Optional[Dict[str, Any]] = None,
+                 save: Callable[[Dict[str, Any]], None] = lambda state: None):
         self._lock = threading.Lock()
-        self.windows: Dict[str, Dict[str, Any]] = {}
-        self.hold_until = 0
-        self.hold_message = ""
-        self.overage = False
+        self._save = save
+        saved = saved or {}
+        self.windows: Dict[str, Dict[str, Any]] = dict(saved.get("windows") or {})
+        self.hold_until = int(saved.get("hold_until") or 0)
+        self.hold_message = str(saved.get("hold_message") or "")
+        self.overage_until = int(saved.get("overage_until") or 0)
 
-    def observe(self, info: Dict[str, Any]) -> None:
+    def observe(self, info: Dict[str, Any]) -> bool:
+        """Take one rate_limit_event; return True when this answer was paid from extra usage."""
+        overage = bool(info.get("isUsingOverage"))
         with self._lock:
-            self.overage = bool(info.get("isUsingOverage"))
             for name, window in (info.get("unifiedWindows") or {}).items():
                 if isinstance(window, dict):
                     self._merge(name, window)
             if info.get("rateLimitType") and info.get("resetsAt"):
                 self._merge(info["rateLimitType"], {"status": info.get("status"),
                                                     "resetsAt": info["resetsAt"]})
+            self.overage_until = int(info.get("resetsAt") or 0) if overage else 0
+            state = self._state()
+        self._save(state)
+        return overage
 
     def _merge(self, name: str, window: Dict[str, Any]) -> None:
         known = self.windows.get(name)
         reset = int(window.get("resetsAt") or 0)
-        if known and known["resets_at"] == reset:
-            utilization = max(known["utilization"] or 0, window.get("utilization") or 0)
-        else:
-            utilization = window.get("utilization")
         if known and reset < known["resets_at"]:
             return  # an older report; a later reset replaces, never the other way
+        utilization = window.get("utilization")
+        if known and known["resets_at"] == reset and known["utilization"] is not None:
+            utilization = max(known["utilization"], utilization or 0)  # same window: keep the max
         self.windows[name] = {"utilization": utilization, "resets_at": reset,
                               "status": window.get("status") or (known or {}).get("status")}
 
     def hold(self, resets_at: int, message: str) -> None:
         with self._lock:
-            if resets_at > self.hold_until:
-                self.hold_until, self.hold_message = resets_at, message
+            if resets_at <= self.hold_until:
+                return
+            self.hold_until, self.hold_message = resets_at, message
+            state = self._state()
+        self._save(state)
 
-    def check(self, now_s: float) -> None:
-        """Raise the plan-limit 429 while the subscription is out of quota."""
+    def check(self, now_s: float, plan_only: bool = False) -> None:
+        """Raise the plan-limit 429 while the subscription is out of quota (or, plan-only, in overage)."""
         with self._lock:
-            until, message = self.hold_until, self.hold_message
+            until, message, overage_until = self.hold_until, self.hold_message, self.overage_until
         if until > now_s:
             raise plan_limit_error(message + " (answered by OCP without calling Claude)", until, now_s)
+        if plan_only and overage_until > now_s:
+            error = plan_limit_error("The plan's included usage is used up and this OCP refuses to pay "
+                                     "from extra usage (OCP_PLAN_ONLY=1).", overage_until, now_s)
+            error.code = "plan_only"
+            raise error
+
+    def in_overage(self, now_s: float) -> bool:
+        with self._lock:
+            return self.overage_until > now_s
+
+    def _state(self) -> Dict[str, Any]:
+        return {"windows": {k: dict(v) for k, v in self.windows.items()}, "hold_until": self.hold_until,
+                "hold_message": self.hold_message, "overage_until": self.overage_until}
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:
-            return {"windows": dict(self.windows), "hold_until": self.hold_until,
-                    "overage": self.overage}
+            return self._state()
+
+
+def plan_report(plan: PlanLimits, now_s: float) -> Dict[str, Any]:
+    """The plan windows for people: utilization in percent, resets in and at."""
+    state = plan.snapshot()
+    windows = [{"window": name, "utilization_pct": None if w["utilization"] is None else round(w["utilization"] * 100, 1),
+                "status": w["status"], "resets_at": w["resets_at"], "resets_in": format_wait(w["resets_at"] - now_s)}
+               for name, w in sorted(state["windows"].items())]
+    return {"windows": windows, "held_until": state["hold_until"] if state["hold_until"] > now_s else None,
+            "overage": state["overage_until"] > now_s}
 
 
 ###############################################################################
@@ -2507,7 +2555,10 @@ class Server(ThreadingHTTPServer):
         os.makedirs(config.home, mode=0o700, exist_ok=True)
         self.store = store or Store(config.db_path)
         self.admin_key = admin_key or config.admin_key
-        self.plan = PlanLimits()
+        self.plan = PlanLimits(self.store.load_state("plan"), lambda state: self.store.save_state("plan", state))
+        self._verdict_lock = threading.Lock()
+        self.auth_failures = 0  # consecutive upstream_auth_error outcomes of real requests
+        self.recent_errors: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=10)
         self.wall = wall
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
@@ -2521,13 +2572,37 @@ class Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn: a DNS lookup at start
         self.server_name, self.server_port = self.server_address[:2]
 
+    def record_outcome(self, status: str, error: Optional[ApiError]) -> None:
+        """Real requests are the health evidence: no probe ever spends the plan."""
+        with self._verdict_lock:
+            if error is not None and error.code == "upstream_auth_error":
+                self.auth_failures += 1
+            elif status == "ok":
+                self.auth_failures = 0
+            if error is not None:
+                self.recent_errors.append({"at": int(self.wall()), "status": error.status, "code": error.code,
+                                           "message": error.message[:200]})
+
+    def verdict(self) -> Tuple[str, str]:
+        """("ok" | "degraded" | "down", why). Down = cannot serve; a timeout is no evidence."""
+        if not self.runner.claude:
+            return "down", "the claude CLI is not installed: npm i -g @anthropic-ai/claude-code, then claude setup-token"
+        with self._verdict_lock:
+            failures = self.auth_failures
+        if failures >= 2:
+            return "down", (f"the Claude login failed on the last {failures} requests: on this machine run "
+                            "`claude setup-token` and set CLAUDE_CODE_OAUTH_TOKEN, or `claude auth login`")
+        hold = self.plan.snapshot()["hold_until"]
+        if hold > self.wall():
+            return "degraded", f"the subscription's usage limit is reached until {hold} (epoch seconds)"
+        return "ok", ""
+
     def health(self, admin: bool = False) -> Dict[str, Any]:
         """The public verdict; `admin` adds the detail no one else may see."""
-        status = "ok" if self.runner.claude else "down"
+        status, reason = self.verdict()
         body: Dict[str, Any] = {"status": status, "version": __version__, "authMode": self.config.auth_mode}
-        if not self.runner.claude:
-            body["reason"] = ("the claude CLI is not installed: npm i -g @anthropic-ai/claude-code, "
-                              "then claude setup-token")
+        if reason:
+            body["reason"] = reason
         if self.config.advertise_anon_key and self.config.auth_mode == "multi" and self.config.anonymous_key:
             body["anonymousKey"] = self.config.anonymous_key
         if admin:
@@ -2537,7 +2612,8 @@ class Server(ThreadingHTTPServer):
                 "slots": self.runner.slots.snapshot(), "running": self.runner.live(),
                 "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
                          sum(1 for k in keys if k.revoked_at)},
-                "plan": self.plan.snapshot(), "timezone": self.config.timezone or "local",
+                "plan": plan_report(self.plan, self.wall()), "timezone": self.config.timezone or "local",
+                "recent_errors": list(self.recent_errors),
                 "uptime_s": int(self.wall() - self.started_at)}
         return body
 
@@ -2561,6 +2637,7 @@ class Handler(BaseHTTPRequestHandler):
         ("PATCH", "/api/keys/*/quota"): "handle_quota_set",
         ("GET", "/api/usage"): "handle_usage",
         ("GET", "/cache/stats"): "handle_cache_stats",
+        ("GET", "/usage"): "handle_plan_usage",
         ("DELETE", "/cache"): "handle_cache_clear",
     }
     PUBLIC_ROUTES = ("/health",)
@@ -2823,7 +2900,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         with Admission(self, request.model.id, turn) as admission:
             self.response_headers.update(admission.headers)
-            server.plan.check(server.wall())
+            server.plan.check(server.wall(), server.config.plan_only)
             if key:
                 self.response_headers["x-ocp-cache"] = "miss"
                 turn.run_shared(key, owner)
@@ -2894,6 +2971,21 @@ class Handler(BaseHTTPRequestHandler):
                                             None if everyone else caller.name, since, until, limit)
         self.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
 
+    def handle_plan_usage(self) -> None:
+        """Plan windows, the proxy's counters and per-model stats (admin)."""
+        require_admin(self.caller)
+        server = self.server
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        hours = (query.get("hours") or ["24"])[-1]
+        if not (hours.isdigit() and 1 <= int(hours) <= 24 * 366):
+            raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
+        since = int(server.wall()) - int(hours) * 3600
+        self.send_json(200, {"plan": plan_report(server.plan, server.wall()),
+                             "proxy": {"since": int(server.started_at),
+                                       "requests": server.store.status_counts(int(server.started_at)),
+                                       "cache": server.flights.snapshot()},
+                             "models": {"since": since, "data": server.store.model_stats(since)}})
+
     def handle_cache_stats(self) -> None:
         require_admin(self.caller)
         server = self.server
@@ -2927,13 +3019,14 @@ class ChatTurn:
         self.failure: Optional[ApiError] = None  # an error already sent in-band
         self.keep_going: Callable[[], bool] = lambda: False  # followers still want the answer
         self.detached = False  # our client left; the run goes on for followers
-
+        self.overage = False  # this answer was paid from extra usage
     @property
     def usage(self) -> Optional[Dict[str, Any]]:
         return self.outcome["usage"] if self.outcome else None
 
     def respond(self) -> None:
-        self.handler.send_json(200, self.complete())
+        body = self.complete()
+        self.handler.send_json(200, body, {"x-ocp-plan-overage": "true"} if self.overage else None)
 
     def replay(self, outcome: Dict[str, Any], source: str) -> None:
         """Answer with a finished answer (a cache hit, or a run shared with others)."""
@@ -3003,8 +3096,10 @@ class ChatTurn:
                 if event is HEARTBEAT:
                     on_heartbeat()
                     continue
-                if event.get("type") == "rate_limit_event":
-                    self.server.plan.observe(event.get("rate_limit_info") or {})
+                if event.get("type") == "rate_limit_event" and \
+                        self.server.plan.observe(event.get("rate_limit_info") or {}):
+                    self.overage = True
+                    log.warning("%s was paid from the subscription's extra usage", self.handler.request_id)
                 for kind, text in answer.feed(event):
                     if self.ttft_ms is None:
                         self.ttft_ms = int((time.monotonic() - self.started) * 1000)
@@ -3114,6 +3209,7 @@ class Admission:
             status, code = "error", 500
         self.store.finish(self.row, status, code, turn.usage if status == "ok" else None, turn.cost_usd,
                           turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
+        turn.server.record_outcome(status, error if isinstance(error, ApiError) else turn.failure)
 
 
 class ChatStream(ChatTurn):
@@ -3126,6 +3222,8 @@ class ChatStream(ChatTurn):
     def start(self) -> None:
         if not self.streaming:
             self.streaming = True
+            if self.server.plan.in_overage(self.server.wall()):
+                self.handler.response_headers["x-ocp-plan-overage"] = "true"
             self.handler.send_event_stream()
             self.send({"role": "assistant", "content": ""})
 
@@ -3222,6 +3320,8 @@ class ChatStream(ChatTurn):
         self.replay(outcome, None)
 
     def finish(self, finish_reason: str, usage: Dict[str, Any]) -> None:
+        if self.overage and "x-ocp-plan-overage" not in self.handler.response_headers:
+            self.emit_comment(b": x-ocp-plan-overage: true\n\n")  # learnt after the headers left
         self.send({}, finish_reason)
         if self.request.include_usage:
             self.emit(usage_chunk(self.completion_id, self.created, self.request.model.id, usage))
@@ -3471,10 +3571,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     print(f"CLI processes {slots['running']}/{slots['limit']} running, {slots['queued']} queued; "
           f"keys {detail['keys']['active']} active, {detail['keys']['revoked']} revoked; "
           f"up {format_wait(detail['uptime_s'])}")
-    for name, window in sorted(detail["plan"]["windows"].items()):
-        used = window["utilization"]
-        print(f"plan {name}: {'-' if used is None else f'{used * 100:.0f}%'} used, resets "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(window['resets_at']))}")
+    for window in detail["plan"]["windows"]:
+        used = window["utilization_pct"]
+        print(f"plan {window['window']}: {'-' if used is None else f'{used:.0f}%'} used, resets in "
+              f"{window['resets_in']} ({time.strftime('%Y-%m-%d %H:%M', time.localtime(window['resets_at']))})")
+    if body.get("reason"):
+        print(f"why: {body['reason']}")
     return 0
 
 
