@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import json
 import logging
+import logging.handlers
 import os
 import queue
 import re
@@ -129,6 +130,8 @@ class Config:
     log_prompts: bool = False
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
+    sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
+        default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
 
     @property
     def loopback(self) -> bool:
@@ -137,6 +140,10 @@ class Config:
     @property
     def spawn_dir(self) -> str:
         return os.path.join(self.home, "spawn")
+
+    @property
+    def settings_path(self) -> str:
+        return os.path.join(self.home, "settings.json")
 
     @property
     def db_path(self) -> str:
@@ -212,10 +219,18 @@ def parse_setting(name: str, raw: str, kind: str, bounds: Optional[Tuple[int, in
     return raw
 
 
+# Runtime-tunable settings (PATCH /settings, `ocp.py settings K V`, OCP_HOME/settings.json):
+# their public name -> Config field.
+TUNABLE = {"timeout": "timeout_ms", "maxConcurrent": "max_concurrent", "maxQueue": "max_queue",
+           "maxPromptChars": "max_prompt_chars", "cacheTTL": "cache_ttl_ms", "heartbeat": "heartbeat_ms"}
+SETTING_BY_FIELD = {spec[0]: spec for spec in SETTINGS}
+
+
 def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] = None) -> Config:
-    """Build the Config from `environ` then `flags` (flags win); raise ConfigError."""
+    """Build the Config: flag > env > OCP_HOME/settings.json > default; raise ConfigError."""
     flags = flags or {}
     values: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
     for field, env_name, flag, kind, bounds in SETTINGS:
         raw = flags.get(field)
         source = flag
@@ -223,6 +238,7 @@ def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] =
             raw, source = environ[env_name], env_name
         if raw is not None:
             values[field] = parse_setting(source, str(raw), kind, bounds)
+            sources[field] = source
     for field, env_name in SECRET_SETTINGS:
         values[field] = environ.get(env_name, "").strip()
     user_home = environ.get("HOME") or os.path.expanduser("~")
@@ -231,12 +247,66 @@ def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] =
     if values["home"] == "~" or values["home"].startswith("~/"):
         values["home"] = user_home + values["home"][1:]
     values["home"] = os.path.abspath(values["home"])
+    for name, value in read_settings_file(os.path.join(values["home"], "settings.json")).items():
+        field = TUNABLE[name]
+        if field not in values:
+            values[field] = check_tunable(name, value)
+            sources[field] = "settings.json"
     if "auth_mode" not in values:
         values["auth_mode"] = "shared" if values["api_key"] else "none"
     values["environ"] = types.MappingProxyType(dict(environ))
+    values["sources"] = types.MappingProxyType(sources)
     config = Config(**values)
     validate_config(config)
     return config
+
+
+def check_tunable(name: str, value: Any) -> int:
+    """Return a runtime setting's value; ConfigError naming the problem."""
+    if name not in TUNABLE:
+        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(TUNABLE)}")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{name} must be a whole number")
+    field, env_name, flag, kind, bounds = SETTING_BY_FIELD[TUNABLE[name]]
+    return parse_setting(name, str(value), kind, bounds)
+
+
+def read_settings_file(path: str) -> Dict[str, Any]:
+    """The operator's persisted runtime settings ({} when there are none)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}); fix or delete it")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of settings")
+    for name in data:
+        check_tunable(name, data[name])
+    return data
+
+
+def write_settings_file(path: str, changes: Mapping[str, int]) -> None:
+    """Merge `changes` into settings.json (0600), atomically."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    data = read_settings_file(path)
+    data.update(changes)
+    temporary = path + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def settings_view(config: Config) -> Dict[str, Any]:
+    """Every runtime setting with its value, where it came from and its range."""
+    view = {}
+    for name, field in TUNABLE.items():
+        spec = SETTING_BY_FIELD[field]
+        view[name] = {"value": getattr(config, field), "source": config.sources.get(field, "default"),
+                      "env": spec[1], "min": spec[4][0], "max": spec[4][1]}
+    return view
 
 
 def validate_config(config: Config) -> None:
@@ -1224,6 +1294,7 @@ class Job:
     effort: str = ""
     max_tokens: int = 0
     request_id: str = ""
+    owner: str = ""  # who asked (a key name): shown by GET /sessions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1366,6 +1437,14 @@ class Slots:
         with self._lock:
             return {"running": self._running, "queued": len(self._waiting), "limit": self.limit}
 
+    def resize(self, limit: int, max_queue: int) -> None:
+        """Take new limits now: a higher limit lets waiting requests in at once."""
+        with self._lock:
+            self.limit, self.max_queue = limit, max_queue
+            while self._running < self.limit and self._waiting:
+                self._running += 1
+                self._waiting.popleft().set()
+
     def acquire(self, deadline: float, cancelled: Callable[[], bool],
                 clock: Callable[[], float] = time.monotonic) -> None:
         with self._lock:
@@ -1389,7 +1468,7 @@ class Slots:
 
     def release(self) -> None:
         with self._lock:
-            if self._waiting:
+            if self._waiting and self._running <= self.limit:
                 self._waiting.popleft().set()  # hand the slot over, FIFO
             else:
                 self._running -= 1
@@ -1562,7 +1641,7 @@ class Runner:
         self.claude = find_claude(config)
         self._refresh_lock = threading.Lock()  # one child at a time may refresh the login
         self._live_lock = threading.Lock()
-        self._live: Dict[str, ClaudeProcess] = {}
+        self._live: Dict[str, Tuple[ClaudeProcess, Job]] = {}
         self._version: Optional[str] = None
         self.kill_grace_s = KILL_GRACE_S
         self.sweeper = Sweeper()
@@ -1592,12 +1671,24 @@ class Runner:
     def live(self) -> List[Dict[str, Any]]:
         now = time.monotonic()
         with self._live_lock:
-            return [{"id": rid, "pid": p.pid, "age_s": round(now - p.started, 1)}
-                    for rid, p in self._live.items()]
+            return [{"id": rid, "pid": p.pid, "key": job.owner, "model": job.model,
+                     "age_s": round(now - p.started, 1)} for rid, (p, job) in self._live.items()]
+
+    def cancel(self, run_id: str) -> bool:
+        with self._live_lock:
+            entry = self._live.get(run_id)
+        if entry:
+            entry[0].cancel()
+        return entry is not None
+
+    def apply(self, config: Config) -> None:
+        """Runtime settings changed: the next run uses them, the slots resize now."""
+        self.config = config
+        self.slots.resize(config.max_concurrent, config.max_queue)
 
     def cancel_all(self) -> int:
         with self._live_lock:
-            procs = list(self._live.values())
+            procs = [proc for proc, job in self._live.values()]
         for proc in procs:
             proc.cancel()
         return len(procs)
@@ -1645,7 +1736,7 @@ class Runner:
         try:
             proc = self._spawn(job, creds, run_dir)
             with self._live_lock:
-                self._live[job.request_id or str(proc.pid)] = proc
+                self._live[job.request_id or str(proc.pid)] = (proc, job)
             try:
                 yield from follow(proc, deadline, self.config.heartbeat_ms / 1000, client, self.clock,
                                   keep_going)
@@ -2530,6 +2621,149 @@ def plan_report(plan: PlanLimits, now_s: float) -> Dict[str, Any]:
 
 
 ###############################################################################
+# Metrics & logs ##############################################################
+###############################################################################
+
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+LOG_RECORD_FIELDS = set(vars(logging.LogRecord("x", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class Histogram:
+    def __init__(self):
+        self.buckets = [0] * len(LATENCY_BUCKETS_S)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if seconds <= bound:
+                self.buckets[i] += 1
+        self.total += seconds
+        self.count += 1
+
+
+class Metrics:
+    """Counters and latency histograms since start, for GET /metrics. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: Dict[Tuple[str, str, str], int] = collections.Counter()
+        self.duration: Dict[str, Histogram] = collections.defaultdict(Histogram)
+        self.ttft: Dict[str, Histogram] = collections.defaultdict(Histogram)
+
+    def record(self, status: str, model: str, key: str, duration_s: float, ttft_s: Optional[float]) -> None:
+        with self._lock:
+            self.requests[(status, model, key)] += 1
+            if status in ("ok", "cached"):
+                self.duration[model].observe(duration_s)
+            if ttft_s is not None:
+                self.ttft[model].observe(ttft_s)
+
+    def counts_by_status(self) -> Dict[str, int]:
+        with self._lock:
+            totals: Dict[str, int] = collections.Counter()
+            for (status, _, _), n in self.requests.items():
+                totals[status] += n
+            return dict(totals)
+
+    def render(self, gauges: List[Tuple[str, str, str, Dict[str, str], float]]) -> str:
+        """Prometheus text exposition (0.0.4) of the counters, histograms and `gauges`."""
+        lines: List[str] = []
+        with self._lock:
+            metric_header(lines, "ocp_requests_total", "counter", "Chat completion requests by outcome.")
+            for (status, model, key), n in sorted(self.requests.items()):
+                lines.append(sample("ocp_requests_total", {"status": status, "model": model, "key": key}, n))
+            for name, help_text, table in (
+                    ("ocp_request_duration_seconds", "Time to answer a chat completion.", self.duration),
+                    ("ocp_ttft_seconds", "Time to the first token.", self.ttft)):
+                metric_header(lines, name, "histogram", help_text)
+                for model, histogram in sorted(table.items()):
+                    for bound, n in zip(LATENCY_BUCKETS_S, histogram.buckets):
+                        lines.append(sample(name + "_bucket", {"model": model, "le": f"{bound:g}"}, n))
+                    lines.append(sample(name + "_bucket", {"model": model, "le": "+Inf"}, histogram.count))
+                    lines.append(sample(name + "_sum", {"model": model}, round(histogram.total, 6)))
+                    lines.append(sample(name + "_count", {"model": model}, histogram.count))
+        seen = set()
+        for name, kind, help_text, labels, value in gauges:
+            if name not in seen:
+                metric_header(lines, name, kind, help_text)
+                seen.add(name)
+            lines.append(sample(name, labels, value))
+        return "\n".join(lines) + "\n"
+
+
+def metric_header(lines: List[str], name: str, kind: str, help_text: str) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+
+
+def sample(name: str, labels: Dict[str, str], value: float) -> str:
+    if labels:
+        escaped = ",".join(f'{k}="{label_value(v)}"' for k, v in labels.items())
+        return f"{name}{{{escaped}}} {value}"
+    return f"{name} {value}"
+
+
+def label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, message and any structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(log_entry(record), ensure_ascii=False, default=str)
+
+
+def log_entry(record: logging.LogRecord) -> Dict[str, Any]:
+    stamp = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+    entry = {"ts": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z",
+             "level": record.levelname, "msg": record.getMessage()}
+    entry.update({k: v for k, v in vars(record).items() if k not in LOG_RECORD_FIELDS})
+    if record.exc_info:
+        entry["exception"] = logging.Formatter().formatException(record.exc_info)
+    return entry
+
+
+class LogRing(logging.Handler):
+    """The last log entries in memory, behind GET /logs. Thread-safe (logging locks emit)."""
+
+    def __init__(self, size: int = 1000):
+        super().__init__()
+        self.entries: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.entries.append(log_entry(record))
+
+    def tail(self, n: int, level: str = "DEBUG") -> List[Dict[str, Any]]:
+        floor = logging.getLevelName(level)
+        chosen = [e for e in list(self.entries) if logging.getLevelName(e["level"]) >= floor]
+        return chosen[-n:]
+
+
+class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """A size-capped log file created 0600: key names and request details are the owner's."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, self.mode.replace("w", "a"), encoding=self.encoding)
+
+
+def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
+    """Daemon logging: stderr for people, a rotating JSON file and the ring for /logs."""
+    logs = os.path.join(config.home, "logs")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    level = getattr(logging, config.log_level.upper())
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_handler = PrivateRotatingFile(os.path.join(logs, "ocp.log"), maxBytes=5 * 1024 * 1024, backupCount=3)
+    file_handler.setFormatter(JsonFormatter())
+    log.handlers[:] = ([stderr] if console else []) + [file_handler, ring]
+    log.setLevel(level)
+    log.propagate = False
+
+
+###############################################################################
 # HTTP ########################################################################
 ###############################################################################
 
@@ -2562,15 +2796,65 @@ class Server(ThreadingHTTPServer):
         self.wall = wall
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
+        self.metrics = Metrics()
+        self.ring = LogRing()
+        self._settings_lock = threading.Lock()
         self.started_at = wall()
         hostname = socket.gethostname().lower()
         self.own_names = (hostname, hostname.split(".")[0], hostname.split(".")[0] + ".local")
         self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
         super().__init__((config.bind, config.port), Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Outside a request (e.g. a reset idle keep-alive): clients do that, it is no traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            log.debug("connection from %s ended: %s", client_address[0], error)
+        else:
+            log.exception("error outside a request from %s", client_address[0])
+
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # skip HTTPServer's getfqdn: a DNS lookup at start
         self.server_name, self.server_port = self.server_address[:2]
+
+    def apply_settings(self, changes: Mapping[str, Any]) -> Dict[str, Any]:
+        """Validate runtime settings, take them now, persist them; 400 naming the problem."""
+        try:
+            fields = {TUNABLE[name]: check_tunable(name, value) for name, value in changes.items()}
+        except ConfigError as e:
+            raise bad_request(str(e), None, "invalid_setting")
+        except KeyError as e:
+            raise bad_request(f"unknown setting {e}; known: {', '.join(TUNABLE)}", None, "invalid_setting")
+        with self._settings_lock:
+            sources = dict(self.config.sources, **{field: "settings.json" for field in fields})
+            self.config = dataclasses.replace(self.config, sources=types.MappingProxyType(sources), **fields)
+            self.runner.apply(self.config)
+            write_settings_file(self.config.settings_path, {n: v for n, v in changes.items()})
+        overridden = [SETTING_BY_FIELD[TUNABLE[n]][1] for n in changes
+                      if self.config.environ.get(SETTING_BY_FIELD[TUNABLE[n]][1])]
+        log.info("settings changed", extra={"changes": dict(changes)})
+        return {"settings": settings_view(self.config), "overridden_at_start_by": overridden}
+
+    def gauges(self) -> List[Tuple[str, str, str, Dict[str, str], float]]:
+        slots = self.runner.slots.snapshot()
+        plan = self.plan.snapshot()
+        gauges = [("ocp_up", "gauge", "1 while the daemon answers.", {}, 1),
+                  ("ocp_build_info", "gauge", "The running version.", {"version": __version__}, 1),
+                  ("ocp_in_flight", "gauge", "CLI processes running.", {}, slots["running"]),
+                  ("ocp_queued", "gauge", "Requests waiting for a CLI slot.", {}, slots["queued"]),
+                  ("ocp_slots", "gauge", "CLI processes allowed at once.", {}, slots["limit"]),
+                  ("ocp_plan_held", "gauge", "1 while the plan's usage limit holds requests.", {},
+                   1 if plan["hold_until"] > self.wall() else 0)]
+        for name, window in sorted(plan["windows"].items()):
+            if window["utilization"] is not None:
+                gauges.append(("ocp_plan_utilization", "gauge", "Plan window utilization (1 = full).",
+                               {"window": name}, window["utilization"]))
+                gauges.append(("ocp_plan_resets_at", "gauge", "When a plan window resets (epoch seconds).",
+                               {"window": name}, window["resets_at"]))
+        for name, n in self.flights.snapshot().items():
+            gauges.append(("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.",
+                           {"event": name}, n))
+        return gauges
 
     def record_outcome(self, status: str, error: Optional[ApiError]) -> None:
         """Real requests are the health evidence: no probe ever spends the plan."""
@@ -2638,6 +2922,14 @@ class Handler(BaseHTTPRequestHandler):
         ("GET", "/api/usage"): "handle_usage",
         ("GET", "/cache/stats"): "handle_cache_stats",
         ("GET", "/usage"): "handle_plan_usage",
+        ("GET", "/status"): "handle_status",
+        ("GET", "/settings"): "handle_settings",
+        ("PATCH", "/settings"): "handle_settings_change",
+        ("GET", "/logs"): "handle_logs",
+        ("GET", "/metrics"): "handle_metrics",
+        ("GET", "/sessions"): "handle_sessions",
+        ("DELETE", "/sessions"): "handle_sessions_clear",
+        ("DELETE", "/sessions/*"): "handle_session_cancel",
         ("DELETE", "/cache"): "handle_cache_clear",
     }
     PUBLIC_ROUTES = ("/health",)
@@ -2701,8 +2993,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
-        log.info("%s %s %s %s %.3fs", self.request_id, self.command, key, self.status_sent,
-                 time.monotonic() - started)
+        log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
+                 extra={"request_id": self.request_id, "method": self.command, "route": key,
+                        "status": self.status_sent, "ms": int((time.monotonic() - started) * 1000),
+                        "caller": getattr(getattr(self, "caller", None), "name", None)})
 
     def send_api_error(self, error: ApiError) -> None:
         """Answer with `error`; a client that already left gets nothing and no traceback."""
@@ -2763,10 +3057,13 @@ class Handler(BaseHTTPRequestHandler):
                                      "bad_request"))
 
     def send_json(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_body(status, json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json", headers)
+
+    def send_body(self, status: int, data: bytes, content_type: str,
+                  headers: Optional[Dict[str, str]] = None) -> None:
         self.send_response(status)
         self.status_sent = status
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-request-id", self.request_id or "-")
         for name, value in dict(getattr(self, "response_headers", {}), **(headers or {})).items():
@@ -2892,7 +3189,8 @@ class Handler(BaseHTTPRequestHandler):
         check_prompt_budget(system, blocks, request, server.config)
         if request.user:
             log.info("%s user=%s model=%s", self.request_id, request.user[:64], request.model.id)
-        job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, self.request_id)
+        job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, self.request_id,
+                  self.caller.name)
         turn = (ChatStream if request.stream else ChatTurn)(self, request, job)
         owner = str(self.caller.key.id) if self.caller.key else self.caller.name
         key = cache_key(owner, request, body) if server.config.cache_ttl_ms and not cache_bypass(body) else ""
@@ -2918,6 +3216,7 @@ class Handler(BaseHTTPRequestHandler):
         server.store.record_cached(self.caller.key, self.caller.name, turn.request.model.id, self.request_id,
                                    answer["usage"], int((time.monotonic() - turn.started) * 1000),
                                    server.wall())
+        server.metrics.record("cached", turn.request.model.id, self.caller.name, time.monotonic() - turn.started, None)
         return True
 
     # -- keys, quotas, usage -----------------------------------------------------
@@ -2986,6 +3285,58 @@ class Handler(BaseHTTPRequestHandler):
                                        "cache": server.flights.snapshot()},
                              "models": {"since": since, "data": server.store.model_stats(since)}})
 
+    def handle_status(self) -> None:
+        require_admin(self.caller)
+        server = self.server
+        self.send_json(200, {"health": server.health(admin=True),
+                             "requests": dict(server.metrics.counts_by_status(), **server.runner.slots.snapshot()),
+                             "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall())})
+
+    def handle_settings(self) -> None:
+        require_admin(self.caller)
+        self.send_json(200, settings_view(self.server.config))
+
+    def handle_settings_change(self) -> None:
+        require_admin(self.caller)
+        body = self.read_json()
+        if not isinstance(body, dict) or not body:
+            raise bad_request("Send a JSON object of settings, e.g. {\"maxConcurrent\": 4}", None, "invalid_json")
+        result = self.server.apply_settings(body)
+        self.audit("settings", ",".join(sorted(body)), json.dumps(body, sort_keys=True))
+        self.send_json(200, result)
+
+    def handle_logs(self) -> None:
+        require_admin(self.caller)
+        query = urllib.parse.parse_qs(self.path.partition("?")[2])
+        n, level = (query.get("n") or ["100"])[-1], (query.get("level") or ["DEBUG"])[-1].upper()
+        if not (n.isdigit() and 1 <= int(n) <= 1000):
+            raise bad_request("'n' must be a whole number from 1 to 1000", "n")
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise bad_request("'level' must be debug, info, warning or error", "level")
+        self.send_json(200, {"object": "list", "data": self.server.ring.tail(int(n), level)})
+
+    def handle_metrics(self) -> None:
+        require_admin(self.caller)
+        text = self.server.metrics.render(self.server.gauges())
+        self.send_body(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+    def handle_sessions(self) -> None:
+        require_admin(self.caller)
+        self.send_json(200, {"object": "list", "data": self.server.runner.live()})
+
+    def handle_sessions_clear(self) -> None:
+        require_admin(self.caller)
+        cancelled = self.server.runner.cancel_all()
+        self.audit("sessions.clear", "*", str(cancelled))
+        self.send_json(200, {"cancelled": cancelled})
+
+    def handle_session_cancel(self, run_id: str) -> None:
+        require_admin(self.caller)
+        if not self.server.runner.cancel(run_id):
+            raise ApiError(404, f"No running session {run_id[:64]!r}.", code="session_not_found")
+        self.audit("sessions.cancel", run_id, "")
+        self.send_json(200, {"cancelled": 1})
+
     def handle_cache_stats(self) -> None:
         require_admin(self.caller)
         server = self.server
@@ -3023,6 +3374,13 @@ class ChatTurn:
     @property
     def usage(self) -> Optional[Dict[str, Any]]:
         return self.outcome["usage"] if self.outcome else None
+
+    def log_exchange(self, status: str) -> None:
+        """Only with OCP_LOG_PROMPTS=1: the operator asked to see what was said."""
+        prompt = "\n".join(b.get("text", "[image]") for b in self.job.blocks)
+        log.info("%s exchange", self.handler.request_id, extra={
+            "request_id": self.handler.request_id, "status": status, "system": self.job.system_prompt,
+            "prompt": prompt, "answer": (self.outcome or {}).get("content")})
 
     def respond(self) -> None:
         body = self.complete()
@@ -3210,6 +3568,11 @@ class Admission:
         self.store.finish(self.row, status, code, turn.usage if status == "ok" else None, turn.cost_usd,
                           turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
         turn.server.record_outcome(status, error if isinstance(error, ApiError) else turn.failure)
+        turn.server.metrics.record(status, turn.request.model.id, turn.handler.caller.name,
+                                   time.monotonic() - turn.started,
+                                   turn.ttft_ms / 1000 if turn.ttft_ms is not None else None)
+        if turn.server.config.log_prompts:
+            turn.log_exchange(status)
 
 
 class ChatStream(ChatTurn):
@@ -3346,6 +3709,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         server = Server(config, models, runner, store, admin_key)
     except OSError as e:
         raise SystemExit(f"ocp: cannot listen on {config.bind}:{config.port}: {e.strerror}")
+    setup_logging(config, server.ring)
     if runner.claude:
         log.info("claude CLI: %s", runner.claude)
     else:
@@ -3582,15 +3946,131 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 def daemon_get(config: Config, path: str, key: str = "") -> Optional[Dict[str, Any]]:
     """GET a route of the running daemon as JSON, or None when it does not answer."""
+    answer = daemon_call(config, "GET", path, key)
+    return answer[1] if answer and answer[0] == 200 else None
+
+
+def daemon_call(config: Config, method: str, path: str, key: str = "",
+                body: Any = None) -> Optional[Tuple[int, Any]]:
+    """Call the running daemon; return (status, parsed body), or None when nothing answers."""
+    import urllib.error
+    import urllib.request  # command-line only
     host = "127.0.0.1" if config.bind in ("0.0.0.0", "") else ("::1" if config.bind == "::" else config.bind)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{config.port}{path}"
-    import urllib.request  # command-line only
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = json.dumps(body).encode() if body is not None else None
+    if data:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
     except (OSError, ValueError):
         return None
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def admin_call(config: Config, method: str, path: str, body: Any = None) -> Optional[Any]:
+    """Call an admin route of the running daemon; None when it is not running; ApiError on refusal."""
+    answer = daemon_call(config, method, path, load_admin_key(config, create=False), body)
+    if answer is None:
+        return None
+    status, payload = answer
+    if status >= 400:
+        error = payload.get("error", {}) if isinstance(payload, dict) else {}
+        raise ApiError(status, error.get("message") or f"the daemon answered {status}", code=error.get("code"))
+    return payload
+
+
+def cmd_settings(args: argparse.Namespace, config: Config) -> int:
+    """Show or change runtime settings: through the daemon, or in settings.json when it is down."""
+    if args.value is not None:
+        try:
+            value = check_tunable(args.name, args.value)
+        except ConfigError as e:
+            raise ApiError(400, str(e))
+        result = admin_call(config, "PATCH", "/settings", {args.name: value})
+        if result is None:
+            write_settings_file(config.settings_path, {args.name: value})
+            print(f"{args.name} = {value} saved in {config.settings_path}; OCP is not running, so it "
+                  "takes effect when it starts.")
+            return 0
+        print(f"{args.name} = {result['settings'][args.name]['value']} (in effect now, saved)")
+        for name in result["overridden_at_start_by"]:
+            print(f"note: {name} is set in the environment and will win at the next start")
+        return 0
+    view = admin_call(config, "GET", "/settings")
+    if view is None:
+        view = settings_view(config)
+        print("(OCP is not running: showing what it would start with)", file=sys.stderr)
+    if args.name:
+        if args.name not in view:
+            raise ApiError(400, f"unknown setting {args.name!r}; known: {', '.join(TUNABLE)}")
+        view = {args.name: view[args.name]}
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        print_table([dict(v, name=k) for k, v in view.items()],
+                    [("name", "SETTING"), ("value", "VALUE"), ("source", "FROM"), ("env", "ENV"),
+                     ("min", "MIN"), ("max", "MAX")])
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, config: Config) -> int:
+    answer = admin_call(config, "GET", f"/logs?n={args.n}&level={args.level}")
+    if answer is not None:
+        entries = answer["data"]
+    else:
+        entries = tail_log_file(os.path.join(config.home, "logs", "ocp.log"), args.n, args.level)
+    for entry in entries:
+        if args.json:
+            print(json.dumps(entry, ensure_ascii=False))
+        else:
+            print(f"{entry['ts']} {entry['level']:<7} {entry['msg']}")
+    return 0
+
+
+def tail_log_file(path: str, n: int, level: str) -> List[Dict[str, Any]]:
+    """The last `n` entries at `level` or above from the JSON log file (when the daemon is down)."""
+    floor = logging.getLevelName(level.upper())
+    entries = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in collections.deque(f, maxlen=20 * n):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if logging.getLevelName(entry.get("level", "INFO")) >= floor:
+                    entries.append(entry)
+    except FileNotFoundError:
+        raise ApiError(404, f"No log yet at {path}: OCP has not run with this OCP_HOME.")
+    return entries[-n:]
+
+
+def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
+    if args.verb == "clear":
+        result = admin_call(config, "DELETE", "/sessions")
+    else:
+        result = admin_call(config, "GET", "/sessions")
+    if result is None:
+        print("ocp: OCP is not running, so no CLI process is either.", file=sys.stderr)
+        return 1
+    if args.verb == "clear":
+        print(json.dumps(result) if args.json else f"Cancelled {result['cancelled']} running CLI process(es).")
+    elif args.json:
+        print(json.dumps(result["data"], indent=2))
+    elif not result["data"]:
+        print("No CLI process is running.")
+    else:
+        print_table(result["data"], [("id", "ID"), ("pid", "PID"), ("key", "KEY"), ("model", "MODEL"),
+                                     ("age_s", "AGE S")])
+    return 0
 
 
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
@@ -3625,6 +4105,20 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--key", help="only this key (name or id)")
     usage.add_argument("--json", action="store_true")
     usage.set_defaults(run=cmd_usage)
+    settings = commands.add_parser("settings", help="show or change runtime settings (no restart)")
+    settings.add_argument("name", nargs="?", help="one of " + ", ".join(TUNABLE))
+    settings.add_argument("value", nargs="?", help="the new value")
+    settings.add_argument("--json", action="store_true")
+    settings.set_defaults(run=cmd_settings)
+    logs = commands.add_parser("logs", help="recent log entries of the daemon")
+    logs.add_argument("n", nargs="?", type=positive_int, default=50, help="how many (default 50)")
+    logs.add_argument("--level", default="INFO", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    logs.add_argument("--json", action="store_true")
+    logs.set_defaults(run=cmd_logs)
+    sessions = commands.add_parser("sessions", help="running CLI processes; `sessions clear` cancels them")
+    sessions.add_argument("verb", nargs="?", choices=("list", "clear"), default="list")
+    sessions.add_argument("--json", action="store_true")
+    sessions.set_defaults(run=cmd_sessions)
     status = commands.add_parser("status", help="ask the running daemon how it is (with the admin key)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status)

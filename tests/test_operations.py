@@ -1,11 +1,16 @@
 """Running for months: plan windows that survive restarts, overage, health from real outcomes."""
 
+import contextlib
+import io
 import json
+import logging
 import os
+import re
+import threading
 import unittest
 
 import ocp
-from helpers import ServerTest, directive
+from helpers import ServerTest, TempHome, directive, pid_alive, wait_until
 
 ADMIN = "ocp_admin_key_for_operations_tests0"
 RESET = 1795503600  # the fake CLI's five-hour reset
@@ -116,3 +121,209 @@ class HealthFromRealOutcomes(ServerTest):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"(,|$)')
+
+
+def parse_prometheus(text):
+    """A strict reader of the Prometheus text format (0.0.4): {(name, labels): value}, {name: type}."""
+    assert text.endswith("\n"), "exposition ends with a newline"
+    types_, samples = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            assert name not in types_, f"TYPE given twice for {name}"
+            types_[name] = kind
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name, _, body, value = match.groups()
+        labels = {}
+        position = 0
+        while body and position < len(body):
+            label = LABEL.match(body, position)
+            assert label, f"bad labels in {line!r}"
+            labels[label.group(1)] = label.group(2)
+            position = label.end()
+        family = re.sub(r"_(bucket|sum|count)$", "", name) if name not in types_ else name
+        assert family in types_, f"sample {name} before its TYPE"
+        key = (name, tuple(sorted(labels.items())))
+        assert key not in samples, f"duplicate sample {key}"
+        samples[key] = float(value)
+    for family, kind in types_.items():
+        if kind != "histogram":
+            continue
+        groups = {}
+        for (name, labels), value in samples.items():
+            if name == family + "_bucket":
+                rest = tuple(l for l in labels if l[0] != "le")
+                groups.setdefault(rest, []).append((dict(labels)["le"], value))
+        for rest, buckets in groups.items():
+            ordered = sorted(buckets, key=lambda b: float(b[0]))
+            values = [v for _, v in ordered]
+            assert values == sorted(values), f"{family} buckets are cumulative"
+            assert ordered[-1][0] == "+Inf"
+            assert samples[(family + "_count", rest)] == ordered[-1][1]
+    return samples, types_
+
+
+class RuntimeSettings(ServerTest):
+    env = {"OCP_ADMIN_KEY": ADMIN, "CLAUDE_TIMEOUT": "600000"}
+
+    def admin(self, method, path, body=None):
+        return self.request(method, path, body, headers={"Authorization": f"Bearer {ADMIN}"})
+
+    def test_change_validate_persist_and_survive_a_restart(self):
+        status, _, view = self.admin("GET", "/settings")
+        self.assertEqual((status, view["maxConcurrent"]["value"], view["maxConcurrent"]["source"]), (200, 8, "default"))
+        status, _, result = self.admin("PATCH", "/settings", {"maxConcurrent": 3, "heartbeat": 2000, "timeout": 5000})
+        self.assertEqual(status, 200)
+        self.assertEqual(result["settings"]["maxConcurrent"], {"value": 3, "source": "settings.json",
+                                                               "env": "CLAUDE_MAX_CONCURRENT", "min": 1, "max": 256})
+        self.assertEqual(result["overridden_at_start_by"], ["CLAUDE_TIMEOUT"])
+        self.assertEqual(self.server.runner.slots.snapshot()["limit"], 3, "in effect without a restart")
+        with open(os.path.join(self.ocp_home, "settings.json")) as f:
+            self.assertEqual(json.load(f), {"heartbeat": 2000, "maxConcurrent": 3, "timeout": 5000})
+        for bad in ({"maxConcurrent": 0}, {"maxConcurrent": "lots"}, {"colour": 1}, {"heartbeat": True}, {}):
+            with self.subTest(bad):
+                self.assertEqual(self.admin("PATCH", "/settings", bad)[0], 400)
+        self.assertEqual(self.request("PATCH", "/settings", {"maxQueue": 1})[0], 403)
+        self.server.shutdown()
+        self.server.server_close()
+        self.start_server(**self.server_env())
+        view = self.admin("GET", "/settings")[2]
+        self.assertEqual((view["maxConcurrent"]["value"], view["heartbeat"]["value"]), (3, 2000))
+        self.assertEqual((view["timeout"]["value"], view["timeout"]["source"]), (600000, "CLAUDE_TIMEOUT"),
+                         "the environment beats settings.json")
+
+    def test_a_bad_settings_file_stops_the_daemon_with_a_reason(self):
+        with open(os.path.join(self.ocp_home, "settings.json"), "w") as f:
+            json.dump({"maxQueue": -4}, f)
+        with self.assertRaises(ocp.ConfigError) as caught:
+            ocp.load_config(self.environ())
+        self.assertIn("maxQueue", str(caught.exception))
+
+    def test_raising_the_limit_lets_waiting_requests_in(self):
+        self.admin("PATCH", "/settings", {"maxConcurrent": 1})
+        first = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]})
+        wait_until(lambda: self.runs())
+        results = []
+        thread = threading.Thread(target=lambda: results.append(self.chat("waiting")[0]))
+        thread.start()
+        wait_until(lambda: self.server.runner.slots.snapshot()["queued"] == 1)
+        self.admin("PATCH", "/settings", {"maxConcurrent": 2})
+        thread.join(10)
+        self.assertEqual(results, [200])
+        first.close()
+
+
+class LogsMetricsStatusSessions(ServerTest):
+    env = {"OCP_ADMIN_KEY": ADMIN}
+
+    def setUp(self):
+        super().setUp()
+        ocp.setup_logging(self.config, self.server.ring, console=False)
+        self.addCleanup(self.restore_logging)
+
+    def restore_logging(self):
+        for handler in ocp.log.handlers:
+            handler.close()
+        ocp.log.handlers[:] = [logging.NullHandler()]
+
+    def admin(self, method, path):
+        return self.request(method, path, headers={"Authorization": f"Bearer {ADMIN}"})
+
+    def test_structured_logs_without_prompts(self):
+        self.chat("a secret prompt about my diary")
+        lines = lambda: [e for e in self.admin("GET", "/logs?n=20&level=info")[2]["data"]
+                         if e.get("route") == "/v1/chat/completions"]
+        request_lines = wait_until(lines)  # written just after the answer leaves
+        body = self.admin("GET", "/logs?n=50")[2]
+        self.assertEqual(request_lines[-1]["status"], 200)
+        self.assertIn("ms", request_lines[-1])
+        with open(os.path.join(self.ocp_home, "logs", "ocp.log")) as f:
+            text = f.read()
+        self.assertNotIn("diary", text)
+        self.assertNotIn("diary", json.dumps(body))
+        self.assertEqual(os.stat(os.path.join(self.ocp_home, "logs", "ocp.log")).st_mode & 0o777, 0o600)
+        [json.loads(line) for line in text.splitlines()]
+        self.assertEqual(self.admin("GET", "/logs?n=0")[0], 400)
+        self.assertEqual(self.admin("GET", "/logs?level=loud")[0], 400)
+        self.assertEqual(self.request("GET", "/logs")[0], 403)
+
+    def test_metrics_parse_as_prometheus_text(self):
+        self.chat("one")
+        self.chat("x " + directive(error="overloaded"))
+        conn = self.connection()
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
+        response = conn.getresponse()
+        self.assertTrue(response.headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        samples, types_ = parse_prometheus(response.read().decode())
+        self.assertEqual(types_["ocp_requests_total"], "counter")
+        self.assertEqual(types_["ocp_request_duration_seconds"], "histogram")
+        ok = ("ocp_requests_total", (("key", "local"), ("model", "claude-sonnet-5-5"), ("status", "ok")))
+        error = ("ocp_requests_total", (("key", "local"), ("model", "claude-sonnet-5-5"), ("status", "error")))
+        self.assertEqual((samples[ok], samples[error]), (1, 1))
+        self.assertEqual(samples[("ocp_in_flight", ())], 0)
+        self.assertIn(("ocp_ttft_seconds_count", (("model", "claude-sonnet-5-5"),)), samples)
+
+    def test_status_in_one_object(self):
+        self.chat("one")
+        status, _, body = self.admin("GET", "/status")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["health"]["status"], "ok")
+        self.assertEqual(body["requests"]["ok"], 1)
+        self.assertIn("windows", body["plan"])
+
+    def test_sessions_list_and_cancel(self):
+        sock = self.open_raw({"model": "haiku", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]})
+        run = wait_until(lambda: self.runs() and self.runs()[0])
+        [session] = wait_until(lambda: self.admin("GET", "/sessions")[2]["data"])
+        self.assertEqual((session["key"], session["model"], session["pid"]), ("local", "claude-haiku-5-5", run["pid"]))
+        self.assertEqual(self.admin("DELETE", "/sessions/nope")[0], 404)
+        status, _, body = self.admin("DELETE", "/sessions")
+        self.assertEqual((status, body["cancelled"]), (200, 1))
+        wait_until(lambda: not pid_alive(run["pid"]))
+        sock.close()
+
+
+class OperationsCommands(ServerTest):
+    env = {"OCP_ADMIN_KEY": ADMIN}
+
+    def main(self, *args):
+        env = dict(self.environ(), OCP_ADMIN_KEY=ADMIN, CLAUDE_PROXY_PORT=str(self.port))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ocp.main(list(args), env)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_settings_command_talks_to_the_daemon(self):
+        code, out, _ = self.main("settings", "maxQueue", "7")
+        self.assertEqual(code, 0)
+        self.assertIn("maxQueue = 7 (in effect now, saved)", out)
+        self.assertEqual(self.server.runner.slots.snapshot()["limit"], 8)
+        self.assertEqual(self.server.runner.slots.max_queue, 7)
+        code, out, _ = self.main("settings")
+        self.assertRegex(out, r"maxQueue\s+7\s+settings.json")
+        self.assertEqual(self.main("settings", "maxQueue", "-1")[0], 2)
+
+    def test_sessions_and_logs_commands(self):
+        self.assertEqual(self.main("sessions")[1], "No CLI process is running.\n")
+        self.assertIn("Cancelled 0", self.main("sessions", "clear")[1])
+        code, out, _ = self.main("logs", "5")
+        self.assertEqual(code, 0)
+
+
+class SettingsWhileStopped(TempHome):
+    def test_the_command_writes_the_file(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = ocp.main(["settings", "heartbeat", "5000"], dict(self.environ(), CLAUDE_PROXY_PORT="1"))
+        self.assertEqual(code, 0)
+        self.assertIn("takes effect when it starts", out.getvalue())
+        self.assertEqual(ocp.load_config(self.environ()).heartbeat_ms, 5000)
