@@ -4073,6 +4073,255 @@ def cmd_sessions(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# The service install.sh sets up; `restart` and `doctor` look for it under these names.
+SYSTEMD_UNIT = "ocp.service"
+LAUNCHD_LABEL = "com.ocp.daemon"
+DISK_WARN_BYTES = 500 * 1024 * 1024
+
+
+def check(id_: str, level: str, message: str, human: Optional[List[str]] = None,
+          run: Optional[List[str]] = None) -> Dict[str, Any]:
+    return {"id": id_, "level": level, "message": message, "human_required": human or [], "ai_executable": run or []}
+
+
+def installed_service(config: Config) -> Optional[Tuple[str, str]]:
+    """Return (kind, path) of an installed OCP service: systemd-user, systemd-system, launchd, cron."""
+    candidates = (("systemd-user", os.path.join(config.user_home, ".config", "systemd", "user", SYSTEMD_UNIT)),
+                  ("systemd-system", os.path.join("/etc/systemd/system", SYSTEMD_UNIT)),
+                  ("launchd", os.path.join(config.user_home, "Library", "LaunchAgents", LAUNCHD_LABEL + ".plist")))
+    for kind, path in candidates:
+        if os.path.exists(path):
+            return kind, path
+    crontab = shutil.which("crontab", path=config.environ.get("PATH"))
+    if crontab:
+        try:
+            listing = subprocess.run([crontab, "-l"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            listing = ""
+        if any(line.startswith("@reboot") and "ocp" in line for line in listing.splitlines()):
+            return "cron", "crontab"
+    return None
+
+
+def doctor_checks(config: Config, live: bool = False) -> List[Dict[str, Any]]:
+    """Everything OCP needs, checked locally; `live` also makes one real one-token request."""
+    checks = [check("python", "ok" if sys.version_info >= (3, 9) else "fail",
+                    f"Python {sys.version.split()[0]}" + ("" if sys.version_info >= (3, 9) else ": OCP needs 3.9+"),
+                    [] if sys.version_info >= (3, 9) else ["Install Python 3.9 or newer"])]
+    runner = Runner(config)
+    if not runner.claude:
+        checks.append(check("claude", "fail", "the claude CLI is not installed (or CLAUDE_BIN is wrong)",
+                            ["Install Node.js 18+ if it is missing"], ["npm i -g @anthropic-ai/claude-code"]))
+    else:
+        version = runner.version()
+        checks.append(check("claude", "ok" if version else "warn",
+                            f"claude {version} at {runner.claude}" if version else
+                            f"{runner.claude} does not answer --version", [] if version else
+                            ["Reinstall it: npm i -g @anthropic-ai/claude-code"]))
+    checks.append(login_check(config, runner if live and runner.claude else None))
+    checks += [port_check(config), service_check(config), database_check(config)]
+    checks += permission_checks(config)
+    checks.append(disk_check(config))
+    return checks
+
+
+def login_check(config: Config, runner: Optional[Runner]) -> Dict[str, Any]:
+    creds = resolve_credentials(config.environ, config.user_home, time.time(), keychain=macos_keychain)
+    fix = ["On this machine run `claude setup-token`, then set CLAUDE_CODE_OAUTH_TOKEN=<token> in "
+           "OCP's environment (or run `claude auth login`)"]
+    verdicts = {"env": ("ok", "CLAUDE_CODE_OAUTH_TOKEN is set"),
+                "login": ("ok", "the CLI's own login is valid"),
+                "refresh": ("warn", "the CLI's login token is about to expire; the CLI refreshes it on the next request"),
+                "none": ("fail", "no Claude login found for the CLI")}
+    level, message = verdicts[creds.source]
+    if runner is not None and level != "fail":
+        error = live_request(runner)
+        if error:
+            return check("login", "fail", f"a real request failed: {error}", fix)
+        message += "; a real one-token request worked"
+    return check("login", level, message, fix if level == "fail" else [])
+
+
+def live_request(runner: Runner) -> str:
+    """Spend one tiny request to prove the login works (doctor --live only); return the error or ""."""
+    runner.prepare()
+    job = Job("haiku", "Reply with the single word OK.", ({"type": "text", "text": "ping"},), max_tokens=16,
+              request_id="doctor", owner="doctor")
+    answer = Answer()
+    events = runner.run(job)
+    try:
+        for event in events:
+            if event is not HEARTBEAT:
+                answer.feed(event)
+    except ApiError as e:
+        return e.message
+    finally:
+        events.close()
+    error = answer.error(time.time())
+    return error.message if error and not answer.hit_max_tokens() else ""
+
+
+def port_check(config: Config) -> Dict[str, Any]:
+    if daemon_get(config, "/health") is not None:
+        return check("port", "ok", f"OCP answers on {config.bind}:{config.port}")
+    family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+    with socket.socket(family) as probe:
+        try:
+            probe.bind((config.bind, config.port))
+        except OSError as e:
+            return check("port", "fail", f"port {config.port} on {config.bind} is taken by another program "
+                         f"({e.strerror})", [f"Stop that program, or give OCP another port: CLAUDE_PROXY_PORT"])
+    return check("port", "info", f"port {config.port} is free (OCP is not running)", [],
+                 ["python3 " + os.path.join(HERE, "ocp.py") + " serve"])
+
+
+def service_check(config: Config) -> Dict[str, Any]:
+    service = installed_service(config)
+    if service:
+        return check("service", "ok", f"installed as a {service[0]} service ({service[1]})")
+    return check("service", "warn", "no service starts OCP at boot",
+                 ["Run install.sh to install one (systemd, launchd or cron)"])
+
+
+def database_check(config: Config) -> Dict[str, Any]:
+    if not os.path.exists(config.db_path):
+        return check("database", "info", f"no database yet ({config.db_path}); it is made at the first start")
+    try:
+        db = sqlite3.connect(f"file:{config.db_path}?mode=ro", uri=True, timeout=5)
+        try:
+            verdict = db.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        verdict = str(e)
+    if verdict == "ok":
+        return check("database", "ok", "integrity_check: ok")
+    return check("database", "fail", f"the database is damaged: {verdict[:200]}",
+                 [f"Stop OCP, move {config.db_path} aside and start again (keys must be re-created)"])
+
+
+def permission_checks(config: Config) -> List[Dict[str, Any]]:
+    wanted = [(config.home, 0o700), (config.db_path, 0o600), (os.path.join(config.home, "admin-key"), 0o600),
+              (config.settings_path, 0o600), (os.path.join(config.home, "logs"), 0o700)]
+    loose = []
+    for path, mode in wanted:
+        try:
+            actual = os.stat(path).st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        if actual & ~mode:
+            loose.append((path, mode, actual))
+    if not loose:
+        return [check("permissions", "ok", "OCP_HOME is private to its owner")]
+    return [check("permissions", "warn", f"{path} is {actual:o}, should be {mode:o}", [],
+                  [f"chmod {mode:o} {path}"]) for path, mode, actual in loose]
+
+
+def disk_check(config: Config) -> Dict[str, Any]:
+    path = config.home
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    level = "ok" if free >= DISK_WARN_BYTES else ("warn" if free >= DISK_WARN_BYTES // 10 else "fail")
+    return check("disk", level, f"{free // (1024 * 1024)} MiB free where OCP keeps its files",
+                 [] if level == "ok" else ["Free some disk space"])
+
+
+def next_action(checks: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What to do next, split into what needs a person and what an assistant can run."""
+    todo = [c for c in checks if c["level"] in ("fail", "warn")]
+    human = [step for c in todo for step in c["human_required"]]
+    runnable = [step for c in todo for step in c["ai_executable"]]
+    kind = "human_required" if human else ("run_commands" if runnable else "none")
+    return {"kind": kind, "human_required": human, "ai_executable": runnable}
+
+
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    checks = doctor_checks(config, args.live)
+    action = next_action(checks)
+    failed = any(c["level"] == "fail" for c in checks)
+    if args.json:
+        print(json.dumps({"checks": [{k: c[k] for k in ("id", "level", "message")} for c in checks],
+                          "next_action": action}, indent=2))
+        return 1 if failed else 0
+    print_table(checks, [("level", "LEVEL"), ("id", "CHECK"), ("message", "DETAIL")])
+    for step in action["human_required"]:
+        print(f"to do: {step}")
+    for step in action["ai_executable"]:
+        print(f"run:   {step}")
+    if action["kind"] == "none":
+        print("All good.")
+    return 1 if failed else 0
+
+
+def lan_addresses(environ: Mapping[str, str]) -> List[str]:
+    """This machine's IPv4 addresses on its networks (from `ip` or `ifconfig`; no traffic sent)."""
+    found: List[str] = []
+    for command in (["ip", "-o", "-4", "addr", "show", "scope", "global"], ["ifconfig"]):
+        tool = shutil.which(command[0], path=environ.get("PATH"))
+        if not tool:
+            continue
+        try:
+            text = subprocess.run([tool] + command[1:], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found = [a for a in re.findall(r"inet (?:addr:)?(\d+\.\d+\.\d+\.\d+)", text)
+                 if not a.startswith("127.")]
+        if found:
+            break
+    return list(dict.fromkeys(found))
+
+
+def cmd_lan(args: argparse.Namespace, config: Config) -> int:
+    addresses = lan_addresses(config.environ)
+    info = {"bind": config.bind, "port": config.port, "addresses": addresses,
+            "urls": [f"http://{a}:{config.port}/v1" for a in addresses], "auth_mode": config.auth_mode}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if addresses else 1
+    if config.loopback:
+        print(f"Note: OCP listens on {config.bind} only. For the LAN start it with --bind 0.0.0.0 "
+              "(and --auth-mode multi, then `ocp.py keys add NAME` per person).")
+    if not addresses:
+        print("ocp: no LAN address found on this machine", file=sys.stderr)
+        return 1
+    key = "<the key from `ocp.py keys add NAME`>" if config.auth_mode == "multi" else \
+        ("<PROXY_API_KEY>" if config.auth_mode == "shared" else "none")
+    for address in addresses:
+        print(f"{address}: http://{address}:{config.port}/v1")
+    print("\nOn a client, run:")
+    print(f"  export OPENAI_BASE_URL=http://{addresses[0]}:{config.port}/v1 OPENAI_API_KEY={key}")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace, config: Config) -> int:
+    service = installed_service(config)
+    if service is None:
+        print("ocp: no OCP service is installed. Stop the running daemon (Ctrl-C, or `kill` its pid) and "
+              f"start it again: python3 {os.path.join(HERE, 'ocp.py')} serve. install.sh installs a service.",
+              file=sys.stderr)
+        return 1
+    kind, path = service
+    commands = {"systemd-user": ["systemctl", "--user", "restart", SYSTEMD_UNIT],
+                "systemd-system": ["systemctl", "restart", SYSTEMD_UNIT],
+                "launchd": ["launchctl", "kickstart", "-k", f"gui/{os.getuid()}/{LAUNCHD_LABEL}"]}
+    if kind not in commands:
+        print(f"ocp: OCP starts from {path}; stop the running daemon and start it again by hand.", file=sys.stderr)
+        return 1
+    command = commands[kind]
+    if kind == "systemd-system" and os.geteuid() != 0:
+        print(f"ocp: the system service needs root: sudo {' '.join(command)}", file=sys.stderr)
+        return 1
+    tool = shutil.which(command[0], path=config.environ.get("PATH"))
+    if not tool:
+        print(f"ocp: {command[0]} is not on PATH; run: {' '.join(command)}", file=sys.stderr)
+        return 1
+    done = subprocess.run([tool] + command[1:], env=dict(config.environ), timeout=60)
+    if done.returncode == 0:
+        print(f"Restarted ({' '.join(command)}).")
+    return 0 if done.returncode == 0 else 1
+
+
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
     print(f"ocp {__version__}")
     return 0
@@ -4119,6 +4368,14 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("verb", nargs="?", choices=("list", "clear"), default="list")
     sessions.add_argument("--json", action="store_true")
     sessions.set_defaults(run=cmd_sessions)
+    doctor = commands.add_parser("doctor", help="check everything OCP needs; --json for an assistant")
+    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--live", action="store_true", help="also make one real one-token request")
+    doctor.set_defaults(run=cmd_doctor)
+    lan = commands.add_parser("lan", help="this machine's LAN addresses and the line to run on a client")
+    lan.add_argument("--json", action="store_true")
+    lan.set_defaults(run=cmd_lan)
+    commands.add_parser("restart", help="restart the installed service").set_defaults(run=cmd_restart)
     status = commands.add_parser("status", help="ask the running daemon how it is (with the admin key)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status)

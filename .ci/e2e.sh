@@ -16,9 +16,9 @@ if ! "$claude" --version 2>/dev/null | grep -q "^$CLAUDE_VERSION"; then
   npm install --prefix "$cli_dir" --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_VERSION" \
     || echo "!! npm install failed"
 fi
-if ! "$venv/bin/python" -c "import openai, pydantic" 2>/dev/null; then
-  echo "== creating $venv with the openai SDK"
-  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai || echo "!! pip install openai failed"
+if ! "$venv/bin/python" -c "import openai, pydantic, prometheus_client" 2>/dev/null; then
+  echo "== creating $venv with the openai SDK and prometheus_client"
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai prometheus_client || echo "!! pip install failed"
 fi
 
 started=$(date +%s)

@@ -6,11 +6,12 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import unittest
 
 import ocp
-from helpers import ServerTest, TempHome, directive, pid_alive, wait_until
+from helpers import ServerTest, TempHome, directive, free_port, pid_alive, wait_until
 
 ADMIN = "ocp_admin_key_for_operations_tests0"
 RESET = 1795503600  # the fake CLI's five-hour reset
@@ -327,3 +328,103 @@ class SettingsWhileStopped(TempHome):
         self.assertEqual(code, 0)
         self.assertIn("takes effect when it starts", out.getvalue())
         self.assertEqual(ocp.load_config(self.environ()).heartbeat_ms, 5000)
+
+
+def write_tool(folder, name, script):
+    """A stand-in executable on PATH (systemctl, ip) that records how it was called."""
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys, json, os\n{script}\n")
+    os.chmod(path, 0o755)
+    return path
+
+
+class Doctor(TempHome):
+    def doctor(self, *flags, **env):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = ocp.main(["doctor", "--json"] + list(flags), dict(self.environ(CLAUDE_PROXY_PORT=str(free_port())), **env))
+        report = json.loads(out.getvalue())
+        return code, {c["id"]: c for c in report["checks"]}, report["next_action"]
+
+    def test_a_healthy_machine(self):
+        code, checks, action = self.doctor("--live", CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-x")
+        self.assertEqual(code, 0)
+        self.assertEqual(checks["login"]["level"], "ok")
+        self.assertIn("a real one-token request worked", checks["login"]["message"])
+        self.assertEqual(checks["claude"]["message"].split()[:2], ["claude", "2.1.330"])
+        self.assertEqual(checks["service"]["level"], "warn")
+        self.assertEqual(action["kind"], "human_required")
+        self.assertEqual(len(self.runs()), 1, "--live made exactly one request")
+        self.assertEqual(self.runs()[0]["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "16")
+
+    def test_without_live_nothing_is_spent(self):
+        self.doctor(CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-x")
+        self.assertEqual(self.runs(), [])
+
+    def test_problems_and_what_to_do(self):
+        os.makedirs(self.ocp_home)
+        os.chmod(self.ocp_home, 0o755)
+        with open(os.path.join(self.ocp_home, "ocp.db"), "wb") as f:
+            f.write(b"SQLite format 3\x00" + b"\x00" * 84 + b"garbage" * 200)
+        code, checks, action = self.doctor(CLAUDE_BIN="/nonexistent/claude")
+        self.assertEqual(code, 1)
+        self.assertEqual(checks["claude"]["level"], "fail")
+        self.assertEqual(checks["login"]["level"], "fail")
+        self.assertEqual(checks["database"]["level"], "fail")
+        self.assertEqual(checks["permissions"]["level"], "warn")
+        self.assertIn("npm i -g @anthropic-ai/claude-code", action["ai_executable"])
+        self.assertIn(f"chmod 700 {self.ocp_home}", action["ai_executable"])
+        self.assertTrue(any("claude setup-token" in step for step in action["human_required"]))
+
+
+class RestartAndLan(TempHome):
+    def setUp(self):
+        super().setUp()
+        self.bin = os.path.join(self.tmp, "bin")
+        os.makedirs(self.bin)
+        self.calls = os.path.join(self.tmp, "calls.json")
+
+    def main(self, *args):
+        env = self.environ(PATH=self.bin + os.pathsep + os.environ.get("PATH", ""))
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ocp.main(list(args), env)
+        return code, out.getvalue(), err.getvalue()
+
+    def test_restart_uses_the_installed_user_service(self):
+        write_tool(self.bin, "systemctl", f"json.dump(sys.argv[1:], open({self.calls!r}, 'w'))")
+        unit = os.path.join(self.home, ".config", "systemd", "user")
+        os.makedirs(unit)
+        open(os.path.join(unit, "ocp.service"), "w").close()
+        code, out, _ = self.main("restart")
+        self.assertEqual(code, 0)
+        with open(self.calls) as f:
+            self.assertEqual(json.load(f), ["--user", "restart", "ocp.service"])
+
+    def test_restart_without_a_service_says_how(self):
+        write_tool(self.bin, "crontab", "print('')")
+        code, _, err = self.main("restart")
+        self.assertEqual(code, 1)
+        self.assertIn("ocp.py serve", err)
+
+    def test_lan_lists_addresses_and_the_client_line(self):
+        write_tool(self.bin, "ip", "print('2: eth0    inet 192.168.1.20/24 brd 192.168.1.255 scope global eth0\\n"
+                                   "3: wlan0    inet 10.0.0.7/24 scope global wlan0')")
+        code, out, _ = self.main("lan", "--json")
+        self.assertEqual(json.loads(out)["addresses"], ["192.168.1.20", "10.0.0.7"])
+        code, out, _ = self.main("lan")
+        self.assertIn("export OPENAI_BASE_URL=http://192.168.1.20:0/v1", out)
+        self.assertIn("--bind 0.0.0.0", out)
+
+
+class PromptLoggingOptIn(ServerTest):
+    env = {"OCP_LOG_PROMPTS": "1", "OCP_ADMIN_KEY": ADMIN}
+
+    def test_the_exchange_is_logged_only_when_asked(self):
+        ocp.setup_logging(self.config, self.server.ring, console=False)
+        self.addCleanup(LogsMetricsStatusSessions.restore_logging, self)
+        self.chat("what is in my diary")
+        entries = wait_until(lambda: [e for e in self.server.ring.tail(50) if "prompt" in e])
+        self.assertEqual(entries[-1]["prompt"], "what is in my diary")
+        self.assertEqual(entries[-1]["answer"], "Echo: what is in my diary")
