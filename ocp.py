@@ -5,18 +5,22 @@ It runs the official `claude` CLI once per request and translates between
 OpenAI's chat completions and the CLI's stream-json events.
 
     python3 ocp.py serve                 run the daemon (127.0.0.1:3456)
-    python3 ocp.py health                local detail: claude path, version, limits
-    python3 ocp.py models                the model ids and aliases it accepts
-    python3 ocp.py version
+    python3 ocp.py keys add NAME         a per-person key (multi mode), shown once
+    python3 ocp.py usage --by-key        who used what
+    python3 ocp.py status | doctor       how the daemon is; what to fix
+    python3 ocp.py settings | logs | sessions | lan | restart | health | models | version
 
 Contents (`grep -n '^# [A-Z].*#$' ocp.py` prints the map):
-    Config · Errors · Models · Claude runner · Translation (OpenAI ⇄ CLI) ·
-    Plan limits · HTTP · Admin CLI · Main
+    Config · Errors · Models · Store · Auth & quotas · Cache & singleflight ·
+    Claude runner · Translation (OpenAI ⇄ CLI) · Plan limits · Metrics & logs ·
+    HTTP · Admin CLI · Main
 
-A request's path: Handler.dispatch → Handler.handle_chat_completions →
-parse_chat_request → build_job (argv, stdin, env) → Runner.run (slot, spawn,
-follow events) → Answer.feed (events → deltas) → chat_chunk / chat_completion
-→ send_event_stream / send_json.
+A request's path: Handler.dispatch (Host/Origin checks, authenticate) →
+Handler.handle_chat_completions → parse_chat_request → messages_to_input →
+cache_key / Store.cache_get → Admission (quota reservation) → ChatTurn or
+ChatStream → Runner.run (slot, claude_argv, child_env, stdin_line, follow) →
+Answer.feed (events → deltas) → chat_completion / chat_chunk → send_json /
+send_event_stream → Admission records the usage row and metrics.
 
 Standard library only, Python 3.9+. Importing this module has no side effects.
 """
@@ -4327,25 +4331,7 @@ def cmd_version(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ocp.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the daemon",
-                                description="Run the OCP daemon. Each flag overrides its "
-                                            "environment variable (shown in brackets).")
-    for field, env_name, flag, kind, bounds in SETTINGS:
-        meta = "N" if kind == "int" else ("BOOL" if kind == "bool" else "VALUE")
-        serve.add_argument(flag, dest=field, metavar=meta, help=f"[{env_name}]")
-    serve.set_defaults(run=cmd_serve)
-    health = commands.add_parser("health", help="local detail: claude path and version, limits")
-    health.add_argument("--json", action="store_true")
-    health.set_defaults(run=cmd_health)
-    models = commands.add_parser("models", help="model ids and aliases")
-    models.add_argument("--json", action="store_true")
-    models.set_defaults(run=cmd_models)
-    commands.add_parser("version", help="print the version").set_defaults(run=cmd_version)
-    add_key_commands(commands)
+def add_operation_commands(commands: Any) -> None:
     usage = commands.add_parser("usage", help="requests per key or one by one (from the database)")
     usage.add_argument("--by-key", action="store_true", help="totals per key")
     usage.add_argument("--hours", type=positive_int, default=24 * 30, help="look back this far (default 720)")
@@ -4379,6 +4365,28 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="ask the running daemon how it is (with the admin key)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ocp.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the daemon",
+                                description="Run the OCP daemon. Each flag overrides its "
+                                            "environment variable (shown in brackets).")
+    for field, env_name, flag, kind, bounds in SETTINGS:
+        meta = "N" if kind == "int" else ("BOOL" if kind == "bool" else "VALUE")
+        serve.add_argument(flag, dest=field, metavar=meta, help=f"[{env_name}]")
+    serve.set_defaults(run=cmd_serve)
+    health = commands.add_parser("health", help="local detail: claude path and version, limits")
+    health.add_argument("--json", action="store_true")
+    health.set_defaults(run=cmd_health)
+    models = commands.add_parser("models", help="model ids and aliases")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(run=cmd_models)
+    commands.add_parser("version", help="print the version").set_defaults(run=cmd_version)
+    add_key_commands(commands)
+    add_operation_commands(commands)
     return parser
 
 
