@@ -442,7 +442,7 @@ def model_object(model: Model) -> Dict[str, Any]:
 ###############################################################################
 
 KEY_PREFIX_CHARS = 8
-KEY_NAME = re.compile(r"(?!\d+$)[A-Za-z0-9][A-Za-z0-9 ._@+-]{0,63}")  # all digits would read as an id
+KEY_NAME = re.compile(r"(?!\d+$)[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]{0,63}(?<!\s)")  # all digits would read as an id
 QUOTA_FIELDS = ("daily", "weekly", "monthly", "tokens_daily", "tokens_monthly")
 
 MIGRATION_1 = (
@@ -567,6 +567,10 @@ SELECT_MODEL_STATS = """SELECT model, COUNT(*) AS requests, SUM(status = 'error'
     ROUND(SUM(cost_usd), 4) AS cost_usd
     FROM usage WHERE created_at >= ? GROUP BY model ORDER BY requests DESC"""
 SELECT_STATUS_COUNTS = "SELECT status, COUNT(*) AS n FROM usage WHERE created_at >= ? GROUP BY status"
+SELECT_USAGE_SERIES = """SELECT (created_at - :since) / :bucket AS slot, COUNT(*) AS requests,
+    SUM(status = 'error') AS errors, CAST(AVG(CASE WHEN status = 'ok' THEN duration_ms END) AS INTEGER) AS avg_ms,
+    CAST(AVG(CASE WHEN status = 'ok' THEN ttft_ms END) AS INTEGER) AS avg_ttft_ms
+    FROM usage WHERE created_at >= :since AND (:key_id IS NULL OR key_id = :key_id) GROUP BY slot"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -878,6 +882,13 @@ class Store:
     def model_stats(self, since: int) -> List[Dict[str, Any]]:
         return [dict(row) for row in self._execute(SELECT_MODEL_STATS, (since,))]
 
+    def usage_series(self, since: int, bucket_s: int, buckets: int, key_id: Optional[int]) -> List[Dict[str, Any]]:
+        """Requests, errors, mean latency and TTFT per time bucket, oldest first, gaps as zeros."""
+        rows = {row["slot"]: dict(row) for row in self._execute(
+            SELECT_USAGE_SERIES, {"since": since, "bucket": bucket_s, "key_id": key_id})}
+        empty = {"requests": 0, "errors": 0, "avg_ms": None, "avg_ttft_ms": None}
+        return [dict(rows.get(i, empty), t=since + i * bucket_s, slot=i) for i in range(buckets)]
+
     def status_counts(self, since: int) -> Dict[str, int]:
         return {row["status"]: row["n"] for row in self._execute(SELECT_STATUS_COUNTS, (since,))}
 
@@ -892,7 +903,7 @@ def unique_name(name: str, taken: set) -> str:
     """Return `name`, or `name-2`, `name-3`…: the original allowed duplicate names."""
     base = name.strip()[:56] or "key"
     if not KEY_NAME.fullmatch(base):
-        base = "key-" + re.sub(r"[^A-Za-z0-9._@+-]", "-", base)[:52]
+        base = "key-" + re.sub(r"[\x00-\x1f\x7f]", "-", base)[:52]
     candidate, n = base, 1
     while candidate in taken:
         n += 1
@@ -1034,6 +1045,55 @@ def authenticate(given: str, config: Config, admin_key: str, store: Optional["St
                    "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+SESSION_COOKIE = "ocp_session"
+SESSION_TTL_S = 12 * 3600
+
+
+class DashboardSessions:
+    """Browser sessions after a login with a key; only the token's hash is kept. Thread-safe.
+
+    A session remembers whether it is the admin's or which key's; a revoked key's
+    session stops working at once.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sessions: Dict[str, Tuple[Optional[int], float]] = {}  # hash -> (key id or None=admin, expiry)
+
+    def create(self, caller: Caller, now_s: float) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions = {h: e for h, e in self._sessions.items() if e[1] > now_s}
+            self._sessions[hash_key(token)] = (None if caller.admin else caller.key.id, now_s + SESSION_TTL_S)
+        return token
+
+    def resolve(self, token: str, store: Store, now_s: float) -> Optional[Caller]:
+        with self._lock:
+            entry = self._sessions.get(hash_key(token))
+        if entry is None or entry[1] <= now_s:
+            return None
+        if entry[0] is None:
+            return Caller("admin", admin=True)
+        try:
+            key = store.find_key(str(entry[0]))
+        except ApiError:
+            return None
+        return None if key.revoked_at else Caller(key.name, key)
+
+    def drop(self, token: str) -> None:
+        with self._lock:
+            self._sessions.pop(hash_key(token), None)
+
+
+def cookie_value(header: str, name: str) -> str:
+    """The value of cookie `name` in a Cookie header, or ""."""
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value.strip()
+    return ""
+
+
 def require_admin(caller: Caller) -> None:
     if not caller.admin:
         raise ApiError(403, "This route needs the admin key (OCP_ADMIN_KEY, or the file admin-key "
@@ -1049,8 +1109,8 @@ def check_model_allowed(caller: Caller, model: Model) -> None:
 
 def check_key_name(name: Any) -> str:
     if not isinstance(name, str) or not KEY_NAME.fullmatch(name.strip()):
-        raise bad_request("'name' must be 1-64 characters (letters, digits, space . _ @ + -), not "
-                          "all digits, starting with a letter or digit", "name", "invalid_name")
+        raise bad_request("'name' must be 1-64 printable characters, not all digits, without leading "
+                          "or trailing spaces", "name", "invalid_name")
     return name.strip()
 
 
@@ -2800,6 +2860,7 @@ class Server(ThreadingHTTPServer):
         self.wall = wall
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
+        self.sessions = DashboardSessions()
         self.metrics = Metrics()
         self.ring = LogRing()
         self._settings_lock = threading.Lock()
@@ -2934,9 +2995,14 @@ class Handler(BaseHTTPRequestHandler):
         ("GET", "/sessions"): "handle_sessions",
         ("DELETE", "/sessions"): "handle_sessions_clear",
         ("DELETE", "/sessions/*"): "handle_session_cancel",
+        ("GET", "/dashboard"): "handle_dashboard",
+        ("POST", "/dashboard/login"): "handle_dashboard_login",
+        ("POST", "/dashboard/logout"): "handle_dashboard_logout",
+        ("GET", "/dashboard/data"): "handle_dashboard_data",
+        ("GET", "/dashboard/me"): "handle_dashboard_me",
         ("DELETE", "/cache"): "handle_cache_clear",
     }
-    PUBLIC_ROUTES = ("/health",)
+    PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me")
 
     def setup(self) -> None:
         self.timeout = self.server.config.socket_timeout_s  # idle or slow clients can't pin a thread
@@ -3017,6 +3083,11 @@ class Handler(BaseHTTPRequestHandler):
         """Return the caller; 401 when this mode needs a key and the request has no good one."""
         server = self.server
         given = presented_key(self.headers)
+        token = cookie_value(self.headers.get("Cookie", ""), SESSION_COOKIE)
+        if not given and token:
+            caller = server.sessions.resolve(token, server.store, server.wall())
+            if caller is not None:
+                return caller
         if route in self.PUBLIC_ROUTES:
             return identify(given, server.config, server.admin_key, server.store) or Caller("public")
         try:
@@ -3340,6 +3411,69 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"No running session {run_id[:64]!r}.", code="session_not_found")
         self.audit("sessions.cancel", run_id, "")
         self.send_json(200, {"cancelled": 1})
+
+    def handle_dashboard(self) -> None:
+        """The page itself is public and holds no data; everything it shows needs a login."""
+        try:
+            with open(os.path.join(HERE, "dashboard.html"), "rb") as f:
+                page = f.read()
+        except FileNotFoundError:
+            raise ApiError(404, "dashboard.html is not installed next to ocp.py.", code="dashboard_missing")
+        scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
+        hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'" for s in scripts)
+        self.send_body(200, page, "text/html; charset=utf-8", {
+            "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+                                       "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                                       "form-action 'none'; base-uri 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+    def handle_dashboard_login(self) -> None:
+        body = self.read_json()
+        given = body.get("key") if isinstance(body, dict) else None
+        server = self.server
+        caller = identify(given, server.config, server.admin_key, server.store) if isinstance(given, str) else None
+        if caller is None or not (caller.admin or caller.key):
+            self.audit("dashboard.login_failed", "-", "")
+            raise ApiError(401, "That key does not open the dashboard: use the admin key or your own key.",
+                           "invalid_request_error", "invalid_api_key")
+        token = server.sessions.create(caller, server.wall())
+        self.send_json(200, {"role": "admin" if caller.admin else "member", "name": caller.name},
+                       {"Set-Cookie": f"{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; "
+                                      f"Max-Age={SESSION_TTL_S}"})
+
+    def handle_dashboard_logout(self) -> None:
+        self.discard_body()
+        token = cookie_value(self.headers.get("Cookie", ""), SESSION_COOKIE)
+        if token:
+            self.server.sessions.drop(token)
+        self.send_json(200, {"logged_out": True},
+                       {"Set-Cookie": f"{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"})
+
+    def handle_dashboard_me(self) -> None:
+        """Who the browser's session is: 200 either way, so the page's first look logs no error."""
+        caller = self.caller
+        role = "admin" if caller.admin else ("member" if caller.key else None)
+        self.send_json(200, {"role": role, "name": caller.name if role else None})
+
+    def handle_dashboard_data(self) -> None:
+        """Everything the dashboard shows, scoped to who is logged in: a member sees only its own."""
+        caller, server = self.caller, self.server
+        if not (caller.admin or caller.key):
+            raise ApiError(401, "Log in with the admin key or your own key.", code="login_required")
+        now = server.wall()
+        bucket, buckets = 3600, 24
+        since = int(now // bucket * bucket) - (buckets - 1) * bucket
+        keys = server.store.keys() if caller.admin else [caller.key]
+        mine = None if caller.admin else caller.key.id
+        usage = server.store.usage_by_key(int(now) - 30 * 86400, int(now) + 1)
+        recent = server.store.usage_rows(mine, None if caller.admin else caller.name, 0, int(now) + 1, 25)
+        self.send_json(200, {
+            "role": "admin" if caller.admin else "member", "name": caller.name, "now": int(now),
+            "health": server.health(admin=caller.admin), "plan": plan_report(server.plan, now),
+            "series": {"bucket_s": bucket, "points": server.store.usage_series(since, bucket, buckets, mine)},
+            "keys": [quota_report(server.store, k, now, server.config.tzinfo) for k in keys],
+            "usage_by_key": usage if caller.admin else [u for u in usage if u["key_name"] == caller.name],
+            "recent": recent})
 
     def handle_cache_stats(self) -> None:
         require_admin(self.caller)

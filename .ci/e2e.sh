@@ -16,12 +16,18 @@ if ! "$claude" --version 2>/dev/null | grep -q "^$CLAUDE_VERSION"; then
   npm install --prefix "$cli_dir" --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_VERSION" \
     || echo "!! npm install failed"
 fi
-if ! "$venv/bin/python" -c "import openai, pydantic, prometheus_client" 2>/dev/null; then
-  echo "== creating $venv with the openai SDK and prometheus_client"
-  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai prometheus_client || echo "!! pip install failed"
+if ! "$venv/bin/python" -c "import openai, pydantic, prometheus_client, playwright" 2>/dev/null; then
+  echo "== creating $venv with openai, prometheus_client and playwright (test-only tools)"
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai prometheus_client playwright \
+    || echo "!! pip install failed"
 fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "== installing Debian's chromium for the dashboard tests"
+  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "!! could not install chromium"
+fi
+export OCP_SCREENSHOTS="${OCP_SCREENSHOTS:-$PWD/screenshots}"
 
 started=$(date +%s)
 run_suite "end to end (real claude CLI $CLAUDE_VERSION, openai SDK)" \
   env OCP_E2E=1 OCP_E2E_CLAUDE="$claude" "$venv/bin/python" -m unittest discover -s tests/e2e -t tests
-echo "== end to end took $(( $(date +%s) - started ))s"
+echo "== end to end took $(( $(date +%s) - started ))s; dashboard screenshots in $OCP_SCREENSHOTS"
