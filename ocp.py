@@ -1511,6 +1511,12 @@ class Slots:
 
     def acquire(self, deadline: float, cancelled: Callable[[], bool],
                 clock: Callable[[], float] = time.monotonic) -> None:
+        for _ in self.waiting(deadline, cancelled, clock):
+            pass
+
+    def waiting(self, deadline: float, cancelled: Callable[[], bool],
+                clock: Callable[[], float] = time.monotonic, tick_s: float = 0) -> Iterator[None]:
+        """Take a slot, yielding after each `tick_s` spent in the line (for heartbeats)."""
         with self._lock:
             if self._running < self.limit and not self._waiting:
                 self._running += 1
@@ -1519,7 +1525,11 @@ class Slots:
                 raise queue_full("all CLI slots are busy and the queue is full")
             turn = threading.Event()
             self._waiting.append(turn)
-        while not turn.wait(min(0.25, max(0.0, deadline - clock()))):
+        next_tick = clock() + tick_s
+        while not turn.wait(min(0.25, tick_s or 0.25, max(0.0, deadline - clock()))):
+            if tick_s and clock() >= next_tick:
+                next_tick = clock() + tick_s
+                yield
             if cancelled() or clock() >= deadline:
                 with self._lock:
                     if not turn.is_set():
@@ -1772,7 +1782,9 @@ class Runner:
             raise claude_missing()
         deadline = self.clock() + self.config.timeout_ms / 1000
         queue_deadline = min(deadline, self.clock() + self.config.queue_timeout_ms / 1000)
-        self.slots.acquire(queue_deadline, lambda: peer_closed(client) and not keep_going(), self.clock)
+        for _ in self.slots.waiting(queue_deadline, lambda: peer_closed(client) and not keep_going(),
+                                    self.clock, self.config.heartbeat_ms / 1000):
+            yield HEARTBEAT  # a streaming client hears from us while it waits in line
         try:
             creds = resolve_credentials(self.config.environ, self.config.user_home, self.wall(),
                                         keychain=macos_keychain)

@@ -10,7 +10,7 @@ import threading
 import time
 import unittest
 
-from helpers import ROOT, ServerTest, TempHome, connectable, directive, free_port, pid_alive, wait_until
+from helpers import ROOT, ServerTest, TempHome, connectable, content_of, directive, free_port, pid_alive, wait_until
 
 HANG = {"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]}
 
@@ -145,6 +145,26 @@ class Queue(ServerTest):
         for thread in threads:
             thread.join(10)
         self.assertEqual(order, ["Echo: req 0", "Echo: req 1", "Echo: req 2"])
+
+
+class HeartbeatsInTheQueue(ServerTest):
+    env = {"CLAUDE_MAX_CONCURRENT": "1", "CLAUDE_HEARTBEAT_INTERVAL": "100"}
+
+    def test_a_queued_stream_gets_keepalives_before_its_first_token(self):
+        first = self.open_raw(HANG)
+        started_runs(self, 1)
+        results = []
+        thread = threading.Thread(target=lambda: results.append(self.stream("queued")))
+        thread.start()
+        wait_until(lambda: self.server.runner.slots.snapshot()["queued"] == 1)
+        time.sleep(0.5)  # let the queued request wait through several heartbeat intervals
+        first.close()
+        thread.join(10)
+        status, _, events = results[0]
+        first_content = next(i for i, (_, e) in enumerate(events)
+                             if isinstance(e, dict) and e["choices"] and e["choices"][0]["delta"].get("content"))
+        self.assertGreaterEqual([e for _, e in events[:first_content]].count(": keepalive"), 3)
+        self.assertEqual(content_of(events), "Echo: queued")
 
 
 class SlowAndIdleClients(ServerTest):
