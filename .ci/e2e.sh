@@ -21,9 +21,14 @@ if ! "$venv/bin/python" -c "import openai, pydantic, prometheus_client, playwrig
   python3 -m venv "$venv" && "$venv/bin/pip" install -q openai prometheus_client playwright \
     || echo "!! pip install failed"
 fi
-if [ ! -x /usr/bin/chromium ]; then
-  echo "== installing Debian's chromium for the dashboard tests"
-  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "!! could not install chromium"
+missing=""
+[ -x /usr/bin/chromium ] || missing="$missing chromium"
+command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
+command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
+if [ -n "$missing" ]; then
+  echo "== installing Debian's$missing (dashboard and install.sh checks)"
+  # shellcheck disable=SC2086
+  (apt-get update -qq && apt-get install -y -qq $missing) >/dev/null 2>&1 || echo "!! could not install$missing"
 fi
 export OCP_SCREENSHOTS="${OCP_SCREENSHOTS:-$PWD/screenshots}"
 
