@@ -4472,6 +4472,149 @@ def cmd_restart(args: argparse.Namespace, config: Config) -> int:
     return 0 if done.returncode == 0 else 1
 
 
+UPDATE_FILES = ("ocp.py", "models.json", "dashboard.html", "ocp_connect.py")
+HEALTH_WAIT_S = 20
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cmd_manifest(args: argparse.Namespace, config: Config) -> int:
+    """Write DIR/manifest.json: the version and SHA-256 of each file `update` installs."""
+    files = {name: file_sha256(os.path.join(args.dir, name)) for name in UPDATE_FILES
+             if os.path.exists(os.path.join(args.dir, name))}
+    manifest = {"version": __version__, "files": files}
+    with open(os.path.join(args.dir, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    print(f"wrote manifest.json for {len(files)} files (version {__version__})")
+    return 0
+
+
+def update_source(config: Config) -> str:
+    """Where this install came from: OCP_UPDATE_URL, else the .source install.sh recorded."""
+    source = config.environ.get("OCP_UPDATE_URL", "").strip()
+    if not source:
+        try:
+            with open(os.path.join(HERE, ".source"), encoding="utf-8") as f:
+                source = f.read().strip()
+        except FileNotFoundError:
+            pass
+    if not source:
+        raise ApiError(400, "No update source: set OCP_UPDATE_URL (install.sh records where it installed from).")
+    return source
+
+
+def fetch_release_file(source: str, name: str, limit: int = 16 * 1024 * 1024) -> bytes:
+    """One file of a release from a URL or a directory."""
+    if re.match(r"https?://", source):
+        import urllib.error
+        import urllib.request  # command-line only
+        try:
+            with urllib.request.urlopen(source.rstrip("/") + "/" + name, timeout=30) as response:
+                return response.read(limit)
+        except (urllib.error.URLError, OSError) as e:
+            raise ApiError(502, f"cannot fetch {name} from {source}: {getattr(e, 'reason', e)}")
+    try:
+        with open(os.path.join(source, name), "rb") as f:
+            return f.read(limit)
+    except OSError as e:
+        raise ApiError(502, f"cannot read {name} from {source}: {e.strerror}")
+
+
+def fetch_release(source: str) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+    """The manifest and every file it names, each checked against its SHA-256; 1 exit on a mismatch."""
+    try:
+        manifest = json.loads(fetch_release_file(source, "manifest.json"))
+        files = manifest["files"]
+        assert isinstance(files, dict) and all(name in UPDATE_FILES for name in files)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise ApiError(502, "the release's manifest.json is missing or malformed")
+    contents = {}
+    for name, expected in files.items():
+        data = fetch_release_file(source, name)
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ApiError(502, f"{name} does not match its SHA-256 in the manifest: refusing the update")
+        contents[name] = data
+    return manifest, contents
+
+
+def replace_files(contents: Mapping[str, bytes], keep_previous: bool) -> None:
+    """Install new files next to ocp.py; the current ones go to .previous/ first."""
+    previous = os.path.join(HERE, ".previous")
+    if keep_previous:
+        shutil.rmtree(previous, ignore_errors=True)
+        os.makedirs(previous)
+        for name in UPDATE_FILES:
+            if os.path.exists(os.path.join(HERE, name)):
+                shutil.copy2(os.path.join(HERE, name), os.path.join(previous, name))
+    for name, data in contents.items():
+        staged = os.path.join(HERE, name + ".new")
+        with open(staged, "wb") as f:
+            f.write(data)
+        if name == "ocp.py":
+            os.chmod(staged, 0o755)
+        os.replace(staged, os.path.join(HERE, name))
+
+
+def restart_and_check(args: argparse.Namespace, config: Config) -> Optional[bool]:
+    """Restart the installed service and wait for /health: None when there is no service."""
+    if installed_service(config) is None:
+        print("No OCP service is installed: restart the daemon yourself to run the new version.")
+        return None
+    if cmd_restart(args, config) != 0:
+        return False
+    deadline = time.monotonic() + float(config.environ.get("OCP_UPDATE_HEALTH_WAIT_S") or HEALTH_WAIT_S)
+    while time.monotonic() < deadline:
+        body = daemon_get(config, "/health")
+        if body and body.get("status") in ("ok", "degraded"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def cmd_update(args: argparse.Namespace, config: Config) -> int:
+    if args.rollback:
+        return rollback(args, config)
+    source = update_source(config)
+    manifest, contents = fetch_release(source)
+    changed = sorted(n for n, data in contents.items() if not os.path.exists(os.path.join(HERE, n))
+                     or file_sha256(os.path.join(HERE, n)) != hashlib.sha256(data).hexdigest())
+    if args.check:
+        print(f"installed {__version__}, available {manifest.get('version', '?')}: " +
+              (f"changed {', '.join(changed)}" if changed else "up to date"))
+        return 0
+    if not changed:
+        print(f"Already up to date ({__version__}).")
+        return 0
+    replace_files(contents, keep_previous=True)
+    print(f"Installed {manifest.get('version', '?')} ({', '.join(changed)}); the previous files are in .previous/")
+    healthy = restart_and_check(args, config)
+    if healthy is False:
+        print("ocp: the new version did not come up healthy: rolling back", file=sys.stderr)
+        rollback(args, config)
+        return 1
+    return 0
+
+
+def rollback(args: argparse.Namespace, config: Config) -> int:
+    previous = os.path.join(HERE, ".previous")
+    names = [n for n in UPDATE_FILES if os.path.exists(os.path.join(previous, n))]
+    if not names:
+        raise ApiError(404, "There is no previous version to roll back to.")
+    contents = {}
+    for name in names:
+        with open(os.path.join(previous, name), "rb") as f:
+            contents[name] = f.read()
+    replace_files(contents, keep_previous=False)
+    print(f"Restored the previous {', '.join(names)}.")
+    return 0 if restart_and_check(args, config) is not False else 1
+
+
 def cmd_version(args: argparse.Namespace, config: Config) -> int:
     print(f"ocp {__version__}")
     return 0
@@ -4508,6 +4651,13 @@ def add_operation_commands(commands: Any) -> None:
     lan.add_argument("--json", action="store_true")
     lan.set_defaults(run=cmd_lan)
     commands.add_parser("restart", help="restart the installed service").set_defaults(run=cmd_restart)
+    update = commands.add_parser("update", help="install the newer release from where OCP was installed")
+    update.add_argument("--check", action="store_true", help="only say whether there is one")
+    update.add_argument("--rollback", action="store_true", help="go back to the previous version")
+    update.set_defaults(run=cmd_update)
+    manifest = commands.add_parser("manifest", help="write DIR/manifest.json for publishing a release")
+    manifest.add_argument("dir")
+    manifest.set_defaults(run=cmd_manifest)
     status = commands.add_parser("status", help="ask the running daemon how it is (with the admin key)")
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_status)
