@@ -3008,13 +3008,14 @@ class Handler(BaseHTTPRequestHandler):
         ("DELETE", "/sessions"): "handle_sessions_clear",
         ("DELETE", "/sessions/*"): "handle_session_cancel",
         ("GET", "/dashboard"): "handle_dashboard",
+        ("GET", "/connect.py"): "handle_connect_script",
         ("POST", "/dashboard/login"): "handle_dashboard_login",
         ("POST", "/dashboard/logout"): "handle_dashboard_logout",
         ("GET", "/dashboard/data"): "handle_dashboard_data",
         ("GET", "/dashboard/me"): "handle_dashboard_me",
         ("DELETE", "/cache"): "handle_cache_clear",
     }
-    PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me")
+    PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me", "/connect.py")
 
     def setup(self) -> None:
         self.timeout = self.server.config.socket_timeout_s  # idle or slow clients can't pin a thread
@@ -3438,6 +3439,15 @@ class Handler(BaseHTTPRequestHandler):
                                        "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
                                        "form-action 'none'; base-uri 'none'",
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+    def handle_connect_script(self) -> None:
+        """The client setup script: `curl -fsSL http://SERVER:3456/connect.py | python3 - SERVER`."""
+        try:
+            with open(os.path.join(HERE, "ocp_connect.py"), "rb") as f:
+                script = f.read()
+        except FileNotFoundError:
+            raise ApiError(404, "ocp_connect.py is not installed next to ocp.py.", code="connect_missing")
+        self.send_body(200, script, "text/x-python; charset=utf-8", {"Cache-Control": "no-store"})
 
     def handle_dashboard_login(self) -> None:
         body = self.read_json()
@@ -4320,7 +4330,7 @@ def port_check(config: Config) -> Dict[str, Any]:
             probe.bind((config.bind, config.port))
         except OSError as e:
             return check("port", "fail", f"port {config.port} on {config.bind} is taken by another program "
-                         f"({e.strerror})", [f"Stop that program, or give OCP another port: CLAUDE_PROXY_PORT"])
+                         f"({e.strerror})", ["Stop that program, or give OCP another port: CLAUDE_PROXY_PORT"])
     return check("port", "info", f"port {config.port} is free (OCP is not running)", [],
                  ["python3 " + os.path.join(HERE, "ocp.py") + " serve"])
 

@@ -1,0 +1,185 @@
+"""ocp_connect.py against a running OCP, in a temporary HOME that already holds each tool's config."""
+
+import contextlib
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import urllib.request
+
+import ocp_connect
+from helpers import ROOT, ServerTest
+
+ADMIN = "ocp_admin_key_for_connect_tests0000"
+
+EXISTING = {
+    ".bashrc": "export PATH=$PATH:/opt/bin\nalias ll='ls -l'\n",
+    ".zshrc": "setopt autocd\n",
+    ".config/fish/config.fish": "set -x EDITOR vim\n",
+    ".continue/config.yaml": ("name: Mine\nversion: 1.0.0\nschema: v1\nmodels:\n  - name: Local llama\n"
+                              "    provider: ollama\n    model: llama3\ncontext:\n  - provider: code\n"),
+    ".config/opencode/opencode.json": json.dumps({"$schema": "https://opencode.ai/config.json", "theme": "dark",
+                                                  "provider": {"other": {"npm": "x"}}}, indent=4) + "\n",
+    ".aider.conf.yml": "dark-mode: true\nmodel: gpt-4o\n",
+    ".config/io.datasette.llm/extra-openai-models.yaml": "- model_id: local\n  model_name: mistral\n",
+    ".config/io.datasette.llm/keys.json": json.dumps({"openai": "sk-mine"}),
+    ".openclaw/openclaw.json": json.dumps({"gateway": {"port": 18789},
+                                           "models": {"providers": {"other": {"baseUrl": "http://x"}}}}),
+    ".openclaw/agents/main/agent/auth-profiles.json": json.dumps({"version": 1, "profiles": {
+        "anthropic:default": {"type": "api_key", "provider": "anthropic", "key": "sk-ant-mine"}}}),
+}
+
+
+def seed_existing_configs(home):
+    """Each tool's config as its owner left it."""
+    for name, text in EXISTING.items():
+        path = os.path.join(home, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+class ConnectAClient(ServerTest):
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN}
+
+    def setUp(self):
+        super().setUp()
+        self.key = self.request("POST", "/api/keys", {"name": "laptop"},
+                                headers={"Authorization": f"Bearer {ADMIN}"})[2]["key"]
+        seed_existing_configs(self.home)
+        self.server_url = f"127.0.0.1:{self.port}"
+
+    def connect(self, *args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = ocp_connect.main(list(args), {"HOME": self.home, "PATH": ""}, platform="linux")
+        return code, out.getvalue() + err.getvalue()
+
+    def read(self, name):
+        with open(os.path.join(self.home, name)) as f:
+            return f.read()
+
+    def snapshot(self):
+        """Every file under HOME (dotfiles included) and its bytes."""
+        files = {}
+        for folder, _, names in os.walk(self.home):
+            for name in names:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, self.home)] = f.read()
+        return files
+
+    def test_configures_everything_and_keeps_what_was_there(self):
+        code, out = self.connect(self.server_url, "--key", self.key)
+        self.assertEqual(code, 0, out)
+        api = f"http://127.0.0.1:{self.port}/v1"
+        env = self.read(".config/ocp/env")
+        self.assertIn(f"export OPENAI_BASE_URL='{api}'", env)
+        self.assertIn(f"export OPENAI_API_KEY='{self.key}'", env)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.home, ".config/ocp/env")).st_mode), 0o600)
+        for rc in (".bashrc", ".zshrc"):
+            self.assertTrue(self.read(rc).startswith(EXISTING[rc]))
+            self.assertIn('. "$HOME/.config/ocp/env"', self.read(rc))
+        self.assertIn('source "$HOME/.config/ocp/env.fish"', self.read(".config/fish/config.fish"))
+        self.assertIn(f"OPENAI_API_KEY={self.key}", self.read(".config/environment.d/ocp.conf"))
+
+        continue_yaml = self.read(".continue/config.yaml")
+        self.assertIn("models:\n  # >>> ocp >>>\n  - name: OCP claude-sonnet-5-5\n    provider: openai\n", continue_yaml)
+        self.assertIn(f"    apiBase: {api}\n", continue_yaml)
+        self.assertIn("  - name: Local llama\n    provider: ollama\n    model: llama3\ncontext:\n  - provider: code\n",
+                      continue_yaml)
+
+        opencode = json.loads(self.read(".config/opencode/opencode.json"))
+        self.assertEqual((opencode["theme"], opencode["provider"]["other"]), ("dark", {"npm": "x"}))
+        self.assertEqual(opencode["provider"]["ocp"]["npm"], "@ai-sdk/openai-compatible")
+        self.assertEqual(opencode["provider"]["ocp"]["options"], {"baseURL": api, "apiKey": self.key})
+        self.assertEqual(sorted(opencode["provider"]["ocp"]["models"]),
+                         ["claude-haiku-5-5", "claude-opus-5-5", "claude-sonnet-5-5"])
+
+        aider = self.read(".aider.conf.yml")
+        self.assertIn("dark-mode: true\n# ocp replaced: model: gpt-4o\n", aider)
+        self.assertIn(f'openai-api-base: "{api}"', aider)
+        self.assertIn('model: "openai/claude-sonnet-5-5"', aider)
+
+        llm = self.read(".config/io.datasette.llm/extra-openai-models.yaml")
+        self.assertTrue(llm.startswith(EXISTING[".config/io.datasette.llm/extra-openai-models.yaml"]))
+        self.assertIn("- model_id: ocp-claude-sonnet-5-5\n  model_name: claude-sonnet-5-5\n", llm)
+        self.assertEqual(json.loads(self.read(".config/io.datasette.llm/keys.json")),
+                         {"openai": "sk-mine", "ocp": self.key})
+
+        claw = json.loads(self.read(".openclaw/openclaw.json"))
+        self.assertEqual(claw["gateway"], {"port": 18789})
+        self.assertEqual(claw["models"]["providers"]["other"], {"baseUrl": "http://x"})
+        self.assertEqual(claw["models"]["providers"]["ocp"]["api"], "openai-completions")
+        self.assertIn("ocp/claude-sonnet-5-5", claw["agents"]["defaults"]["models"])
+        profiles = json.loads(self.read(".openclaw/agents/main/agent/auth-profiles.json"))["profiles"]
+        self.assertEqual(profiles["anthropic:default"]["key"], "sk-ant-mine")
+        self.assertEqual(profiles["ocp:default"], {"type": "api_key", "provider": "ocp", "key": self.key})
+        self.assertIn("Cursor", out)
+        self.assertIn("public https URL", out)
+
+    def test_a_second_run_changes_nothing_and_uninstall_restores_every_byte(self):
+        before = self.snapshot()
+        self.assertIn(".bashrc", before)
+        self.assertIn(".aider.conf.yml", before)
+        self.assertEqual(self.connect(self.server_url, "--key", self.key)[0], 0)
+        after_first = self.snapshot()
+        code, out = self.connect(self.server_url, "--key", self.key, "--json")
+        self.assertEqual(code, 0, out)
+        self.assertEqual({c["action"] for c in json.loads(out)["changes"]}, {"unchanged"})
+        self.assertEqual(self.snapshot(), after_first, "no write and no new backup")
+        code, out = self.connect("--uninstall")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(self.snapshot(), before, "every original back, byte for byte, and nothing left over")
+
+    def test_dry_run_writes_nothing(self):
+        before = self.snapshot()
+        code, out = self.connect(self.server_url, "--key", self.key, "--dry-run")
+        self.assertEqual(code, 0, out)
+        self.assertIn("would create", out)
+        self.assertIn("would update", out)
+        self.assertEqual(self.snapshot(), before)
+
+    def test_verify_makes_a_real_round_trip(self):
+        self.connect(self.server_url, "--key", self.key)
+        runs = len(self.runs())
+        code, out = self.connect("--verify")
+        self.assertEqual(code, 0, out)
+        self.assertIn("answered 'Echo: Reply with one word: ready'", out)
+        self.assertEqual(len(self.runs()), runs + 1)
+
+    def test_a_refused_key_and_an_unknown_server(self):
+        code, out = self.connect(self.server_url, "--key", "ocp_" + "q" * 32)
+        self.assertEqual(code, 1)
+        self.assertIn("refused that key", out)
+        code, out = self.connect(self.server_url)
+        self.assertEqual(code, 1)
+        self.assertIn("needs a key", out)
+        code, out = self.connect("127.0.0.1:1")
+        self.assertEqual(code, 1)
+        self.assertIn("cannot reach", out)
+
+    def test_served_and_piped_into_python(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/connect.py") as response:
+            script = response.read()
+        with open(os.path.join(ROOT, "ocp_connect.py"), "rb") as f:
+            self.assertEqual(script, f.read())
+        done = subprocess.run([sys.executable, "-", self.server_url, "--key", self.key, "--dry-run"], input=script,
+                              capture_output=True, env={"HOME": self.home, "PATH": ""}, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(b"would create", done.stdout)
+
+
+class AdvertisedGuestKey(ServerTest):
+    env = {"CLAUDE_AUTH_MODE": "multi", "PROXY_ANONYMOUS_KEY": "ocp_guest_key_connect", "PROXY_ADVERTISE_ANON_KEY": "1"}
+
+    def test_no_key_needed_when_the_server_advertises_one(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = ocp_connect.main([f"127.0.0.1:{self.port}", "--json"], {"HOME": self.home, "PATH": ""}, "linux")
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out.getvalue())["key_source"], "advertised by the server")
+        with open(os.path.join(self.home, ".config", "ocp", "env")) as f:
+            self.assertIn("ocp_guest_key_connect", f.read())
