@@ -15,6 +15,7 @@ Cline and Cursor keep settings it must not touch: it prints the steps for them.
 
 import argparse
 import datetime
+import difflib
 import json
 import os
 import re
@@ -307,7 +308,7 @@ def plan(home, environ, platform, api, key, ids):
     if tools["continue"]:
         changes += plan_continue(home, models, api, key)
     if tools["opencode"]:
-        changes += plan_opencode(home, models, api, key, steps)
+        changes += plan_opencode(home, ids or models, api, key, steps)  # opencode lists every model
     if tools["aider"]:
         changes += plan_aider(home, models, api, key)
     if tools["llm"]:
@@ -342,8 +343,9 @@ def write_file(path, content, mode):
     os.replace(temporary, path)
 
 
-def apply(home, changes, dry_run):
-    """Write what differs; back each original up once. Return [(path, action)]."""
+def apply(home, changes, dry_run, diffs=None):
+    """Write what differs; back each original up once. Return [(path, action)]; dry runs fill `diffs`."""
+    diffs = [] if diffs is None else diffs
     manifest = load_manifest(home)
     stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
     done = []
@@ -355,6 +357,8 @@ def apply(home, changes, dry_run):
         action = "create" if current is None else "update"
         done.append((path, action))
         if dry_run:
+            diffs.append("".join(difflib.unified_diff((current or "").splitlines(True), content.splitlines(True),
+                                                      path if current is not None else "/dev/null", path)))
             continue
         if path not in manifest["files"]:
             backup = None
@@ -434,8 +438,11 @@ def main(argv=None, environ=None, platform=sys.platform):
             base = server_base(args.server, args.port)
             key, source, ids = discover(base, args.key or environ.get("OCP_KEY", ""))
             changes, steps, tools = plan(home, environ, platform, base + "/v1", key, ids)
+            diffs = []
             report.update(server=base, key_source=source, tools=tools, steps=steps,
-                          changes=apply(home, changes, args.dry_run))
+                          changes=apply(home, changes, args.dry_run, diffs))
+            if args.dry_run:
+                report["diffs"] = diffs
         elif not args.verify:
             parser.error("give the server, e.g. ocp_connect.py 192.168.1.20")
         if args.verify:
@@ -459,6 +466,8 @@ def print_report(report, args):
     for path, action in report.get("changes", []):
         if action != "unchanged":
             print(f"  {prefix}{action} {path}")
+    for diff in report.get("diffs", []):
+        print(diff, end="" if diff.endswith("\n") else "\n")
     if report.get("changes") and all(a == "unchanged" for _, a in report["changes"]):
         print("  everything was already set up")
     for step in report.get("steps", []):

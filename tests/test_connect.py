@@ -95,8 +95,7 @@ class ConnectAClient(ServerTest):
         self.assertEqual((opencode["theme"], opencode["provider"]["other"]), ("dark", {"npm": "x"}))
         self.assertEqual(opencode["provider"]["ocp"]["npm"], "@ai-sdk/openai-compatible")
         self.assertEqual(opencode["provider"]["ocp"]["options"], {"baseURL": api, "apiKey": self.key})
-        self.assertEqual(sorted(opencode["provider"]["ocp"]["models"]),
-                         ["claude-haiku-5-5", "claude-opus-5-5", "claude-sonnet-5-5"])
+        self.assertEqual(len(opencode["provider"]["ocp"]["models"]), len(self.models.models), "every model")
 
         aider = self.read(".aider.conf.yml")
         self.assertIn("dark-mode: true\n# ocp replaced: model: gpt-4o\n", aider)
@@ -140,6 +139,8 @@ class ConnectAClient(ServerTest):
         self.assertEqual(code, 0, out)
         self.assertIn("would create", out)
         self.assertIn("would update", out)
+        self.assertIn("+++ " + os.path.join(self.home, ".bashrc"), out)
+        self.assertIn('+[ -f "$HOME/.config/ocp/env" ] && . "$HOME/.config/ocp/env"', out)
         self.assertEqual(self.snapshot(), before)
 
     def test_verify_makes_a_real_round_trip(self):
