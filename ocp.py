@@ -3300,11 +3300,11 @@ class Handler(BaseHTTPRequestHandler):
         server.flights.count("hits" if answer else "misses")
         if answer is None:
             return False
-        turn.replay(answer, "hit")
         server.store.record_cached(self.caller.key, self.caller.name, turn.request.model.id, self.request_id,
                                    answer["usage"], int((time.monotonic() - turn.started) * 1000),
                                    server.wall())
         server.metrics.record("cached", turn.request.model.id, self.caller.name, time.monotonic() - turn.started, None)
+        turn.replay(answer, "hit")
         return True
 
     # -- keys, quotas, usage -----------------------------------------------------
@@ -3531,6 +3531,7 @@ class ChatTurn:
         self.keep_going: Callable[[], bool] = lambda: False  # followers still want the answer
         self.detached = False  # our client left; the run goes on for followers
         self.overage = False  # this answer was paid from extra usage
+        self.settle: Callable[..., None] = lambda *outcome: None  # Admission.settle once admitted
     @property
     def usage(self) -> Optional[Dict[str, Any]]:
         return self.outcome["usage"] if self.outcome else None
@@ -3544,11 +3545,13 @@ class ChatTurn:
 
     def respond(self) -> None:
         body = self.complete()
+        self.settle("ok", 200)
         self.handler.send_json(200, body, {"x-ocp-plan-overage": "true"} if self.overage else None)
 
     def replay(self, outcome: Dict[str, Any], source: str) -> None:
         """Answer with a finished answer (a cache hit, or a run shared with others)."""
         self.outcome = outcome
+        self.settle("ok", 200)
         self.handler.send_json(200, chat_completion(self.completion_id, self.created,
                                                     self.request.model.id, outcome),
                                {"x-ocp-cache": source})
@@ -3707,9 +3710,27 @@ class Admission:
         except QuotaExceeded as e:
             raise quota_error(e.breach, now) from None
         self.headers = ratelimit_headers(caller.key, counts, bounds, now)
+        self.settled = False
+        turn.settle = self.settle
 
     def __enter__(self) -> "Admission":
         return self
+
+    def settle(self, status: str, code: int, error: Optional[ApiError] = None) -> None:
+        """Record how the request ended, once: called just before its last bytes leave, so a
+        client that then asks /api/usage or /metrics already sees it."""
+        if self.settled:
+            return
+        self.settled = True
+        turn = self.turn
+        self.store.finish(self.row, status, code, turn.usage if status == "ok" else None, turn.cost_usd,
+                          turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
+        turn.server.record_outcome(status, error)
+        turn.server.metrics.record(status, turn.request.model.id, turn.handler.caller.name,
+                                   time.monotonic() - turn.started,
+                                   turn.ttft_ms / 1000 if turn.ttft_ms is not None else None)
+        if turn.server.config.log_prompts:
+            turn.log_exchange(status)
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         turn = self.turn
@@ -3725,14 +3746,7 @@ class Admission:
             status, code = "cancelled", 499
         else:
             status, code = "error", 500
-        self.store.finish(self.row, status, code, turn.usage if status == "ok" else None, turn.cost_usd,
-                          turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
-        turn.server.record_outcome(status, error if isinstance(error, ApiError) else turn.failure)
-        turn.server.metrics.record(status, turn.request.model.id, turn.handler.caller.name,
-                                   time.monotonic() - turn.started,
-                                   turn.ttft_ms / 1000 if turn.ttft_ms is not None else None)
-        if turn.server.config.log_prompts:
-            turn.log_exchange(status)
+        self.settle(status, code, error if isinstance(error, ApiError) else turn.failure)
 
 
 class ChatStream(ChatTurn):
@@ -3808,6 +3822,7 @@ class ChatStream(ChatTurn):
             if not self.streaming:
                 raise
             self.failure = error
+            self.settle("error", error.status, error)
             self.emit(error.body())
             self.emit("[DONE]")
 
@@ -3848,6 +3863,7 @@ class ChatStream(ChatTurn):
         self.send({}, finish_reason)
         if self.request.include_usage:
             self.emit(usage_chunk(self.completion_id, self.created, self.request.model.id, usage))
+        self.settle("cancelled" if self.detached else "ok", 499 if self.detached else 200)
         self.emit("[DONE]")
 
 

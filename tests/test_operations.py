@@ -105,18 +105,26 @@ class HealthFromRealOutcomes(ServerTest):
     def status(self):
         return self.request("GET", "/health")[2]
 
+    def outcomes(self):
+        """Requests finished so far: each is recorded just after its answer leaves."""
+        return sum(self.server.metrics.counts_by_status().values())
+
     def test_two_login_failures_in_a_row_mean_down(self):
         self.chat("x " + directive(error="auth"))
+        wait_until(lambda: self.outcomes() == 1)
         self.assertEqual(self.status()["status"], "ok", "one failure is not yet a verdict")
         self.chat("x " + directive(error="not_logged_in"))
+        wait_until(lambda: self.outcomes() == 2)
         health = self.status()
         self.assertEqual(health["status"], "down")
         self.assertIn("claude setup-token", health["reason"])
         self.chat("fine again")
+        wait_until(lambda: self.outcomes() == 3)
         self.assertEqual(self.status()["status"], "ok")
 
     def test_a_timeout_is_no_evidence(self):
         self.assertEqual(self.chat("x " + directive(hang=True))[0], 504)
+        wait_until(lambda: self.outcomes() == 1)
         self.assertEqual(self.status()["status"], "ok")
 
 

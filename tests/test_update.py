@@ -14,6 +14,11 @@ from helpers import FAKE_CLAUDE, ROOT, TempHome, connectable, free_port, wait_un
 SHIPPED = ("ocp.py", "models.json", "dashboard.html")
 
 
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
 class Update(TempHome):
     def setUp(self):
         super().setUp()
@@ -25,8 +30,7 @@ class Update(TempHome):
                 shutil.copy(os.path.join(ROOT, name), folder)
         self.original = self.read(self.installed, "ocp.py")
         self.make_release(self.read(self.release, "ocp.py").replace(b'__version__ = "0.1.0"', b'__version__ = "0.2.0"'))
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=self.release)
-        handler.log_message = lambda *args: None
+        handler = functools.partial(QuietFiles, directory=self.release)
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.addCleanup(self.http.server_close)
