@@ -3576,6 +3576,9 @@ class ChatTurn:
                 next_beat = now + beat
         if flight.error is not None:
             raise flight.error
+        if flight.answer is None:
+            raise ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
+                           "shared_request_cancelled", headers={"Retry-After": "1"})
         return flight.answer
 
     def run_shared(self, key: str, owner: str) -> None:
@@ -3589,23 +3592,35 @@ class ChatTurn:
                 server.flights.leave(flight)
             return self.replay(outcome, "shared")
         self.keep_going = lambda: flight.followers > 0
-        answer, error = None, None
+        settle, landed = self.settle, []
+
+        def publish(answer: Optional[Dict[str, Any]], error: Optional[ApiError]) -> None:
+            if landed:
+                return
+            landed.append(True)
+            if answer and answer["finish_reason"] == "stop" and not answer["refusal"]:
+                server.store.cache_put(key, owner, self.request.model.id, answer, server.wall(),
+                                       server.config.cache_ttl_ms / 1000, server.config.cache_max_entries,
+                                       server.config.cache_max_bytes)
+            server.flights.land(key, flight, answer, error)
+
+        def publish_then_settle(status: str, code: int, error: Optional[ApiError] = None) -> None:
+            # Before our own client's last bytes: one that repeats the question at once gets a hit.
+            answered = error is None and self.failure is None  # also when our own client left
+            publish(self.outcome if answered else None, error or self.failure)
+            settle(status, code, error)
+
+        self.settle = publish_then_settle
         try:
             self.respond()
-            answer, error = (self.outcome, None) if self.failure is None else (None, self.failure)
         except ApiError as e:
-            error = e
+            publish(None, e)
             raise
         except BaseException:
-            error = ApiError(503, "The request this one shared was cancelled; retry.", "proxy_error",
-                             "shared_request_cancelled", headers={"Retry-After": "1"})
+            publish(None, ApiError(503, "The request this one shared was cancelled; retry.", "proxy_error",
+                                   "shared_request_cancelled", headers={"Retry-After": "1"}))
             raise
-        finally:
-            server.flights.land(key, flight, answer, error)
-        if answer and answer["finish_reason"] == "stop" and not answer["refusal"]:
-            server.store.cache_put(key, owner, self.request.model.id, answer, server.wall(),
-                                   server.config.cache_ttl_ms / 1000, server.config.cache_max_entries,
-                                   server.config.cache_max_bytes)
+        publish(self.outcome if self.failure is None else None, self.failure)
 
     def run_cli(self, job: Job, on_delta: Callable[[str, str], bool],
                 on_heartbeat: Callable[[], None] = lambda: None) -> Answer:

@@ -370,6 +370,16 @@ def main():
         fail_usage("Error: When using --print, --output-format=stream-json requires --verbose")
     record = {"argv": argv, "cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
               "started": time.time(), "env": dict(os.environ), "ended": "running"}
+    directive = {}
+
+    def on_term(signum, frame):  # from the start, as the real CLI: killed early still says so
+        if directive.get("ignore_term"):
+            return
+        record["ended"] = "sigterm"
+        log_run(record)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, on_term)
     token = record["env"].get("CLAUDE_CODE_OAUTH_TOKEN")
     if token:
         record["env"]["CLAUDE_CODE_OAUTH_TOKEN"] = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
@@ -383,17 +393,8 @@ def main():
     record["stdin_blocks"] = blocks
     texts = [b.get("text", "") for b in blocks if b.get("type") == "text"]
     match = DIRECTIVE.search("\n".join(texts))
-    directive = json.loads(match.group(1)) if match else {}
+    directive.update(json.loads(match.group(1)) if match else {})
     log_run(record)
-
-    def on_term(signum, frame):
-        if directive.get("ignore_term"):
-            return
-        record["ended"] = "sigterm"
-        log_run(record)
-        os._exit(143)
-
-    signal.signal(signal.SIGTERM, on_term)
     if directive.get("grandchild"):
         record["grandchild"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
         log_run(record)
