@@ -3427,11 +3427,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_dashboard(self) -> None:
         """The page itself is public and holds no data; everything it shows needs a login."""
-        try:
-            with open(os.path.join(HERE, "dashboard.html"), "rb") as f:
-                page = f.read()
-        except FileNotFoundError:
-            raise ApiError(404, "dashboard.html is not installed next to ocp.py.", code="dashboard_missing")
+        page = shipped_file("dashboard.html")
         scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
         hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'" for s in scripts)
         self.send_body(200, page, "text/html; charset=utf-8", {
@@ -3442,12 +3438,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_connect_script(self) -> None:
         """The client setup script: `curl -fsSL http://SERVER:3456/connect.py | python3 - SERVER`."""
-        try:
-            with open(os.path.join(HERE, "ocp_connect.py"), "rb") as f:
-                script = f.read()
-        except FileNotFoundError:
-            raise ApiError(404, "ocp_connect.py is not installed next to ocp.py.", code="connect_missing")
-        self.send_body(200, script, "text/x-python; charset=utf-8", {"Cache-Control": "no-store"})
+        self.send_body(200, shipped_file("ocp_connect.py"), "text/x-python; charset=utf-8", {"Cache-Control": "no-store"})
 
     def handle_dashboard_login(self) -> None:
         body = self.read_json()
@@ -3513,6 +3504,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def audit(self, action: str, target: str, detail: str) -> None:
         self.server.store.audit(f"http:{self.client_address[0]}", action, target, detail, self.server.wall())
+
+
+def shipped_file(name: str) -> bytes:
+    """A file installed next to ocp.py (the dashboard, the connect script); 404 when missing."""
+    try:
+        with open(os.path.join(HERE, name), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ApiError(404, f"{name} is not installed next to ocp.py.", code="file_missing") from None
 
 
 class ChatTurn:
