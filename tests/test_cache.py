@@ -3,7 +3,6 @@
 import json
 import os
 import threading
-import time
 import unittest
 
 import ocp

@@ -1,6 +1,5 @@
 """The dashboard's server side: the page, login sessions as cookies, role-scoped data."""
 
-import http.client
 import json
 import re
 import unittest
