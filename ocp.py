@@ -3506,6 +3506,11 @@ class Handler(BaseHTTPRequestHandler):
         self.server.store.audit(f"http:{self.client_address[0]}", action, target, detail, self.server.wall())
 
 
+def shared_cancelled() -> ApiError:
+    return ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
+                    "shared_request_cancelled", headers={"Retry-After": "1"})
+
+
 def shipped_file(name: str) -> bytes:
     """A file installed next to ocp.py (the dashboard, the connect script); 404 when missing."""
     try:
@@ -3532,6 +3537,7 @@ class ChatTurn:
         self.detached = False  # our client left; the run goes on for followers
         self.overage = False  # this answer was paid from extra usage
         self.settle: Callable[..., None] = lambda *outcome: None  # Admission.settle once admitted
+
     @property
     def usage(self) -> Optional[Dict[str, Any]]:
         return self.outcome["usage"] if self.outcome else None
@@ -3577,8 +3583,7 @@ class ChatTurn:
         if flight.error is not None:
             raise flight.error
         if flight.answer is None:
-            raise ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
-                           "shared_request_cancelled", headers={"Retry-After": "1"})
+            raise shared_cancelled()
         return flight.answer
 
     def run_shared(self, key: str, owner: str) -> None:
@@ -3592,12 +3597,13 @@ class ChatTurn:
                 server.flights.leave(flight)
             return self.replay(outcome, "shared")
         self.keep_going = lambda: flight.followers > 0
-        settle, landed = self.settle, []
+        settle, landed = self.settle, False
 
         def publish(answer: Optional[Dict[str, Any]], error: Optional[ApiError]) -> None:
+            nonlocal landed
             if landed:
                 return
-            landed.append(True)
+            landed = True
             if answer and answer["finish_reason"] == "stop" and not answer["refusal"]:
                 server.store.cache_put(key, owner, self.request.model.id, answer, server.wall(),
                                        server.config.cache_ttl_ms / 1000, server.config.cache_max_entries,
@@ -3617,8 +3623,7 @@ class ChatTurn:
             publish(None, e)
             raise
         except BaseException:
-            publish(None, ApiError(503, "The request this one shared was cancelled; retry.", "proxy_error",
-                                   "shared_request_cancelled", headers={"Retry-After": "1"}))
+            publish(None, shared_cancelled())
             raise
         publish(self.outcome if self.failure is None else None, self.failure)
 
