@@ -3024,6 +3024,8 @@ class Handler(BaseHTTPRequestHandler):
         # for the client's delayed ACK (~40 ms), and every SSE event would wait too.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request_id = ""
+        self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
+        self.caller: Optional[Caller] = None
 
     # -- plumbing ------------------------------------------------------------
 
@@ -3048,7 +3050,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self) -> None:
         self.request_id = "req_" + secrets.token_hex(12)
-        self.response_headers: Dict[str, str] = {}
+        self.response_headers = {}
+        self.caller = None  # per request: one connection may carry several
         started = time.monotonic()
         self.status_sent = 0
         name, key, args = self.route()
@@ -3079,7 +3082,7 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
                  extra={"request_id": self.request_id, "method": self.command, "route": key,
                         "status": self.status_sent, "ms": int((time.monotonic() - started) * 1000),
-                        "caller": getattr(getattr(self, "caller", None), "name", None)})
+                        "caller": self.caller.name if self.caller else None})
 
     def send_api_error(self, error: ApiError) -> None:
         """Answer with `error`; a client that already left gets nothing and no traceback."""
@@ -3154,7 +3157,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.send_header("x-request-id", self.request_id or "-")
-        for name, value in dict(getattr(self, "response_headers", {}), **(headers or {})).items():
+        for name, value in dict(self.response_headers, **(headers or {})).items():
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
