@@ -2262,14 +2262,12 @@ class Answer:
     def __init__(self):
         self.content: List[str] = []
         self.reasoning: List[str] = []
-        self.model = ""
         self.result: Optional[Dict[str, Any]] = None
         self.api_error: Optional[Dict[str, Any]] = None
         self.rate_limits: List[Dict[str, Any]] = []
         self.stop_reasons: List[str] = []
         self.stream_usage = {"input_tokens": 0, "output_tokens": 0,
                              "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
-        self.retries = 0
         self.failure: Optional[ApiError] = None  # set by whoever runs the turn
         self._streamed: set = set()
         self._blocks: Dict[Tuple[str, int], List[Any]] = {}
@@ -2295,11 +2293,6 @@ class Answer:
             info = event.get("rate_limit_info")
             if isinstance(info, dict):
                 self.rate_limits.append(info)
-        elif kind == "system":
-            if event.get("subtype") == "init":
-                self.model = event.get("model") or ""
-            elif event.get("subtype") == "api_retry":
-                self.retries += 1
         return []
 
     def _stream_event(self, event: Dict[str, Any], message_id: str) -> List[Tuple[str, str]]:

@@ -140,7 +140,6 @@ class Queue(ServerTest):
             threads.append(threading.Thread(target=ask, args=(n,)))
             threads[-1].start()
             wait_until(lambda: self.server.runner.slots.snapshot()["queued"] == n + 1)
-        self.server.config = self.server.config  # queue deadline is long enough: 800 ms is plenty here
         first.close()
         for thread in threads:
             thread.join(10)
