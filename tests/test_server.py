@@ -392,7 +392,9 @@ class MalformedRequests(ServerTest):
     def test_keep_alive_survives_an_error(self):
         conn = self.connection()
         conn.request("POST", "/v1/chat/completions", body="{bad")
-        self.assertEqual(conn.getresponse().read() and 400, 400)
+        response = conn.getresponse()
+        response.read()
+        self.assertEqual(response.status, 400)
         conn.request("GET", "/v1/models")
         self.assertEqual(conn.getresponse().status, 200)
 
