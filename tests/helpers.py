@@ -18,9 +18,7 @@ import ocp
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 FAKE_CLAUDE = os.path.join(TESTS, "fake_claude.py")
-FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "claude-cli-2.1.330")
-if not os.path.isdir(FIXTURES):  # CI clones main with shared/ beside it; a checkout may keep it inside
-    FIXTURES = os.path.join(ROOT, "shared", "fixtures", "claude-cli-2.1.330")
+FIXTURES = os.path.join(TESTS, "fixtures", "claude-cli-2.1.330")  # the real CLI's recorded output
 
 logging.getLogger("ocp").addHandler(logging.NullHandler())
 logging.getLogger("ocp").propagate = False
@@ -190,6 +188,7 @@ class ServerTest(TempHome):
         """Send a chat request on a bare socket (for hang-ups); return the socket."""
         data = json.dumps(body).encode()
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        self.addCleanup(sock.close)
         auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\n" + auth + b"Content-Length: " + str(len(data)).encode() +

@@ -1,16 +1,12 @@
 """CLI process lifetime under load: hang-ups, timeouts, the queue, shutdown."""
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import unittest
 
-from helpers import ROOT, ServerTest, TempHome, connectable, content_of, directive, free_port, pid_alive, wait_until
+from helpers import ServerTest, directive, pid_alive, wait_until
 
 HANG = {"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]}
 
@@ -48,30 +44,6 @@ class ClientHangsUp(ServerTest):
         run = started_runs(self, 1)[0]
         sock.close()
         wait_until(lambda: not pid_alive(run["pid"]), timeout=5)
-
-    def test_many_aborted_streams_and_abandoned_requests_leave_no_process(self):
-        count = int(os.environ.get("OCP_ABORT_COUNT", "100"))
-        batch = self.config.max_concurrent
-        streaming = dict(HANG, stream=True)
-        streaming["messages"] = [{"role": "user", "content": "x " + directive(text="b" * 40, deltas=40, pace_ms=50)}]
-        for body in (streaming, HANG):
-            for first in range(0, count, batch):
-                size = min(batch, count - first)
-                socks = [self.open_raw(body) for _ in range(size)]
-                if body is streaming:
-                    for sock in socks:
-                        sock.recv(100)  # mid-answer
-                else:
-                    wait_until(lambda: sum(r["ended"] == "running" and "stdin_blocks" in r
-                                           for r in self.runs()) == size)
-                for sock in socks:
-                    sock.close()
-                wait_until(lambda: self.server.runner.live() == [], timeout=10)
-        self.assertEqual(len(self.runs()), 2 * count)
-        wait_until(lambda: self.live_fake_pids() == [], timeout=10)
-        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
-        self.server.runner.sweeper.drain()
-        self.assertEqual(sorted(os.listdir(os.path.join(self.ocp_home, "spawn"))), ["home", "work"])
 
 
 class Timeout(ServerTest):
@@ -152,22 +124,25 @@ class HeartbeatsInTheQueue(ServerTest):
     def test_a_queued_stream_gets_keepalives_before_its_first_token(self):
         first = self.open_raw(HANG)
         started_runs(self, 1)
-        results = []
-        thread = threading.Thread(target=lambda: results.append(self.stream("queued")))
-        thread.start()
-        wait_until(lambda: self.server.runner.slots.snapshot()["queued"] == 1)
-        time.sleep(0.5)  # let the queued request wait through several heartbeat intervals
+        queued = self.open_raw(dict(HANG, stream=True, messages=[{"role": "user", "content": "queued"}]))
+        reader = queued.makefile("rb")
+        self.addCleanup(reader.close)
+        self.assertIn(b" 200 ", reader.readline())
+        lines = []
+        while lines.count(b": keepalive\n") < 3:  # several heartbeat intervals spent in the line
+            lines.append(reader.readline())
+            self.assertNotIn(b"Echo", lines[-1])
+        self.assertEqual(self.server.runner.slots.snapshot()["queued"], 1)
         first.close()
-        thread.join(10)
-        status, _, events = results[0]
-        first_content = next(i for i, (_, e) in enumerate(events)
-                             if isinstance(e, dict) and e["choices"] and e["choices"][0]["delta"].get("content"))
-        self.assertGreaterEqual([e for _, e in events[:first_content]].count(": keepalive"), 3)
-        self.assertEqual(content_of(events), "Echo: queued")
+        rest = b"".join(iter(reader.readline, b""))
+        deltas = [json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                  for line in rest.split(b"\n") if line.startswith(b"data: {")]
+        self.assertEqual("".join(deltas), "Echo: queued")
+        self.assertTrue(rest.rstrip().endswith(b"data: [DONE]"))
 
 
 class SlowAndIdleClients(ServerTest):
-    env = {"OCP_SOCKET_TIMEOUT": "2"}
+    env = {"OCP_SOCKET_TIMEOUT": "1"}
 
     def test_idle_sockets_and_a_slow_body_do_not_block_others(self):
         idle = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(200)]
@@ -182,26 +157,6 @@ class SlowAndIdleClients(ServerTest):
         self.assertEqual(idle[0].recv(10), b"")
         for sock in idle + [slow]:
             sock.close()
-
-
-class DaemonShutdown(TempHome):
-    def test_sigterm_cancels_in_flight_runs_and_exits_0(self):
-        env = dict(self.environ(), CLAUDE_PROXY_PORT="0", PYTHONUNBUFFERED="1")
-        env["CLAUDE_PROXY_PORT"] = str(free_port())
-        daemon = subprocess.Popen([sys.executable, os.path.join(ROOT, "ocp.py"), "serve"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.addCleanup(lambda: daemon.poll() is None and daemon.kill())
-        port = int(env["CLAUDE_PROXY_PORT"])
-        wait_until(lambda: connectable(port))
-        sock = socket.create_connection(("127.0.0.1", port))
-        self.addCleanup(sock.close)
-        body = json.dumps(HANG).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        run = wait_until(lambda: self.runs())[0]
-        daemon.send_signal(signal.SIGTERM)
-        self.assertEqual(daemon.wait(timeout=15), 0)
-        self.assertFalse(pid_alive(run["pid"]))
-        self.assertFalse(connectable(port))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ class NonStreamingChat(ServerTest):
         self.assertEqual(body["choices"][0]["finish_reason"], "stop")
 
     def test_max_tokens_gives_length(self):
-        status, _, body = self.chat("x " + directive(text="a" * 400, deltas=40, pace_ms=100), max_tokens=10)
+        status, _, body = self.chat("x " + directive(text="a" * 400, deltas=40, pace_ms=20), max_tokens=10)
         self.assertEqual(status, 200)
         self.assertEqual(body["choices"][0]["finish_reason"], "length")
         self.assertEqual(body["choices"][0]["message"]["content"], "a" * 40)
