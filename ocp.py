@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -214,13 +215,18 @@ def parse_setting(name: str, raw: str, kind: str, bounds: Optional[Tuple[int, in
             return False
         raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
     if kind == "int":
-        if not re.fullmatch(r"-?\d+", raw):
+        if not re.fullmatch(r"-?[0-9]+", raw):
             raise ConfigError(f"{name}={raw!r} is not a whole number")
         value = int(raw)
         if bounds and not bounds[0] <= value <= bounds[1]:
             raise ConfigError(f"{name}={value} is out of range {bounds[0]}..{bounds[1]}")
         return value
     return raw
+
+
+def digits(text: Any) -> bool:
+    """True for a non-empty run of ASCII digits: str.isdigit() also takes '²', which int() refuses."""
+    return isinstance(text, str) and re.fullmatch(r"[0-9]{1,18}", text) is not None
 
 
 # Runtime-tunable settings (PATCH /settings, `ocp.py settings K V`, OCP_HOME/settings.json):
@@ -748,8 +754,8 @@ class Store:
     def find_key(self, ref: str) -> ApiKey:
         """Return the key with id `ref` (all digits) or named `ref` (names are never all digits)."""
         ref = str(ref).strip()
-        rows = self._execute(SELECT_KEY_BY_ID if ref.isdigit() else SELECT_KEY_BY_NAME,
-                             (int(ref) if ref.isdigit() else ref,))
+        rows = self._execute(SELECT_KEY_BY_ID if digits(ref) else SELECT_KEY_BY_NAME,
+                             (int(ref) if digits(ref) else ref,))
         if not rows:
             raise ApiError(404, f"No key named {ref[:64]!r}.", code="key_not_found")
         return ApiKey.from_row(rows[0])
@@ -1171,9 +1177,9 @@ def parse_usage_query(query: Mapping[str, List[str]], now_s: float) -> Tuple[int
         return values[-1] if values else None
 
     hours, limit, everyone = one("hours"), one("limit"), (one("all") or "false").lower()
-    if hours is not None and not (hours.isdigit() and 1 <= int(hours) <= 24 * 366):
+    if hours is not None and not (digits(hours) and 1 <= int(hours) <= 24 * 366):
         raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
-    if limit is not None and not (limit.isdigit() and 1 <= int(limit) <= 1000):
+    if limit is not None and not (digits(limit) and 1 <= int(limit) <= 1000):
         raise bad_request("'limit' must be a whole number from 1 to 1000", "limit")
     if everyone not in ("true", "false", "1", "0"):
         raise bad_request("'all' must be true or false", "all")
@@ -1972,6 +1978,8 @@ def check_message(message: Any, index: int) -> None:
     if role not in MESSAGE_ROLES:
         raise bad_request(f"{param}.role must be one of {', '.join(MESSAGE_ROLES)}",
                           f"{param}.role", "invalid_role")
+    if role == "assistant" and message.get("tool_calls") is not None:
+        check_tool_calls(message["tool_calls"], f"{param}.tool_calls")
     content = message.get("content")
     if content is None and role in ("assistant", "tool", "function"):
         return
@@ -1982,6 +1990,21 @@ def check_message(message: Any, index: int) -> None:
                           f"{param}.content", "invalid_type")
     for part_index, part in enumerate(content):
         check_part(part, f"{param}.content[{part_index}]", role)
+
+
+def check_tool_calls(calls: Any, param: str) -> None:
+    """An assistant's earlier tool calls: a list of {id, type, function: {name, arguments}}."""
+    if not isinstance(calls, list):
+        raise bad_request(f"{param} must be an array of tool calls", param, "invalid_type")
+    for index, call in enumerate(calls):
+        where = f"{param}[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"{where} must be an object with a 'function' object naming the function",
+                              where, "invalid_type")
+        if not isinstance(function.get("arguments", ""), str) or not isinstance(call.get("id", ""), str):
+            raise bad_request(f"{where}.function.arguments and {where}.id must be strings", where,
+                              "invalid_type")
 
 
 def check_part(part: Any, param: str, role: str) -> None:
@@ -2052,7 +2075,7 @@ def parse_max_tokens(body: Mapping[str, Any], model: Model) -> int:
 def parse_effort(effort: Any) -> str:
     if effort is None:
         return ""
-    if effort not in EFFORTS:
+    if not isinstance(effort, str) or effort not in EFFORTS:
         raise bad_request("'reasoning_effort' must be one of " + ", ".join(EFFORTS),
                           "reasoning_effort")
     return EFFORTS[effort]
@@ -2777,6 +2800,18 @@ def label_value(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+class TextFormatter(logging.Formatter):
+    """Lines for people; control characters in a message are escaped, so no caller-given text
+    (a `user` field, a path) can start a forged log line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, message and any structured fields."""
 
@@ -2824,7 +2859,7 @@ def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
     os.makedirs(logs, mode=0o700, exist_ok=True)
     level = getattr(logging, config.log_level.upper())
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    stderr.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     file_handler = PrivateRotatingFile(os.path.join(logs, "ocp.log"), maxBytes=5 * 1024 * 1024, backupCount=3)
     file_handler.setFormatter(JsonFormatter())
     log.handlers[:] = ([stderr] if console else []) + [file_handler, ring]
@@ -2837,10 +2872,98 @@ def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
 ###############################################################################
 
 REPLAY_PIECE_CHARS = 24  # a cached or shared answer streams in pieces this size
+MAX_JSON_DEPTH = 64  # deeper request JSON is refused before anything walks it
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}
 MAX_BODY_READ_S = 120  # a body sent slower than this is cut off
+
+
+def json_problem_at(value: Any) -> Optional[Tuple[str, str]]:
+    """Return (path, "too_deep" | "surrogate") for the first unusable spot in parsed JSON, or None.
+
+    Iterative, so a hostile document cannot exhaust the stack here either.
+    """
+    stack: List[Tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return path, "too_deep"
+        if isinstance(item, str):
+            if not is_encodable(item):
+                return path, "surrogate"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = f"{path}.{key}" if path else str(key)
+                if not is_encodable(key):
+                    return child_path.encode("utf-8", "backslashreplace").decode("ascii"), "surrogate"
+                stack.append((child, child_path, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+    return None
+
+
+def is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Deadlines:
+    """One thread that cuts off a socket whose request head or body is not in by its deadline.
+
+    Per-read socket timeouts let a client that sends one byte every few seconds
+    hold a thread for ever; a cut (shutdown of the reading side) ends every read
+    at once, and the handler can still write its 408. Thread-safe.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._heap: List[List[Any]] = []  # [deadline, sequence, socket or None, expired]
+        self._sequence = 0
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, sock: socket.socket, seconds: float) -> List[Any]:
+        """Cut `sock` after `seconds` unless `done` is called on the returned watch first."""
+        with self._cond:
+            self._sequence += 1
+            entry = [self.clock() + seconds, self._sequence, sock, False]
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="ocp-deadlines", daemon=True)
+                self._thread.start()
+            if self._heap[0] is entry:
+                self._cond.notify()
+        return entry
+
+    def done(self, entry: Optional[List[Any]]) -> bool:
+        """Stop watching; return True when the deadline had already passed."""
+        if entry is None:
+            return False
+        with self._cond:
+            entry[2] = None
+            return entry[3]
+
+    def _work(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2] is None:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                wait = self._heap[0][0] - self.clock()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                entry = heapq.heappop(self._heap)
+                entry[3] = True
+                with contextlib.suppress(OSError):
+                    entry[2].shutdown(socket.SHUT_RD)
+                entry[2] = None
 
 
 class Server(ThreadingHTTPServer):
@@ -2866,6 +2989,8 @@ class Server(ThreadingHTTPServer):
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
         self.sessions = DashboardSessions()
+        self.deadlines = Deadlines()
+        self.body_timeout_s = MAX_BODY_READ_S
         self.metrics = Metrics()
         self.ring = LogRing()
         self._settings_lock = threading.Lock()
@@ -3019,8 +3144,18 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = ""
         self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
         self.caller: Optional[Caller] = None
+        self.body_read = False
+        self.head_watch: Optional[List[Any]] = None
 
     # -- plumbing ------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        """Read one request; its line and headers must all be in within the socket timeout."""
+        self.head_watch = self.server.deadlines.watch(self.connection, self.server.config.socket_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.deadlines.done(self.head_watch)
 
     def route(self) -> Tuple[Optional[str], str, List[str]]:
         """Return (handler name, route pattern, path arguments) for this request."""
@@ -3045,10 +3180,14 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = "req_" + secrets.token_hex(12)
         self.response_headers = {}
         self.caller = None  # per request: one connection may carry several
+        self.body_read = False
         started = time.monotonic()
         self.status_sent = 0
         name, key, args = self.route()
         try:
+            if self.server.deadlines.done(self.head_watch):
+                self.close_connection = True
+                raise ApiError(408, "The request headers arrived too slowly.", code="request_timeout")
             self.check_browser_safety()
             if self.command == "OPTIONS" and any(p == key for _, p in self.ROUTES):
                 return self.answer_preflight(key)
@@ -3137,11 +3276,19 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # unparsable line: answer with a status line anyway
             self.request_version = "HTTP/1.1"
+        if code == 501:  # an unknown method is the client's mistake, as on any known route
+            code, message = 405, f"{self.command[:20]} is not a method OCP serves"
+        elif code == 505:
+            code, message = 400, "Only HTTP/1.0 and HTTP/1.1 are served"
         self.send_api_error(ApiError(code, message or "Bad request", "invalid_request_error",
                                      "bad_request"))
 
     def send_json(self, status: int, body: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        self.send_body(status, json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json", headers)
+        try:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from somewhere: \u-escaped JSON still says it
+            data = json.dumps(body).encode("ascii")
+        self.send_body(status, data, "application/json", headers)
 
     def send_body(self, status: int, data: bytes, content_type: str,
                   headers: Optional[Dict[str, str]] = None) -> None:
@@ -3176,57 +3323,85 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def read_body(self) -> bytes:
-        """Return the whole request body; 413 (and close) past the cap, 400 when malformed."""
-        cap = self.server.config.max_body_bytes
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self.read_chunked(cap)
-        raw = self.headers.get("Content-Length")
-        if raw is None:
+        """Return the whole request body; 413 (and close) past the cap, 400 when malformed.
+
+        The body has one deadline as a whole (Server.body_timeout_s), however it is framed.
+        """
+        if self.body_read:
             return b""
-        if not raw.strip().isdigit():
+        self.body_read = True
+        cap = self.server.config.max_body_bytes
+        encoding = self.headers.get("Transfer-Encoding")
+        lengths = set(v.strip() for v in self.headers.get_all("Content-Length") or ())
+        if encoding is not None:
+            self.close_connection = True  # a body framed two ways must not frame the next request
+            if encoding.strip().lower() != "chunked":
+                raise bad_request("Only 'Transfer-Encoding: chunked' is accepted", None, "bad_request")
+        elif len(lengths) > 1:
+            self.close_connection = True
+            raise bad_request("The request has conflicting Content-Length headers", None, "bad_request")
+        elif lengths and not re.fullmatch(r"[0-9]{1,18}", next(iter(lengths))):
             self.close_connection = True
             raise bad_request("Content-Length is not a number", None, "bad_request")
-        length = int(raw)
-        if length > cap:
-            self.close_connection = True
-            raise ApiError(413, f"The request body is {length} bytes; the limit is {cap}.",
-                           "invalid_request_error", "request_too_large")
-        return self.read_exactly(length)
+        elif not lengths:
+            return b""
+        watch = self.server.deadlines.watch(self.connection, self.server.body_timeout_s)
+        try:
+            if encoding is not None:
+                return self.read_chunked(cap)
+            length = int(next(iter(lengths)))
+            if length > cap:
+                self.close_connection = True
+                raise ApiError(413, f"The request body is {length} bytes; the limit is {cap}.",
+                               "invalid_request_error", "request_too_large")
+            return self.read_exactly(length)
+        except ClientGone:
+            if self.server.deadlines.done(watch):
+                self.close_connection = True
+                raise ApiError(408, "The request body arrived too slowly.", code="request_timeout") from None
+            raise
+        finally:
+            self.server.deadlines.done(watch)
 
     def read_exactly(self, length: int) -> bytes:
-        parts, deadline = [], time.monotonic() + MAX_BODY_READ_S
+        parts = []
         while length > 0:
-            chunk = self.rfile.read1(min(length, 1 << 16)) if hasattr(self.rfile, "read1") \
-                else self.rfile.read(min(length, 1 << 16))
+            chunk = self.rfile.read1(min(length, 1 << 16))
             if not chunk:
                 raise ClientGone()
             parts.append(chunk)
             length -= len(chunk)
-            if time.monotonic() > deadline:
-                self.close_connection = True
-                raise ApiError(408, "The request body arrived too slowly.", code="request_timeout")
         return b"".join(parts)
 
     def read_chunked(self, cap: int) -> bytes:
         parts, total = [], 0
         while True:
             line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
+            if not line:
+                raise ClientGone()
+            match = re.fullmatch(rb"([0-9A-Fa-f]{1,8})(;[^\r\n]*)?\r?\n", line)
+            if match is None:
                 self.close_connection = True
-                raise bad_request("Malformed chunked body", None, "bad_request")
-            if size == 0:
-                while self.rfile.readline(1024).strip():
-                    pass
-                return b"".join(parts)
+                raise bad_request("Malformed chunked body (bad chunk size line)", None, "bad_request")
+            size = int(match.group(1), 16)
             total += size
             if total > cap:
                 self.close_connection = True
                 raise ApiError(413, f"The request body is over the limit of {cap} bytes.",
                                "invalid_request_error", "request_too_large")
+            if size == 0:
+                for _ in range(100):  # trailers, up to the blank line
+                    trailer = self.rfile.readline(1024)
+                    if not trailer:
+                        raise ClientGone()
+                    if not trailer.strip():
+                        return b"".join(parts)
+                self.close_connection = True
+                raise bad_request("Malformed chunked body (too many trailers)", None, "bad_request")
             parts.append(self.read_exactly(size))
-            self.rfile.readline(8)
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                self.close_connection = True
+                raise bad_request("Malformed chunked body (chunk longer than its size)", None, "bad_request")
 
     def discard_body(self) -> None:
         """Consume a body we won't use so it isn't parsed as the next request."""
@@ -3240,9 +3415,20 @@ class Handler(BaseHTTPRequestHandler):
         if not body.strip():
             raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
         try:
-            return json.loads(body)
+            value = json.loads(body)
+            problem = json_problem_at(value)
+        except RecursionError:  # nested past the parser's own limit
+            problem = ("", "too_deep")
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"The request body is not valid JSON: {str(e)[:120]}", None, "invalid_json")
+        if problem:
+            path, kind = problem
+            if kind == "too_deep":
+                raise bad_request(f"The request JSON is nested more than {MAX_JSON_DEPTH} levels deep",
+                                  path or None, "invalid_json")
+            raise bad_request(f"{path or 'The request body'} holds a lone UTF-16 surrogate (\\ud800-\\udfff); "
+                              "send valid Unicode text", path or None, "invalid_unicode")
+        return value
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -3360,7 +3546,7 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         query = urllib.parse.parse_qs(self.path.partition("?")[2])
         hours = (query.get("hours") or ["24"])[-1]
-        if not (hours.isdigit() and 1 <= int(hours) <= 24 * 366):
+        if not (digits(hours) and 1 <= int(hours) <= 24 * 366):
             raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
         since = int(server.wall()) - int(hours) * 3600
         self.send_json(200, {"plan": plan_report(server.plan, server.wall()),
@@ -3393,7 +3579,7 @@ class Handler(BaseHTTPRequestHandler):
         require_admin(self.caller)
         query = urllib.parse.parse_qs(self.path.partition("?")[2])
         n, level = (query.get("n") or ["100"])[-1], (query.get("level") or ["DEBUG"])[-1].upper()
-        if not (n.isdigit() and 1 <= int(n) <= 1000):
+        if not (digits(n) and 1 <= int(n) <= 1000):
             raise bad_request("'n' must be a whole number from 1 to 1000", "n")
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise bad_request("'level' must be debug, info, warning or error", "level")
@@ -4729,7 +4915,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not digits(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
 
@@ -4737,7 +4923,7 @@ def positive_int(text: str) -> int:
 def quota_value(text: str) -> Optional[int]:
     if text.lower() in ("none", "unlimited"):
         return None
-    if not text.isdigit():
+    if not digits(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'")
     return int(text)
 

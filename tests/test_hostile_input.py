@@ -1,0 +1,248 @@
+"""Hostile and broken input: body framing lies, a fuzz battery over every route, log forging.
+
+Every request here must get a response below 500 in the route's own shape; none
+may close the connection without answering or buffer a body past the cap.
+"""
+
+import concurrent.futures
+import io
+import json
+import logging
+import re
+import socket
+import time
+
+import ocp
+from helpers import ServerTest, wait_until
+
+WRONG_VALUES = (None, True, False, 0, -1, 1.5, 10 ** 30, "", "x", "\u00b2", [], [1], ["x"], {}, {"a": 1},
+                [{"a": 1}], "\ud800")
+CHAT_FIELDS = ("model", "messages", "stream", "stream_options", "stop", "max_tokens", "max_completion_tokens",
+               "reasoning_effort", "response_format", "user", "n", "tools", "tool_choice", "temperature",
+               "top_p", "seed", "logprobs", "top_logprobs", "function_call", "functions", "presence_penalty")
+MESSAGE_SHAPES = (
+    5, "hi", [], None, [5], [{}], [{"role": "user"}], [{"role": "robot", "content": "x"}],
+    [{"role": "user", "content": 5}], [{"role": "user", "content": [5]}],
+    [{"role": "user", "content": [{"type": "video"}]}], [{"role": "user", "content": [{"type": "text"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:text/html;base64,AAAA"}}]}],
+    [{"role": "assistant", "content": "x", "tool_calls": 5}, {"role": "user", "content": "y"}],
+    [{"role": "assistant", "content": "x", "tool_calls": [{"function": "f"}]}, {"role": "user", "content": "y"}],
+    [{"role": "assistant", "content": None, "tool_calls": [5]}, {"role": "user", "content": "y"}],
+    [{"role": "assistant", "tool_calls": [{"function": {"name": 5}}]}, {"role": "user", "content": "y"}],
+    [{"role": "user", "content": "\ud800"}], [{"role": "user", "content": "a\u0000b\u2028c"}],
+    [{"role": "system", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+    [{"role": "system", "content": "only a system message"}],
+    [{"role": "user", "content": "x", "\ud800": 1}],
+)
+BAD_JSON = (b"", b" ", b"{", b"}", b"nul", b"[1,]", b'{"a":1}x', b'{"a":1,}', b"\xff\xfe{}", b"\xef\xbb\xbf{}",
+            b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1e99999}', b'"string"', b"42", b"[]", b"null",
+            b"[" * 100_000, b'{"a":' * 50_000, b"[" * 70 + b"]" * 70, b'{"\\ud800": 1}', b'"\\udfff"',
+            b'{"model": "sonnet", "messages": "\\ud83d"}', "{\"a\": \"\u00e9\"}".encode("latin-1"),
+            b'{"a": "\x00"}', b"\x00" * 64)
+
+
+def raw_exchange(port, data, read_timeout=10.0):
+    """Send raw bytes; return (status or None, response bytes). None means no response.
+
+    Reads one response: to its Content-Length, or to the close for a stream.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=read_timeout)
+    response = b""
+    try:
+        sock.sendall(data)
+        while True:
+            head, sep, body = response.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length: *([0-9]+)", head) if sep else None
+            if length and len(body) >= int(length.group(1)):
+                break
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not chunk:
+                break
+            response += chunk
+    except OSError:
+        pass  # the server may refuse the rest of a hostile request: what it answered counts
+    finally:
+        sock.close()
+    if not response.startswith(b"HTTP/1."):
+        return None, response
+    return int(response.split(b" ", 2)[1]), response
+
+
+def post(path, body, headers=b""):
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\n"
+            + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+class BodyFraming(ServerTest):
+    env = {"OCP_MAX_BODY_BYTES": "65536"}
+
+    def test_a_negative_chunk_size_is_refused_before_anything_is_buffered(self):
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"-ffffffffffffffff\r\n")
+        status, response = raw_exchange(self.port, head + b"a" * 200_000)
+        self.assertEqual(status, 400, response[:200])
+        self.assertIn(b"chunk size", response)
+
+    def test_chunks_past_the_cap_are_413(self):
+        body = b"".join(b"8000\r\n" + b"a" * 0x8000 + b"\r\n" for _ in range(3)) + b"0\r\n\r\n"
+        status, _ = raw_exchange(self.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                            b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        self.assertEqual(status, 413)
+
+    def test_length_lies(self):
+        cases = {
+            "two different lengths": (b"Content-Length: 2\r\nContent-Length: 3\r\n", b"{}", 400),
+            "a superscript digit": ("Content-Length: \u00b2\r\n".encode("utf-8"), b"{}", 400),
+            "a sign": (b"Content-Length: +2\r\n", b"{}", 400),
+            "hex": (b"Content-Length: 0x2\r\n", b"{}", 400),
+            "a gzip transfer coding": (b"Transfer-Encoding: gzip\r\n", b"{}", 400),
+            "chunked and a length": (b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", b"2\r\n{}\r\n0\r\n\r\n", 400),
+            "a chunk longer than it says": (b"Transfer-Encoding: chunked\r\n", b"1\r\n{}\r\n0\r\n\r\n", 400),
+            "a chunk size in words": (b"Transfer-Encoding: chunked\r\n", b"two\r\n{}\r\n0\r\n\r\n", 400),
+        }
+        for name, (headers, body, expected) in cases.items():
+            with self.subTest(name):
+                data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n" + body)
+                status, response = raw_exchange(self.port, data)
+                self.assertEqual(status, expected, response[:300])
+                self.assertIn(b'"error"', response)
+
+    def test_two_equal_lengths_are_one_length(self):
+        body = json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}).encode()
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\nContent-Length: %d\r\n"
+                b"\r\n" % (len(body), len(body)) + body)
+        status, response = raw_exchange(self.port, data)
+        self.assertEqual(status, 400)
+        self.assertIn(b"Unknown model", response)
+
+    def test_a_body_has_one_deadline_however_it_is_chunked(self):
+        self.server.body_timeout_s = 0.6
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        started = time.monotonic()
+        response = b""
+        while b"\r\n\r\n" not in response and time.monotonic() - started < 4:
+            try:  # one byte a chunk, each well inside the socket timeout
+                sock.sendall(b"1\r\na\r\n")
+            except OSError:
+                break
+            sock.settimeout(0.15)
+            try:
+                response += sock.recv(4096)
+            except socket.timeout:
+                pass
+        self.assertTrue(response.startswith(b"HTTP/1.1 408"), response[:100])
+        self.assertLess(time.monotonic() - started, 2)
+
+
+class SlowHeaders(ServerTest):
+    env = {"OCP_SOCKET_TIMEOUT": "1"}
+
+    def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_deadline(self):
+        socks = [socket.create_connection(("127.0.0.1", self.port), timeout=5) for _ in range(10)]
+        started = time.monotonic()
+        for sock in socks:
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+        cut = set()
+        while len(cut) < len(socks) and time.monotonic() - started < 5:
+            for n, sock in enumerate(socks):
+                if n in cut:
+                    continue
+                try:
+                    sock.sendall(b"X")  # each byte well inside the per-read timeout
+                    sock.settimeout(0.01)
+                    if sock.recv(4096) is not None:
+                        cut.add(n)
+                except socket.timeout:
+                    pass
+                except OSError:
+                    cut.add(n)
+            time.sleep(0.1)  # the attacker's pace, not synchronisation
+        self.assertEqual(len(cut), len(socks))
+        self.assertLess(time.monotonic() - started, 3)
+
+
+class FuzzBattery(ServerTest):
+    """At least 150 malformed requests over every route: none ≥ 500, none unanswered."""
+
+    env = {"OCP_ADMIN_KEY": "ocp_fuzz-admin-key-0123456789abcdefghij"}
+
+    def setUp(self):
+        super().setUp()
+        self.pool = concurrent.futures.ThreadPoolExecutor(8)
+        self.addCleanup(self.pool.shutdown)
+        self.sent = []
+
+    def send(self, label, data):
+        self.sent.append((label, self.pool.submit(raw_exchange, self.port, data)))
+
+    def chat_cases(self):
+        valid = {"model": "sonnet", "messages": [{"role": "user", "content": "x"}]}
+        for field in CHAT_FIELDS:
+            for value in WRONG_VALUES:
+                body = dict(valid, **{field: value})
+                yield f"{field}={value!r}"[:60], json.dumps(body).encode()
+        for messages in MESSAGE_SHAPES:
+            yield f"messages={messages!r}"[:60], json.dumps(dict(valid, messages=messages)).encode()
+        for raw in BAD_JSON:
+            yield f"json {raw[:20]!r}", raw
+
+    def test_no_response_is_5xx_and_every_request_is_answered(self):
+        for label, body in self.chat_cases():
+            self.send(label, post("/v1/chat/completions", body))
+        routes = [("POST", "/api/keys"), ("PATCH", "/api/keys/1/quota"), ("PATCH", "/api/keys/\u00b2/quota"),
+                  ("POST", "/dashboard/login"), ("PATCH", "/settings"), ("POST", "/dashboard/logout"),
+                  ("DELETE", "/api/keys/\u00b2"), ("DELETE", "/sessions/%ff%fe"), ("POST", "/v1/models")]
+        admin = b"Authorization: Bearer " + self.server.admin_key.encode() + b"\r\n"
+        for method, path in routes:
+            for raw in BAD_JSON[:12] + (b'{"name": "\\ud800"}', b'{"\\ud800": 1}', b'{"key": "\\ud800"}',
+                                        b'{"daily": "\\u00b2"}', b'{"models": [5]}', b'{"timeout": [1]}'):
+                data = post(path, raw, admin).replace(b"POST ", method.encode() + b" ", 1)
+                self.send(f"{method} {path} {raw[:20]!r}", data)
+        for query in ("hours=\u00b2", "limit=\u00b3", "n=\u00b9", "hours=-1", "since=x", "until=1e9", "all=maybe",
+                      "hours=99999999999999999999999", "level=\ud800", "limit=%00"):
+            for path in ("/api/usage", "/usage", "/logs"):
+                target = (path + "?" + query).encode("utf-8", "surrogatepass")
+                self.send(f"GET {path}?{query}", b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + admin + b"\r\n")
+        for line in (b"GET / HTTP/1.1", b"BREW /pot HTTP/1.1", b"GET /health HTTP/9.9", b"GET",
+                     b"\x00\x01\x02", b"GET /health HTTP/1.1\r\nHost: evil.example.com:1:2",
+                     b"GET /" + b"a" * 70000 + b" HTTP/1.1", b"GET /health HTTP/1.1\r\nBad Header\r\nX: y"):
+            self.send(f"line {line[:20]!r}", line + b"\r\n\r\n")
+        self.results = [(label, *future.result()) for label, future in self.sent]
+        self.assertGreaterEqual(len(self.results), 150)
+        unanswered = [(label, response) for label, status, response in self.results if status is None]
+        crashed = [(label, status, response[:300]) for label, status, response in self.results if status and status >= 500]
+        self.assertEqual(unanswered, [])
+        self.assertEqual(crashed, [])
+        for label, status, response in self.results:
+            if status != 200:
+                body = response.split(b"\r\n\r\n", 1)[1]
+                self.assertIn("error", json.loads(body), label)
+
+
+class LogForging(ServerTest):
+    def test_a_user_field_cannot_start_a_log_line(self):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(ocp.TextFormatter("%(levelname)s %(message)s"))
+        ocp.log.addHandler(handler)
+        self.addCleanup(ocp.log.removeHandler, handler)
+        level = ocp.log.level
+        ocp.log.setLevel(logging.INFO)
+        self.addCleanup(ocp.log.setLevel, level)
+        status, _, _ = self.chat("hi", user="u\n2099-01-01 00:00:00 ERROR forged\r\u2028x")
+        self.assertEqual(status, 200)
+        wait_until(lambda: "user=" in stream.getvalue())
+        lines = stream.getvalue().splitlines()
+        self.assertFalse([line for line in lines if line.startswith("2099")])
+        self.assertTrue(any("user=u\\x0a2099" in line for line in lines))
