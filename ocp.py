@@ -522,12 +522,12 @@ UPDATE_QUOTA = """UPDATE keys SET quota_daily = :daily, quota_weekly = :weekly, 
     quota_tokens_daily = :tokens_daily, quota_tokens_monthly = :tokens_monthly, models = :models
     WHERE id = :id"""
 COUNT_WINDOW_USAGE = """SELECT
-    COALESCE(SUM(created_at >= :day AND status IN ('ok', 'pending')), 0) AS day,
-    COALESCE(SUM(created_at >= :week AND status IN ('ok', 'pending')), 0) AS week,
-    COALESCE(SUM(created_at >= :month AND status IN ('ok', 'pending')), 0) AS month,
-    COALESCE(SUM(CASE WHEN created_at >= :day AND status = 'ok'
+    COALESCE(SUM(created_at >= :day AND status IN ('ok', 'partial', 'pending')), 0) AS day,
+    COALESCE(SUM(created_at >= :week AND status IN ('ok', 'partial', 'pending')), 0) AS week,
+    COALESCE(SUM(created_at >= :month AND status IN ('ok', 'partial', 'pending')), 0) AS month,
+    COALESCE(SUM(CASE WHEN created_at >= :day AND status IN ('ok', 'partial')
                       THEN prompt_tokens + completion_tokens END), 0) AS tokens_day,
-    COALESCE(SUM(CASE WHEN created_at >= :month AND status = 'ok'
+    COALESCE(SUM(CASE WHEN created_at >= :month AND status IN ('ok', 'partial')
                       THEN prompt_tokens + completion_tokens END), 0) AS tokens_month
     FROM usage WHERE key_id = :key_id AND created_at >= :earliest"""
 INSERT_PENDING_USAGE = """INSERT INTO usage (key_id, key_name, model, status, request_id, created_at)
@@ -541,7 +541,7 @@ SELECT_USAGE_ROWS = """SELECT id, key_name, model, status, http_status, prompt_t
       AND created_at >= :since AND created_at < :until
     ORDER BY id DESC LIMIT :limit"""
 SELECT_USAGE_BY_KEY = """SELECT key_name, COUNT(*) AS requests,
-    SUM(status = 'ok') AS ok, SUM(status = 'error') AS errors, SUM(status = 'cancelled') AS cancelled,
+    SUM(status IN ('ok', 'partial')) AS ok, SUM(status = 'error') AS errors, SUM(status = 'cancelled') AS cancelled,
     SUM(status = 'cached') AS cached, SUM(prompt_tokens) AS prompt_tokens,
     SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost_usd), 4) AS cost_usd,
     CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(created_at) AS last_at
@@ -1559,10 +1559,25 @@ def queue_full(why: str) -> ApiError:
                     "queue_full", headers={"Retry-After": "5"})
 
 
+HANGUP = getattr(select, "POLLRDHUP", 0)  # Linux: a peer's close is seen even behind unread bytes
+
+
 def peer_closed(sock: Optional[socket.socket]) -> bool:
-    """Return True when the client at the other end of `sock` has hung up."""
+    """Return True when the client at the other end of `sock` has hung up.
+
+    A client may have sent more after its body (a pipelined request, a stray
+    CRLF): POLLRDHUP still sees it leave. Without it (macOS) only a close with
+    nothing unread is seen here; the next write to the client finds the rest.
+    """
     if sock is None:
         return False
+    if HANGUP:
+        try:
+            poller = select.poll()
+            poller.register(sock, HANGUP)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
     try:
         ready = select.select([sock], [], [], 0)[0]
         if not ready:
@@ -1866,22 +1881,46 @@ class Runner:
 def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
            client: Optional[socket.socket], clock: Callable[[], float],
            keep_going: Callable[[], bool] = lambda: False) -> Iterator[Any]:
-    """Yield events as the CLI prints them; HEARTBEAT after each `heartbeat_s` of silence."""
+    """Yield events as the CLI prints them; HEARTBEAT after each `heartbeat_s` of silence.
+
+    Raises ClientGone when `client` hangs up, unless `keep_going()` (others share
+    the run): then the run goes on only while that stays true.
+    """
     last = clock()
+    poller = select.poll() if HANGUP else None
     watch = [proc] + ([client] if client is not None else [])
+    if poller is not None:
+        poller.register(proc.fileno(), select.POLLIN)
+        if client is not None:
+            poller.register(client, HANGUP)
+    left = False  # our client hung up while others still wanted the answer
     while True:
         now = clock()
         if now >= deadline:
             raise timeout_error()
+        if left and not keep_going():
+            raise ClientGone()
         wait = deadline - now
         if heartbeat_s:
             wait = min(wait, max(0.0, last + heartbeat_s - now))
-        ready = select.select(watch, [], [], wait)[0]
-        if client is not None and client in ready:
+        if left:
+            wait = min(wait, 0.25)
+        if poller is not None:
+            fds = {fd for fd, _ in poller.poll(wait * 1000)}
+            proc_ready = proc.fileno() in fds
+            client_event = client is not None and client.fileno() in fds
+        else:
+            ready = select.select(watch, [], [], wait)[0]
+            proc_ready, client_event = proc in ready, client is not None and client in ready
+        if client_event:
             if peer_closed(client) and not keep_going():
                 raise ClientGone()
-            watch.remove(client)  # early next request, or others still want the answer: stop watching
-        if proc in ready:
+            left = left or peer_closed(client)
+            if poller is not None:
+                poller.unregister(client)
+            else:
+                watch.remove(client)  # early next request, or others still want the answer
+        if proc_ready:
             lines = proc.read_lines()
             if lines is None:
                 return
@@ -3718,11 +3757,19 @@ class ChatTurn:
         self.keep_going: Callable[[], bool] = lambda: False  # followers still want the answer
         self.detached = False  # our client left; the run goes on for followers
         self.overage = False  # this answer was paid from extra usage
+        self.delivered = False  # some of the answer was written to the client
+        self.answers: List[Answer] = []  # every CLI run of this turn, for usage when it is cut short
         self.settle: Callable[..., None] = lambda *outcome: None  # Admission.settle once admitted
 
     @property
     def usage(self) -> Optional[Dict[str, Any]]:
-        return self.outcome["usage"] if self.outcome else None
+        """The answer's usage; for a turn cut short, what its model calls reported so far."""
+        if self.outcome:
+            return self.outcome["usage"]
+        usage = None
+        for answer in self.answers:
+            usage = merge_usage(usage, answer.usage()) if usage else answer.usage()
+        return usage
 
     def log_exchange(self, status: str) -> None:
         """Only with OCP_LOG_PROMPTS=1: the operator asked to see what was said."""
@@ -3813,6 +3860,7 @@ class ChatTurn:
                 on_heartbeat: Callable[[], None] = lambda: None) -> Answer:
         """Run one CLI job; `on_delta` returns False to end the turn early (stop sequence)."""
         answer = Answer()
+        self.answers.append(answer)
         events = self.server.runner.run(job, self.handler.connection, self.keep_going)
         try:
             for event in events:
@@ -3925,7 +3973,7 @@ class Admission:
             return
         self.settled = True
         turn = self.turn
-        self.store.finish(self.row, status, code, turn.usage if status == "ok" else None, turn.cost_usd,
+        self.store.finish(self.row, status, code, turn.usage if status in ("ok", "partial") else None, turn.cost_usd,
                           turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
         turn.server.record_outcome(status, error)
         turn.server.metrics.record(status, turn.request.model.id, turn.handler.caller.name,
@@ -3939,16 +3987,22 @@ class Admission:
         if error is None and turn.failure is not None:
             status, code = "error", turn.failure.status
         elif error is None and turn.detached:
-            status, code = "cancelled", 499  # our client left; the run went on for others
+            status, code = left_early(turn)  # our client left; the run went on for others
         elif error is None:
             status, code = "ok", 200
         elif isinstance(error, ApiError):
             status, code = "error", error.status
         elif isinstance(error, (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout)):
-            status, code = "cancelled", 499
+            status, code = left_early(turn)
         else:
             status, code = "error", 500
         self.settle(status, code, error if isinstance(error, ApiError) else turn.failure)
+
+
+def left_early(turn: "ChatTurn") -> Tuple[str, int]:
+    """A client that left after part of its answer reached it has used the request: only one
+    that got nothing gives its quota back."""
+    return ("partial", 499) if turn.delivered else ("cancelled", 499)
 
 
 class ChatStream(ChatTurn):
@@ -3969,10 +4023,14 @@ class ChatStream(ChatTurn):
     def send(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
         self.emit(chat_chunk(self.completion_id, self.created, self.request.model.id,
                              delta, finish, self.request.include_usage))
+        if not self.detached and (delta.get("content") or delta.get("reasoning_content") or delta.get("refusal")):
+            self.delivered = True
 
     def emit(self, payload: Any) -> None:
         """Write one SSE event; a client that left is dropped, unless followers keep the run going."""
         if self.detached:
+            if not self.keep_going():
+                raise ClientGone()  # the followers left too: the run is for nobody now
             return
         try:
             self.handler.send_event(payload)
@@ -3987,6 +4045,8 @@ class ChatStream(ChatTurn):
 
     def emit_comment(self, line: bytes) -> None:
         if self.detached:
+            if not self.keep_going():
+                raise ClientGone()
             return
         try:
             self.handler.wfile.write(line)
@@ -4065,7 +4125,7 @@ class ChatStream(ChatTurn):
         self.send({}, finish_reason)
         if self.request.include_usage:
             self.emit(usage_chunk(self.completion_id, self.created, self.request.model.id, usage))
-        self.settle("cancelled" if self.detached else "ok", 499 if self.detached else 200)
+        self.settle(*(left_early(self) if self.detached else ("ok", 200)))
         self.emit("[DONE]")
 
 

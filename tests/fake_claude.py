@@ -16,7 +16,8 @@ no result), hang (print init, then wait to be killed), slow_start_ms, drop
 garbage (unparsable lines between events), usage ({input, output,
 cache_read, cache_creation}), overage (the answer is paid from extra usage),
 ignore_term (survive SIGTERM), grandchild (leave a sleeping child in the
-group), stderr (text for stderr).
+group), stderr (text for stderr), tail_ms (pause between the answer's last
+event and the result).
 
 CLAUDE_CODE_MAX_OUTPUT_TOKENS cuts the answer at 4 characters a token with
 stop_reason max_tokens; then, as the real CLI does even with --max-turns 1, it
@@ -301,6 +302,7 @@ def answer(run, text):
     if limit and len(text) > limit:
         return over_the_limit(run, text, limit)
     run.message(text, d.get("thinking"))
+    time.sleep(d.get("tail_ms", 0) / 1000)
     run.rate_limit(overage=bool(d.get("overage")), status="rejected" if d.get("overage") else "allowed")
     run.result(text)
     return 0

@@ -206,7 +206,9 @@ class Singleflight(ServerTest):
         thread = threading.Thread(target=lambda: follower.append(self.chat(content)))
         thread.start()
         wait_until(lambda: self.server.flights.snapshot()["shared"] == 1)
-        leader.recv(100)
+        received = b""
+        while b'"content": "slow' not in received:  # part of the answer reached the leader
+            received += leader.recv(4096)
         leader.close()
         thread.join(30)
         status, headers, body = follower[0]
@@ -215,13 +217,27 @@ class Singleflight(ServerTest):
         self.assertEqual(self.runs()[0]["ended"], "exit 0", "the CLI was not killed")
         statuses = lambda: sorted(r["status"] for r in self.server.store.usage_rows(None, None, 0, 2 ** 40, 10))
         wait_until(lambda: "pending" not in statuses())
-        self.assertEqual(statuses(), ["cancelled", "ok"])
+        self.assertEqual(statuses(), ["ok", "partial"], "the leader got part of its answer: it counts")
 
     def test_a_lone_leader_that_leaves_still_kills_the_run(self):
         sock = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]})
         run = wait_until(lambda: self.runs() and self.runs()[0].get("stdin_blocks") and self.runs()[0])
         sock.close()
         wait_until(lambda: not pid_alive(run["pid"]), timeout=10)
+
+    def test_when_the_leader_and_every_follower_leave_the_run_ends(self):
+        for stream in (True, False):
+            with self.subTest(stream=stream):
+                body = {"model": "sonnet", "stream": stream, "messages": [
+                    {"role": "user", "content": f"x {stream} " + directive(hang=True)}]}
+                before = len(self.runs())
+                leader = self.open_raw(body)
+                run = wait_until(lambda: len(self.runs()) > before and self.runs()[-1])
+                followers = [self.open_raw(body) for _ in range(2)]
+                wait_until(lambda: self.server.flights.snapshot()["shared"] >= 2 * (1 + (not stream)))
+                for sock in [leader] + followers:
+                    sock.close()
+                wait_until(lambda: not pid_alive(run["pid"]), timeout=10)
 
     def test_followers_get_the_leaders_error(self):
         content = "x " + directive(error="overloaded", slow_start_ms=300)

@@ -37,6 +37,18 @@ class ClientHangsUp(ServerTest):
         self.assertEqual(self.runs()[0]["ended"], "sigterm")
         wait_until(lambda: self.server.runner.live() == [])
 
+    def test_a_client_that_sent_more_than_its_body_is_still_seen_leaving(self):
+        extras = {"a trailing CRLF": b"\r\n", "a pipelined request": b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"}
+        for name, extra in extras.items():
+            for stream in (False, True):
+                with self.subTest(name, stream=stream):
+                    before = len(self.runs())
+                    sock = self.open_raw(dict(HANG, stream=stream))
+                    sock.sendall(extra)
+                    run = wait_until(lambda: len(self.runs()) > before and self.runs()[-1])
+                    sock.close()
+                    wait_until(lambda: not pid_alive(run["pid"]), timeout=5)
+
     def test_a_process_ignoring_sigterm_is_killed(self):
         self.server.runner.kill_grace_s = 0.3
         sock = self.open_raw({"model": "opus", "messages": [

@@ -266,6 +266,35 @@ class MultiMode(ServerTest):
         self.assertEqual(self.ask(secret)[0], 401)
         self.assertEqual(len(self.runs()), 1)
 
+    def test_a_stream_read_to_the_end_then_dropped_still_counts(self):
+        secret = self.add_key("member", daily=3)
+        body = {"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "x " + directive(text="the whole answer", deltas=4, tail_ms=400,
+                                                         usage={"input": 100, "output": 7})}]}
+        for _ in range(3):
+            sock = self.open_raw(body, key=secret)
+            received = b""
+            while received.count(b'"content": "') < 5:  # the role chunk and all 4 deltas; not the final chunk
+                received += sock.recv(65536)
+            self.assertNotIn(b"[DONE]", received)
+            sock.close()
+        wait_until(lambda: not any(r["status"] == "pending" for r in self.admin("GET", "/api/usage?all=true")[2]["data"]))
+        rows = self.admin("GET", "/api/usage?all=true")[2]["data"]
+        self.assertEqual([(r["status"], r["http_status"]) for r in rows], [("partial", 499)] * 3)
+        self.assertEqual([(r["prompt_tokens"], r["completion_tokens"]) for r in rows], [(100, 7)] * 3)
+        status, _, body = self.ask(secret)
+        self.assertEqual(status, 429, "three delivered answers used the daily quota of 3")
+
+    def test_a_client_that_leaves_before_any_answer_gets_its_place_back(self):
+        secret = self.add_key("member", daily=1)
+        sock = self.open_raw({"model": "sonnet", "stream": True, "messages": [
+            {"role": "user", "content": "x " + directive(hang=True)}]}, key=secret)
+        wait_until(lambda: self.server.runner.live())
+        sock.close()
+        wait_until(lambda: not self.server.runner.live())
+        wait_until(lambda: self.admin("GET", "/api/usage?all=true")[2]["data"][0]["status"] == "cancelled")
+        self.assertEqual(self.ask(secret)[0], 200)
+
     def test_the_anonymous_key_is_opt_in_and_not_advertised(self):
         status, _, body = self.ask(self.config.anonymous_key)
         self.assertEqual(status, 200)
