@@ -1502,6 +1502,17 @@ class Slots:
         self._lock = threading.Lock()
         self._running = 0
         self._waiting: "collections.deque[threading.Event]" = collections.deque()
+        self.closed = False
+
+    def close(self) -> int:
+        """Shutting down: refuse every waiting request (503) and every later one; return how many waited."""
+        with self._lock:
+            self.closed = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for turn in waiting:
+            turn.refused = True  # type: ignore[attr-defined]
+            turn.set()
+        return len(waiting)
 
     def snapshot(self) -> Dict[str, int]:
         with self._lock:
@@ -1524,6 +1535,8 @@ class Slots:
                 clock: Callable[[], float] = time.monotonic, tick_s: float = 0) -> Iterator[None]:
         """Take a slot, yielding after each `tick_s` spent in the line (for heartbeats)."""
         with self._lock:
+            if self.closed:
+                raise shutting_down()
             if self._running < self.limit and not self._waiting:
                 self._running += 1
                 return
@@ -1545,6 +1558,8 @@ class Slots:
                         raise queue_full("waited too long for a free CLI slot")
                 self.release()  # handed a slot while giving up: pass it on
                 raise ClientGone() if cancelled() else queue_full("waited too long for a slot")
+        if getattr(turn, "refused", False):
+            raise shutting_down()
 
     def release(self) -> None:
         with self._lock:
@@ -1552,6 +1567,19 @@ class Slots:
                 self._waiting.popleft().set()  # hand the slot over, FIFO
             else:
                 self._running -= 1
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "OCP is shutting down; retry in a moment.", "proxy_error", "shutting_down",
+                    headers={"Retry-After": "5"})
+
+
+def stopped(reason: str) -> ApiError:
+    """The error of a run that OCP itself ended: shutdown, or the owner's DELETE /sessions."""
+    if reason == "shutdown":
+        return shutting_down()
+    return ApiError(503, "The operator stopped this request (DELETE /sessions).", "proxy_error",
+                    "stopped_by_operator")
 
 
 def queue_full(why: str) -> ApiError:
@@ -1609,6 +1637,7 @@ class ClaudeProcess:
         self.started = time.monotonic()
         self._buffer = b""
         self.cancelled = False
+        self.stop_reason = ""
         self._write_stdin(stdin)
 
     def _write_stdin(self, data: bytes) -> None:
@@ -1652,10 +1681,15 @@ class ClaudeProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def cancel(self) -> None:
-        """End the run now: SIGTERM to the group, SIGKILL if it lingers."""
+    def cancel(self, reason: str = "") -> None:
+        """End the run now: SIGTERM to the group, SIGKILL if it lingers.
+
+        `reason` ("shutdown", "operator") says that OCP itself ended it; the
+        request then says so instead of "ended without an answer".
+        """
         if self.popen.poll() is None:
             self.cancelled = True
+            self.stop_reason = self.stop_reason or reason
             self.signal_group(signal.SIGTERM)
 
     def close(self) -> Optional[int]:
@@ -1725,6 +1759,123 @@ class Sweeper:
         self._queue.join()
 
 
+KEEPER_SOURCE = r"""
+import os, shutil, signal, sys, time
+groups = {}
+for line in sys.stdin:  # "+PGID RUN_DIR" when OCP starts a CLI, "-PGID" when it has reaped it
+    op, rest = line[:1], line[1:].rstrip("\n")
+    pgid, _, path = rest.partition(" ")
+    if op == "+" and pgid.isdigit():
+        groups[int(pgid)] = path
+    elif op == "-" and pgid.isdigit():
+        groups.pop(int(pgid), None)
+def signal_all(sig):
+    alive = []
+    for pgid in groups:
+        try:
+            os.killpg(pgid, sig)
+            alive.append(pgid)
+        except OSError:
+            pass
+    return alive
+deadline = time.monotonic() + 3
+while signal_all(signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL):
+    time.sleep(0.1)
+for path in groups.values():
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+class Keeper:
+    """A tiny watchdog process that ends OCP's CLI processes when OCP itself dies.
+
+    It holds the read end of a pipe: OCP tells it each process group it starts
+    and reaps. However OCP ends — even kill -9 — the pipe closes, and the keeper
+    ends every group still listed (SIGTERM, SIGKILL after 3 s) and removes
+    their run directories. A clean shutdown has reaped everything first, so the
+    keeper just exits. Thread-safe.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._popen: Optional[subprocess.Popen] = None
+
+    def _ensure(self) -> Optional[subprocess.Popen]:
+        if self._popen is None or self._popen.poll() is not None:
+            try:  # -I -S: no site, no user paths; a new session, so a terminal's Ctrl-C is OCP's alone
+                self._popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", KEEPER_SOURCE],
+                                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL, start_new_session=True,
+                                               close_fds=True)
+            except OSError as e:
+                log.warning("cannot start the process keeper: %s", e.strerror)
+                self._popen = None
+        return self._popen
+
+    def _tell(self, line: str) -> None:
+        with self._lock:
+            popen = self._ensure()
+            if popen is None:
+                return
+            try:
+                popen.stdin.write(line.encode("utf-8") + b"\n")
+                popen.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                log.warning("the process keeper is gone; a new one takes over from the next run")
+                self._popen = None
+
+    def add(self, pgid: int, run_dir: str) -> None:
+        self._tell(f"+{pgid} {run_dir}")
+
+    def remove(self, pgid: int) -> None:
+        self._tell(f"-{pgid}")
+
+    def close(self) -> None:
+        """Shutdown: everything was reaped, so the keeper exits with nothing to do."""
+        with self._lock:
+            if self._popen is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self._popen.stdin.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._popen.wait(timeout=5)
+                self._popen = None
+
+
+def process_identity(pid: int) -> str:
+    """Return what tells this process apart from a later one with the same pid: its start time
+    (Linux /proc) or its start time and command (ps elsewhere); "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return "start:" + f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return ""
+    except (OSError, IndexError):
+        return ""
+    try:
+        out = subprocess.run(["ps", "-o", "lstart=,command=", "-p", str(pid)], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "ps:" + out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else ""
+
+
+def end_leftover(run_dir: str) -> bool:
+    """A run directory left by a daemon that died: end its CLI if that very process still runs."""
+    try:
+        with open(os.path.join(run_dir, "child"), encoding="utf-8") as f:
+            pid, pgid, identity = f.read().split(" ", 2)
+    except (OSError, ValueError):
+        return False
+    if not identity or process_identity(int(pid)) != identity:
+        return False  # gone, or the pid now belongs to another process
+    with contextlib.suppress(OSError):
+        os.killpg(int(pgid), signal.SIGKILL)
+        log.warning("ended a claude process (pid %s) left running by an earlier OCP", pid)
+        return True
+    return False
+
+
 class Runner:
     """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set."""
 
@@ -1740,6 +1891,8 @@ class Runner:
         self._version: Optional[str] = None
         self.kill_grace_s = KILL_GRACE_S
         self.sweeper = Sweeper()
+        self.keeper = Keeper()
+        self.stopping = False
 
     # -- setup ---------------------------------------------------------------
 
@@ -1748,6 +1901,7 @@ class Runner:
         os.makedirs(self.config.spawn_dir, mode=0o700, exist_ok=True)
         for name in os.listdir(self.config.spawn_dir):
             if name.startswith("run-"):
+                end_leftover(os.path.join(self.config.spawn_dir, name))
                 shutil.rmtree(os.path.join(self.config.spawn_dir, name), ignore_errors=True)
         for sub in ("home", os.path.join("home", ".claude"), "work"):
             os.makedirs(os.path.join(self.config.spawn_dir, sub), mode=0o700, exist_ok=True)
@@ -1769,11 +1923,11 @@ class Runner:
             return [{"id": rid, "pid": p.pid, "key": job.owner, "model": job.model,
                      "age_s": round(now - p.started, 1)} for rid, (p, job) in self._live.items()]
 
-    def cancel(self, run_id: str) -> bool:
+    def cancel(self, run_id: str, reason: str = "operator") -> bool:
         with self._live_lock:
             entry = self._live.get(run_id)
         if entry:
-            entry[0].cancel()
+            entry[0].cancel(reason)
         return entry is not None
 
     def apply(self, config: Config) -> None:
@@ -1781,12 +1935,17 @@ class Runner:
         self.config = config
         self.slots.resize(config.max_concurrent, config.max_queue)
 
-    def cancel_all(self) -> int:
+    def cancel_all(self, reason: str = "operator") -> int:
         with self._live_lock:
             procs = [proc for proc, job in self._live.values()]
         for proc in procs:
-            proc.cancel()
+            proc.cancel(reason)
         return len(procs)
+
+    def stop(self) -> int:
+        """Shutting down: start nothing more, refuse the queue; return how many were waiting."""
+        self.stopping = True
+        return self.slots.close()
 
     # -- one run -------------------------------------------------------------
 
@@ -1832,14 +1991,18 @@ class Runner:
         os.mkdir(os.path.join(run_dir, "tmp"), 0o700)
         try:
             proc = self._spawn(job, creds, run_dir)
-            with self._live_lock:
-                self._live[job.request_id or str(proc.pid)] = (proc, job)
             try:
+                self.keeper.add(proc.pid, run_dir)
+                with open(os.path.join(run_dir, "child"), "w", encoding="utf-8") as f:
+                    f.write(f"{proc.pid} {proc.pid} {process_identity(proc.pid)}")  # found again after a crash
                 yield from follow(proc, deadline, self.config.heartbeat_ms / 1000, client, self.clock,
                                   keep_going)
+                if proc.stop_reason:
+                    raise stopped(proc.stop_reason)
             finally:
                 proc.cancel()
                 code = proc.close()
+                self.keeper.remove(proc.pid)
                 with self._live_lock:
                     self._live.pop(job.request_id or str(proc.pid), None)
                 if code not in (0, 1, None) and not proc.cancelled:
@@ -1860,13 +2023,18 @@ class Runner:
         # One working directory for every child: the CLI tells the model its cwd, and a
         # per-request path would make that text differ on every request.
         cwd = os.path.join(self.config.spawn_dir, "work")
-        try:
-            return ClaudeProcess(argv, env, cwd, stdin_line(job.blocks), run_dir, self.kill_grace_s)
-        except OSError as e:
-            log.error("cannot start claude: %s", e.strerror)
-            raise ApiError(503, "The claude CLI could not be started. Check that it is "
-                           "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
-                           "claude_unavailable") from None
+        with self._live_lock:  # under the lock: shutdown's cancel_all sees every process it lets start
+            if self.stopping:
+                raise shutting_down()
+            try:
+                proc = ClaudeProcess(argv, env, cwd, stdin_line(job.blocks), run_dir, self.kill_grace_s)
+            except OSError as e:
+                log.error("cannot start claude: %s", e.strerror)
+                raise ApiError(503, "The claude CLI could not be started. Check that it is "
+                               "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
+                               "claude_unavailable") from None
+            self._live[job.request_id or str(proc.pid)] = (proc, job)
+        return proc
 
     def _system_arg(self, job: Job, run_dir: str) -> Tuple[str, str]:
         if len(job.system_prompt.encode("utf-8")) <= ARGV_PROMPT_LIMIT:
@@ -3029,6 +3197,8 @@ class Server(ThreadingHTTPServer):
         self.flights = Flights()
         self.sessions = DashboardSessions()
         self.deadlines = Deadlines()
+        self.active_requests = 0
+        self._active_cond = threading.Condition()
         self.body_timeout_s = MAX_BODY_READ_S
         self.metrics = Metrics()
         self.ring = LogRing()
@@ -3038,6 +3208,25 @@ class Server(ThreadingHTTPServer):
         self.own_names = (hostname, hostname.split(".")[0], hostname.split(".")[0] + ".local")
         self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
         super().__init__((config.bind, config.port), Handler)
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until `condition()` holds or `timeout_s` passes (shutdown's steps; it is polled)."""
+        deadline = time.monotonic() + timeout_s
+        with self._active_cond:
+            while not condition():
+                if time.monotonic() >= deadline:
+                    return False
+                self._active_cond.wait(0.05)
+        return True
+
+    def request_started(self) -> None:
+        with self._active_cond:
+            self.active_requests += 1
+
+    def request_ended(self) -> None:
+        with self._active_cond:
+            self.active_requests -= 1
+            self._active_cond.notify_all()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Outside a request (e.g. a reset idle keep-alive): clients do that, it is no traceback."""
@@ -3216,6 +3405,13 @@ class Handler(BaseHTTPRequestHandler):
         return None, path, []
 
     def dispatch(self) -> None:
+        self.server.request_started()
+        try:
+            self.dispatch_request()
+        finally:
+            self.server.request_ended()
+
+    def dispatch_request(self) -> None:
         self.request_id = "req_" + secrets.token_hex(12)
         self.response_headers = {}
         self.caller = None  # per request: one connection may carry several
@@ -4167,17 +4363,17 @@ def install_shutdown(server: Server) -> threading.Event:
     done = threading.Event()
 
     def shut_down() -> None:
+        refused = server.runner.stop()  # the queue is refused (503) and nothing new starts
         server.shutdown()
-        deadline = time.monotonic() + 3
-        while server.runner.live() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        cancelled = server.runner.cancel_all()
-        deadline = time.monotonic() + KILL_GRACE_S + 1
-        while server.runner.live() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        server.wait_for(lambda: not server.runner.live(), 3)
+        cancelled = server.runner.cancel_all("shutdown")
+        server.wait_for(lambda: not server.runner.live(), KILL_GRACE_S + 1)
+        server.wait_for(lambda: server.active_requests == 0, 5)  # their errors reach the clients
         server.server_close()
         server.runner.sweeper.drain()
-        log.info("stopped (%d runs cancelled)", cancelled)
+        server.runner.keeper.close()
+        server.store.cancel_stale()
+        log.info("stopped (%d runs cancelled, %d queued requests refused)", cancelled, refused)
         done.set()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -4556,7 +4752,10 @@ def doctor_checks(config: Config, live: bool = False) -> List[Dict[str, Any]]:
                             f"claude {version} at {runner.claude}" if version else
                             f"{runner.claude} does not answer --version", [] if version else
                             ["Reinstall it: npm i -g @anthropic-ai/claude-code"]))
-    checks.append(login_check(config, runner if live and runner.claude else None))
+    try:
+        checks.append(login_check(config, runner if live and runner.claude else None))
+    finally:
+        runner.keeper.close()
     checks += [port_check(config), service_check(config), database_check(config)]
     checks += permission_checks(config)
     checks.append(disk_check(config))

@@ -135,6 +135,7 @@ class ServerTest(TempHome):
         thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                   daemon=True)
         thread.start()
+        self.addCleanup(self.server.runner.keeper.close)
         self.addCleanup(self.server.server_close)
         self.addCleanup(self.server.shutdown)
         self.addCleanup(self.server.runner.cancel_all)

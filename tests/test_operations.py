@@ -1,6 +1,7 @@
 """Running for months: plan windows that survive restarts, overage, health from real outcomes."""
 
 import contextlib
+import http.client
 import io
 import json
 import logging
@@ -298,7 +299,25 @@ class LogsMetricsStatusSessions(ServerTest):
         status, _, body = self.admin("DELETE", "/sessions")
         self.assertEqual((status, body["cancelled"]), (200, 1))
         wait_until(lambda: not pid_alive(run["pid"]))
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(json.loads(response.read())["error"]["code"], "stopped_by_operator",
+                         "not 'ended without an answer'")
         sock.close()
+
+    def test_a_stream_stopped_by_the_owner_says_so_in_band(self):
+        sock = self.open_raw({"model": "haiku", "stream": True, "messages": [
+            {"role": "user", "content": "x " + directive(text="a" * 40, deltas=40, pace_ms=100)}]})
+        reader = sock.makefile("rb")
+        self.addCleanup(reader.close)
+        while b'"content": "a' not in reader.readline():
+            pass
+        [session] = self.admin("GET", "/sessions")[2]["data"]
+        self.assertEqual(self.admin("DELETE", f"/sessions/{session['id']}")[0], 200)
+        rest = reader.read()
+        self.assertIn(b'"code": "stopped_by_operator"', rest)
+        self.assertTrue(rest.rstrip().endswith(b"data: [DONE]"))
 
 
 class OperationsCommands(ServerTest):

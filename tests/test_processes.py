@@ -1,12 +1,16 @@
 """CLI process lifetime under load: hang-ups, timeouts, the queue, shutdown."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import unittest
 
-from helpers import ServerTest, directive, pid_alive, wait_until
+import ocp
+from helpers import ServerTest, TempHome, directive, pid_alive, wait_until
 
 HANG = {"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]}
 
@@ -169,6 +173,41 @@ class SlowAndIdleClients(ServerTest):
         self.assertEqual(idle[0].recv(10), b"")
         for sock in idle + [slow]:
             sock.close()
+
+
+class LeftoversFromADeadDaemon(TempHome):
+    """A run directory a dead daemon left names its CLI; a restart ends that process only."""
+
+    def leftover(self, identity=None):
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(lambda: sleeper.poll() is None and sleeper.kill())
+        run_dir = os.path.join(self.tmp, "run-x")
+        os.makedirs(run_dir, exist_ok=True)
+        real = ocp.process_identity(sleeper.pid)
+        self.assertTrue(real)
+        with open(os.path.join(run_dir, "child"), "w") as f:
+            f.write(f"{sleeper.pid} {sleeper.pid} {real if identity is None else identity}")
+        return sleeper, run_dir
+
+    def test_the_very_process_is_ended(self):
+        sleeper, run_dir = self.leftover()
+        self.assertTrue(ocp.end_leftover(run_dir))
+        self.assertEqual(sleeper.wait(timeout=5), -9)
+
+    def test_a_reused_pid_is_left_alone(self):
+        sleeper, run_dir = self.leftover(identity="start:12345")  # the pid now belongs to another process
+        self.assertFalse(ocp.end_leftover(run_dir))
+        self.assertIsNone(sleeper.poll())
+
+    def test_the_keeper_ends_what_it_was_told_of_when_its_pipe_closes(self):
+        sleeper, run_dir = self.leftover()
+        keeper = ocp.Keeper()
+        keeper.add(sleeper.pid, run_dir)
+        keeper._popen.stdin.close()  # as when OCP dies: the pipe's write end goes away
+        self.assertEqual(sleeper.wait(timeout=10), -15)
+        keeper._popen.wait(timeout=10)
+        wait_until(lambda: not os.path.exists(run_dir))
 
 
 if __name__ == "__main__":

@@ -6,18 +6,22 @@ Slow by nature (tens of seconds), so the README's test command skips it;
     OCP_STRESS=1 python3 -m unittest discover -s tests/stress -t tests
 """
 
+import glob
 import json
 import os
 import signal
 import socket
 import subprocess
+import sqlite3
 import sys
+import time
 import unittest
 
 from helpers import ROOT, ServerTest, TempHome, connectable, directive, free_port, pid_alive, wait_until
 
 STRESS = os.environ.get("OCP_STRESS") == "1"
 stress = unittest.skipUnless(STRESS, "stress suite: set OCP_STRESS=1 (.ci/run does)")
+ADMIN = "ocp_stress-admin-key-0123456789abcdefgh"
 HANG = {"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]}
 
 
@@ -50,27 +54,138 @@ class ManyHangUps(ServerTest):
 
 
 
-@stress
-class DaemonShutdown(TempHome):
-    def test_sigterm_cancels_in_flight_runs_and_exits_0(self):
-        env = dict(self.environ(), CLAUDE_PROXY_PORT="0", PYTHONUNBUFFERED="1")
-        env["CLAUDE_PROXY_PORT"] = str(free_port())
+class Daemon(TempHome):
+    """`ocp.py serve` as its own process, as a service manager runs it."""
+
+    def start_daemon(self, **extra):
+        port = free_port()
+        env = dict(self.environ(**extra), CLAUDE_PROXY_PORT=str(port), PYTHONUNBUFFERED="1", OCP_ADMIN_KEY=ADMIN)
+        log = open(os.path.join(self.tmp, "daemon.log"), "ab")
+        self.addCleanup(log.close)
         daemon = subprocess.Popen([sys.executable, os.path.join(ROOT, "ocp.py"), "serve"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                  stdout=log, stderr=subprocess.STDOUT)
+        self.addCleanup(daemon.wait)
         self.addCleanup(lambda: daemon.poll() is None and daemon.kill())
-        port = int(env["CLAUDE_PROXY_PORT"])
+        self.addCleanup(self.kill_leftovers)
         wait_until(lambda: connectable(port))
-        sock = socket.create_connection(("127.0.0.1", port))
+        return daemon, port
+
+    def hang(self, port, stream=False, n=0):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.addCleanup(sock.close)
-        body = json.dumps(HANG).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        run = wait_until(lambda: self.runs())[0]
-        daemon.send_signal(signal.SIGTERM)
+        body = json.dumps(dict(HANG, stream=stream, messages=[
+            {"role": "user", "content": f"n{n} " + directive(hang=True)}])).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body)
+        return sock
+
+    def waiting_clis(self, count):
+        return wait_until(lambda: [r for r in self.runs() if "stdin_blocks" in r][:count]
+                          if len([r for r in self.runs() if "stdin_blocks" in r]) >= count else None)
+
+    def run_dirs(self):
+        spawn = os.path.join(self.ocp_home, "spawn")
+        return [n for n in os.listdir(spawn) if n.startswith("run-")] if os.path.isdir(spawn) else []
+
+    def pending_rows(self):
+        db = sqlite3.connect(os.path.join(self.ocp_home, "ocp.db"))
+        try:
+            return db.execute("SELECT COUNT(*) FROM usage WHERE status = 'pending'").fetchone()[0]
+        finally:
+            db.close()
+
+
+def children_of(pid):
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+@stress
+class DaemonDeath(Daemon):
+    def test_kill_9_leaves_no_cli_and_a_restart_no_pending_row(self):
+        daemon, port = self.start_daemon(CLAUDE_MAX_CONCURRENT="4")
+        for n in range(4):
+            self.hang(port, stream=n % 2 == 0, n=n)
+        runs = self.waiting_clis(4)
+        daemon.kill()
+        daemon.wait()
+        wait_until(lambda: not any(pid_alive(r["pid"]) for r in runs), timeout=10)
+        wait_until(lambda: self.run_dirs() == [], timeout=10)
+        self.assertEqual(self.pending_rows(), 4, "the dead daemon could not settle them")
+        daemon, port = self.start_daemon()
+        self.assertEqual(self.pending_rows(), 0)
+        daemon.terminate()
         self.assertEqual(daemon.wait(timeout=15), 0)
-        self.assertFalse(pid_alive(run["pid"]))
+
+    @unittest.skipUnless(os.path.isdir("/proc/self"), "finds the keeper through /proc")
+    def test_a_restart_ends_clis_whose_keeper_died_too(self):
+        daemon, port = self.start_daemon(CLAUDE_MAX_CONCURRENT="4")
+        for n in range(3):
+            self.hang(port, n=n)
+        runs = self.waiting_clis(3)
+        keepers = [pid for pid in children_of(daemon.pid) if pid not in {r["pid"] for r in runs}]
+        self.assertEqual(len(keepers), 1, keepers)
+        os.kill(keepers[0], signal.SIGKILL)  # the OOM killer took both
+        daemon.kill()
+        daemon.wait()
+        self.assertTrue(all(pid_alive(r["pid"]) for r in runs), "orphans, as before this fix")
+        daemon, port = self.start_daemon()
+        wait_until(lambda: not any(pid_alive(r["pid"]) for r in runs), timeout=10)
+        self.assertEqual(self.run_dirs(), [])
+        daemon.terminate()
+        self.assertEqual(daemon.wait(timeout=15), 0)
+
+
+@stress
+class DaemonShutdown(Daemon):
+    def test_sigterm_under_load_refuses_the_queue_and_leaves_nothing(self):
+        daemon, port = self.start_daemon(CLAUDE_MAX_CONCURRENT="8", CLAUDE_MAX_QUEUE="8")
+        running = [self.hang(port, stream=n % 2 == 0, n=n) for n in range(8)]
+        runs = self.waiting_clis(8)
+        queued = [self.hang(port, stream=n % 2 == 0, n=100 + n) for n in range(6)]
+        wait_until(lambda: daemon_status(port).get("queued") == 6)
+        started = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(timeout=20), 0)
+        self.assertLess(time.monotonic() - started, 12)
+        self.assertEqual(len(self.runs()), 8, "no queued request started a CLI")
+        self.assertFalse([r["pid"] for r in runs if pid_alive(r["pid"])])
+        for sock in running + queued:
+            response = sock.makefile("rb").read()
+            self.assertTrue(response, "every client got an answer")
+            if b"text/event-stream" in response:
+                self.assertIn(b'"code": "shutting_down"', response)
+                self.assertTrue(response.rstrip().endswith(b"data: [DONE]"))
+            else:
+                self.assertIn(b" 503 ", response.split(b"\r\n")[0])
+                self.assertIn(b'"code": "shutting_down"', response)
+        self.assertEqual(self.run_dirs(), [])
+        self.assertEqual(self.pending_rows(), 0)
         self.assertFalse(connectable(port))
 
 
+def daemon_status(port):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": "Bearer " + ADMIN})
+        text = conn.getresponse().read().decode()
+    except OSError:
+        return {}
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith("ocp_queued "):
+            return {"queued": int(float(line.split()[1]))}
+    return {}
 
 
 if __name__ == "__main__":
