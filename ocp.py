@@ -133,6 +133,8 @@ class Config:
     cache_max_bytes: int = 64 * 1024 * 1024
     plan_only: bool = False
     log_prompts: bool = False
+    usage_retention_days: int = 400
+    audit_retention_days: int = 400
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
@@ -196,6 +198,8 @@ SETTINGS = (
     ("cache_max_bytes", "OCP_CACHE_MAX_BYTES", "--cache-max-bytes", "int", (1024, 1 << 34)),
     ("plan_only", "OCP_PLAN_ONLY", "--plan-only", "bool", None),
     ("log_prompts", "OCP_LOG_PROMPTS", "--log-prompts", "bool", None),
+    ("usage_retention_days", "OCP_USAGE_RETENTION_DAYS", "--usage-retention-days", "int", (1, 36500)),
+    ("audit_retention_days", "OCP_AUDIT_RETENTION_DAYS", "--audit-retention-days", "int", (1, 36500)),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -504,6 +508,22 @@ MIGRATION_2 = (
     "CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
 )
 
+MIGRATION_3 = (
+    """CREATE TABLE usage_daily (
+        day INTEGER NOT NULL,
+        key_id INTEGER REFERENCES keys(id),
+        key_name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL)""",
+    "CREATE INDEX usage_daily_by_day ON usage_daily(day)",
+    "CREATE INDEX audit_by_time ON audit(at)",
+)
+
 SELECT_LEGACY_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('api_keys', 'usage_log', 'response_cache')"
 SELECT_LEGACY_KEYS = "SELECT * FROM legacy_api_keys ORDER BY id"
 SELECT_LEGACY_USAGE = "SELECT * FROM legacy_usage_log ORDER BY id"
@@ -540,12 +560,21 @@ SELECT_USAGE_ROWS = """SELECT id, key_name, model, status, http_status, prompt_t
     WHERE (:everyone OR (key_id IS :key_id AND key_name = :key_name))
       AND created_at >= :since AND created_at < :until
     ORDER BY id DESC LIMIT :limit"""
-SELECT_USAGE_BY_KEY = """SELECT key_name, COUNT(*) AS requests,
-    SUM(status IN ('ok', 'partial')) AS ok, SUM(status = 'error') AS errors, SUM(status = 'cancelled') AS cancelled,
-    SUM(status = 'cached') AS cached, SUM(prompt_tokens) AS prompt_tokens,
+SELECT_USAGE_BY_KEY = """SELECT key_name, SUM(requests) AS requests, SUM(ok) AS ok, SUM(errors) AS errors,
+    SUM(cancelled) AS cancelled, SUM(cached) AS cached, SUM(prompt_tokens) AS prompt_tokens,
     SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost_usd), 4) AS cost_usd,
-    CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(created_at) AS last_at
-    FROM usage WHERE created_at >= :since AND created_at < :until
+    CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(at) AS last_at FROM (
+        SELECT key_name, 1 AS requests, status IN ('ok', 'partial') AS ok, status = 'error' AS errors,
+            status = 'cancelled' AS cancelled, status = 'cached' AS cached, prompt_tokens, completion_tokens,
+            cost_usd, duration_ms, created_at AS at
+        FROM usage WHERE created_at >= :since AND created_at < :until
+        UNION ALL
+        SELECT key_name, requests, CASE WHEN status IN ('ok', 'partial') THEN requests ELSE 0 END,
+            CASE WHEN status = 'error' THEN requests ELSE 0 END,
+            CASE WHEN status = 'cancelled' THEN requests ELSE 0 END,
+            CASE WHEN status = 'cached' THEN requests ELSE 0 END, prompt_tokens, completion_tokens,
+            cost_usd, NULL, day
+        FROM usage_daily WHERE day >= :since AND day < :until)
     GROUP BY key_name ORDER BY requests DESC"""
 INSERT_CACHED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, http_status, prompt_tokens,
     completion_tokens, cached_tokens, duration_ms, request_id, created_at)
@@ -562,6 +591,14 @@ DELETE_LEAST_USED_CACHE = "DELETE FROM cache WHERE hash = (SELECT hash FROM cach
 DELETE_ALL_CACHE = "DELETE FROM cache"
 SELECT_STATE = "SELECT value FROM state WHERE name = ?"
 UPSERT_STATE = "INSERT INTO state (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value"
+FOLD_OLD_USAGE = """INSERT INTO usage_daily (day, key_id, key_name, model, status, requests, prompt_tokens,
+    completion_tokens, cached_tokens, cost_usd)
+    SELECT created_at / 86400 * 86400, key_id, key_name, model, status, COUNT(*), SUM(prompt_tokens),
+        SUM(completion_tokens), SUM(cached_tokens), SUM(cost_usd)
+    FROM usage WHERE created_at < ? AND status != 'pending'
+    GROUP BY created_at / 86400, key_id, key_name, model, status"""
+DELETE_OLD_USAGE = "DELETE FROM usage WHERE created_at < ? AND status != 'pending'"
+DELETE_OLD_AUDIT = "DELETE FROM audit WHERE at < ?"
 INSERT_AUDIT = "INSERT INTO audit (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)"
 SELECT_AUDIT = "SELECT * FROM audit ORDER BY id DESC LIMIT ?"
 SELECT_MODEL_STATS = """SELECT model, COUNT(*) AS requests, SUM(status = 'error') AS errors,
@@ -683,6 +720,10 @@ class Store:
 
     def create_schema_2(self) -> None:
         for statement in MIGRATION_2:
+            self._execute(statement)
+
+    def create_schema_3(self) -> None:
+        for statement in MIGRATION_3:
             self._execute(statement)
 
     def create_schema_1(self) -> None:
@@ -898,11 +939,24 @@ class Store:
     def status_counts(self, since: int) -> Dict[str, int]:
         return {row["status"]: row["n"] for row in self._execute(SELECT_STATUS_COUNTS, (since,))}
 
+    def prune(self, now_s: float, usage_days: int, audit_days: int) -> Tuple[int, int]:
+        """Fold usage rows older than `usage_days` into daily totals and drop audit rows older than
+        `audit_days`; return (usage rows folded, audit rows dropped). Totals are never lost."""
+        usage_cutoff, audit_cutoff = int(now_s) - usage_days * 86400, int(now_s) - audit_days * 86400
+        with self.transaction():
+            self._execute(FOLD_OLD_USAGE, (usage_cutoff,))
+            self._execute(DELETE_OLD_USAGE, (usage_cutoff,))
+            folded = self._execute("SELECT changes()")[0][0]
+            self._execute(DELETE_OLD_AUDIT, (audit_cutoff,))
+            dropped = self._execute("SELECT changes()")[0][0]
+        return folded, dropped
+
     def audit_trail(self, limit: int = 50) -> List[Dict[str, Any]]:
         return [dict(row) for row in self._execute(SELECT_AUDIT, (limit,))]
 
 
-MIGRATIONS: Tuple[Callable[[Store], None], ...] = (Store.create_schema_1, Store.create_schema_2)
+MIGRATIONS: Tuple[Callable[[Store], None], ...] = (Store.create_schema_1, Store.create_schema_2,
+                                                   Store.create_schema_3)
 
 
 def unique_name(name: str, taken: set) -> str:
@@ -1091,6 +1145,38 @@ class DashboardSessions:
             self._sessions.pop(hash_key(token), None)
 
 
+LOGIN_FAILURES_ALLOWED = 10  # failed dashboard logins per address per window
+LOGIN_FAILURE_WINDOW_S = 60
+LOGIN_ADDRESSES_TRACKED = 4096
+
+
+class LoginThrottle:
+    """Failed logins per client address: past the allowance an address waits (429), and
+    writes no more audit rows, until its window has passed. Bounded; thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._failures: "collections.OrderedDict[str, collections.deque]" = collections.OrderedDict()
+
+    def wait_s(self, address: str, now_s: float) -> int:
+        """Seconds this address must wait before it may try again (0: it may)."""
+        with self._lock:
+            times = self._failures.get(address)
+            while times and times[0] <= now_s - LOGIN_FAILURE_WINDOW_S:
+                times.popleft()
+            if not times or len(times) < LOGIN_FAILURES_ALLOWED:
+                return 0
+            return max(1, int(times[0] + LOGIN_FAILURE_WINDOW_S - now_s) + 1)
+
+    def failed(self, address: str, now_s: float) -> None:
+        with self._lock:
+            times = self._failures.pop(address, None) or collections.deque(maxlen=LOGIN_FAILURES_ALLOWED)
+            times.append(now_s)
+            self._failures[address] = times  # most recent last
+            while len(self._failures) > LOGIN_ADDRESSES_TRACKED:
+                self._failures.popitem(last=False)
+
+
 def cookie_value(header: str, name: str) -> str:
     """The value of cookie `name` in a Cookie header, or ""."""
     for part in header.split(";"):
@@ -1211,27 +1297,49 @@ def load_admin_key(config: Config, create: bool) -> str:
     return secret
 
 
+HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::[0-9]{1,5})?")
+
+
 def host_allowed(host_header: str, config: Config, own_names: Tuple[str, ...]) -> bool:
     """Refuse DNS rebinding: the Host must be an IP literal, localhost, this machine or listed."""
     if not host_header:
         return True  # HTTP/1.0 clients send none; a browser always does
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return "]" in host
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if host.count(":") > 1 or re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", host):
+    match = HOST_HEADER.fullmatch(host_header.strip().lower())
+    if match is None:
+        return False  # e.g. evil.example.com:1:2, or an IPv6 address without its brackets
+    host = match.group("ip6") or match.group("name")
+    if match.group("ip6") or re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", host):
         return True
     host = host.rstrip(".")
     return host in ("localhost",) + own_names or host.endswith(".localhost") \
         or host in config.allowed_hosts
 
 
+def same_origin(origin: str, headers: Mapping[str, str]) -> bool:
+    """True when the browser's Origin is this server: scheme, host and port all match.
+
+    OCP speaks plain http; https counts only behind a TLS proxy that says so
+    (X-Forwarded-Proto: https).
+    """
+    scheme = "https" if (headers.get("X-Forwarded-Proto") or "").strip().lower() == "https" else "http"
+    try:
+        parsed = urllib.parse.urlsplit(origin)
+        host = urllib.parse.urlsplit("//" + (headers.get("Host") or "").strip())
+        return (parsed.scheme.lower() == scheme and not parsed.path.strip("/") and bool(parsed.hostname)
+                and parsed.hostname == host.hostname
+                and (parsed.port or DEFAULT_PORTS[scheme]) == (host.port or DEFAULT_PORTS[scheme]))
+    except ValueError:  # a port that is not a number
+        return False
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def origin_verdict(headers: Mapping[str, str], config: Config) -> Tuple[bool, str]:
     """Return (allowed, origin to echo in CORS headers) for a browser's cross-site markers."""
     origin = (headers.get("Origin") or "").strip()
     if origin and origin != "null":
-        parsed = urllib.parse.urlsplit(origin)
-        if parsed.netloc.lower() == (headers.get("Host") or "").strip().lower():
+        if same_origin(origin, headers):
             return True, ""
         if origin in config.cors_origins or "*" in config.cors_origins:
             return True, origin
@@ -2080,15 +2188,7 @@ def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
         else:
             ready = select.select(watch, [], [], wait)[0]
             proc_ready, client_event = proc in ready, client is not None and client in ready
-        if client_event:
-            if peer_closed(client) and not keep_going():
-                raise ClientGone()
-            left = left or peer_closed(client)
-            if poller is not None:
-                poller.unregister(client)
-            else:
-                watch.remove(client)  # early next request, or others still want the answer
-        if proc_ready:
+        if proc_ready:  # first what the CLI said: its usage counts even if the client just left
             lines = proc.read_lines()
             if lines is None:
                 return
@@ -2100,6 +2200,14 @@ def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
         elif heartbeat_s and clock() - last >= heartbeat_s:
             last = clock()
             yield HEARTBEAT
+        if client_event:
+            if peer_closed(client) and not keep_going():
+                raise ClientGone()
+            left = left or peer_closed(client)
+            if poller is not None:
+                poller.unregister(client)
+            else:
+                watch.remove(client)  # early next request, or others still want the answer
 
 
 def claude_missing() -> ApiError:
@@ -3196,6 +3304,7 @@ class Server(ThreadingHTTPServer):
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
         self.sessions = DashboardSessions()
+        self.logins = LoginThrottle()
         self.deadlines = Deadlines()
         self.active_requests = 0
         self._active_cond = threading.Condition()
@@ -3858,11 +3967,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send_body(200, shipped_file("ocp_connect.py"), "text/x-python; charset=utf-8", {"Cache-Control": "no-store"})
 
     def handle_dashboard_login(self) -> None:
+        server, address = self.server, self.client_address[0]
+        wait = server.logins.wait_s(address, server.wall())
+        if wait:
+            self.discard_body()
+            raise ApiError(429, f"Too many failed logins from this address; try again in {wait} s.",
+                           "rate_limit_error", "too_many_logins", headers={"Retry-After": str(wait)})
         body = self.read_json()
         given = body.get("key") if isinstance(body, dict) else None
-        server = self.server
         caller = identify(given, server.config, server.admin_key, server.store) if isinstance(given, str) else None
         if caller is None or not (caller.admin or caller.key):
+            server.logins.failed(address, server.wall())
             self.audit("dashboard.login_failed", "-", "")
             raise ApiError(401, "That key does not open the dashboard: use the admin key or your own key.",
                            "invalid_request_error", "invalid_api_key")
@@ -3965,6 +4080,9 @@ class ChatTurn:
         usage = None
         for answer in self.answers:
             usage = merge_usage(usage, answer.usage()) if usage else answer.usage()
+        if usage and not usage["completion_tokens"]:  # cut off before the CLI counted its output
+            estimate = -(-sum(len(a.text) + len("".join(a.reasoning)) for a in self.answers) // CHARS_PER_TOKEN)
+            usage = dict(usage, completion_tokens=estimate, total_tokens=usage["prompt_tokens"] + estimate)
         return usage
 
     def log_exchange(self, status: str) -> None:
@@ -4344,6 +4462,10 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     except OSError as e:
         raise SystemExit(f"ocp: cannot listen on {config.bind}:{config.port}: {e.strerror}")
     setup_logging(config, server.ring)
+    tighten_home(config)
+    stop_housekeeping = threading.Event()
+    threading.Thread(target=housekeeping, args=(server, stop_housekeeping), name="ocp-housekeeping",
+                     daemon=True).start()
     if runner.claude:
         log.info("claude CLI: %s", runner.claude)
     else:
@@ -4354,6 +4476,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     stop = install_shutdown(server)
     server.serve_forever(poll_interval=0.5)
     stop.wait()
+    stop_housekeeping.set()
     store.close()
     return 0
 
@@ -4415,6 +4538,37 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
     for m in models.models:
         print(f"{m.id:<28} {m.context_window:>9} {m.max_output:>8}  {', '.join(m.aliases)}")
     return 0
+
+
+def tighten_home(config: Config) -> None:
+    """Give every file of OCP_HOME back its private mode, whatever an operator did since."""
+    tighten(config.home, 0o700)
+    logs = os.path.join(config.home, "logs")
+    for path, mode in ((logs, 0o700), (config.spawn_dir, 0o700)):
+        if os.path.isdir(path):
+            tighten(path, mode)
+    private = [config.db_path, config.db_path + "-wal", config.db_path + "-shm", config.settings_path,
+               os.path.join(config.home, "admin-key")]
+    if os.path.isdir(logs):
+        private += [os.path.join(logs, name) for name in os.listdir(logs)]
+    for path in private:
+        if os.path.isfile(path):
+            tighten(path, 0o600)
+
+
+def housekeeping(server: "Server", stop: threading.Event, every_s: float = 86400) -> None:
+    """Once a day: fold old usage into daily totals, drop old audit rows (bounded bookkeeping)."""
+    while True:
+        config = server.config
+        try:
+            folded, dropped = server.store.prune(server.wall(), config.usage_retention_days,
+                                                 config.audit_retention_days)
+            if folded or dropped:
+                log.info("retention: %d usage rows folded into daily totals, %d audit rows dropped", folded, dropped)
+        except sqlite3.Error as e:
+            log.warning("retention could not run: %s", e)
+        if stop.wait(every_s):
+            return
 
 
 def open_store(config: Config) -> Store:

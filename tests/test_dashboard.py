@@ -100,6 +100,32 @@ class DashboardSessions(ServerTest):
         self.request("DELETE", "/api/keys/bob", headers={"Authorization": f"Bearer {ADMIN}"})
         self.assertEqual(self.with_cookie("GET", "/dashboard/data", cookie)[0], 401, "revoked key")
 
+    def test_failed_logins_are_throttled_per_address_and_audited_within_bounds(self):
+        statuses = [self.login("ocp_" + "w" * 32)[0] for _ in range(40)]
+        self.assertEqual(statuses[:ocp.LOGIN_FAILURES_ALLOWED], [401] * ocp.LOGIN_FAILURES_ALLOWED)
+        self.assertEqual(set(statuses[ocp.LOGIN_FAILURES_ALLOWED:]), {429})
+        self.assertEqual(self.login(ADMIN)[0], 429, "even the right key waits out the window")
+        audited = [a for a in self.server.store.audit_trail(1000) if a["action"] == "dashboard.login_failed"]
+        self.assertEqual(len(audited), ocp.LOGIN_FAILURES_ALLOWED)
+        self.now += ocp.LOGIN_FAILURE_WINDOW_S + 1
+        self.assertEqual(self.login(ADMIN)[0], 200)
+
+    def test_origins_must_match_scheme_host_and_port(self):
+        host = f"127.0.0.1:{self.port}"
+        cookie = self.login(ADMIN)[1].split(";")[0]
+        for origin, expected in ((f"http://{host}", 200), (f"https://{host}", 403),
+                                 (f"http://127.0.0.1:{self.port + 1}", 403), (f"http://{host}.evil.example", 403),
+                                 ("http://127.0.0.1:x", 403)):
+            with self.subTest(origin):
+                status, _, _ = self.request("GET", "/api/keys", headers={"Cookie": cookie, "Origin": origin,
+                                                                        "Host": host})
+                self.assertEqual(status, expected)
+
+    def test_a_host_with_two_ports_is_refused(self):
+        for host in ("evil.example.com:1:2", "127.0.0.1:1:2", "::1"):
+            with self.subTest(host):
+                self.assertEqual(self.request("GET", "/health", headers={"Host": host})[0], 403)
+
     def test_a_cross_site_request_cannot_ride_the_cookie(self):
         cookie = self.login(ADMIN)[1].split(";")[0]
         status, _, body = self.request("POST", "/api/keys", {"name": "evil"},
