@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/env -S python3 -S
 """A stand-in for the `claude` CLI 2.1.330 in `-p --output-format stream-json` mode.
 
 It prints the real CLI's event shapes (see ../shared/fixtures/claude-cli-2.1.330/)

@@ -132,7 +132,7 @@ class ServerTest(TempHome):
         kwargs = {"wall": wall} if wall else {}
         self.server = ocp.Server(self.config, self.models, runner, **kwargs)
         self.port = self.server.server_address[1]
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
                                   daemon=True)
         thread.start()
         self.addCleanup(self.server.runner.keeper.close)
