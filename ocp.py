@@ -408,9 +408,8 @@ class Model:
 class Models:
     """The registry from models.json: ids, aliases, limits."""
 
-    def __init__(self, models: List[Model], default: str = ""):
+    def __init__(self, models: List[Model]):
         self.models = models
-        self.default = default
         self._by_name: Dict[str, Model] = {}
         for model in models:
             for name in (model.id,) + model.aliases:
@@ -423,7 +422,7 @@ class Models:
         models = [Model(m["id"], int(m["created"]), int(m["context_window"]),
                         int(m["max_output"]), tuple(m.get("aliases", ())))
                   for m in data["models"]]
-        return cls(models, data.get("default", ""))
+        return cls(models)
 
     def find(self, name: str) -> Optional[Model]:
         return self._by_name.get(name.strip().lower())
@@ -561,21 +560,24 @@ SELECT_USAGE_ROWS = """SELECT id, key_name, model, status, http_status, prompt_t
       AND created_at >= :since AND created_at < :until
     ORDER BY id DESC LIMIT :limit"""
 SELECT_USAGE_BY_KEY = """SELECT key_name, SUM(requests) AS requests, SUM(ok) AS ok, SUM(errors) AS errors,
-    SUM(cancelled) AS cancelled, SUM(cached) AS cached, SUM(prompt_tokens) AS prompt_tokens,
+    SUM(cancelled) AS cancelled, SUM(cached) AS cached, SUM(refused) AS refused, SUM(prompt_tokens) AS prompt_tokens,
     SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost_usd), 4) AS cost_usd,
     CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(at) AS last_at FROM (
         SELECT key_name, 1 AS requests, status IN ('ok', 'partial') AS ok, status = 'error' AS errors,
-            status = 'cancelled' AS cancelled, status = 'cached' AS cached, prompt_tokens, completion_tokens,
-            cost_usd, duration_ms, created_at AS at
+            status = 'cancelled' AS cancelled, status = 'cached' AS cached, status = 'refused' AS refused,
+            prompt_tokens, completion_tokens, cost_usd, duration_ms, created_at AS at
         FROM usage WHERE created_at >= :since AND created_at < :until
         UNION ALL
         SELECT key_name, requests, CASE WHEN status IN ('ok', 'partial') THEN requests ELSE 0 END,
             CASE WHEN status = 'error' THEN requests ELSE 0 END,
             CASE WHEN status = 'cancelled' THEN requests ELSE 0 END,
-            CASE WHEN status = 'cached' THEN requests ELSE 0 END, prompt_tokens, completion_tokens,
+            CASE WHEN status = 'cached' THEN requests ELSE 0 END,
+            CASE WHEN status = 'refused' THEN requests ELSE 0 END, prompt_tokens, completion_tokens,
             cost_usd, NULL, day
         FROM usage_daily WHERE day >= :since AND day < :until)
     GROUP BY key_name ORDER BY requests DESC"""
+INSERT_REFUSED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, http_status, request_id, created_at)
+    VALUES (?, ?, ?, 'refused', ?, ?, ?)"""
 INSERT_CACHED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, http_status, prompt_tokens,
     completion_tokens, cached_tokens, duration_ms, request_id, created_at)
     VALUES (?, ?, ?, 'cached', 200, ?, ?, ?, ?, ?, ?)"""
@@ -870,6 +872,12 @@ class Store:
 
     def usage_by_key(self, since: int, until: int) -> List[Dict[str, Any]]:
         return [dict(row) for row in self._execute(SELECT_USAGE_BY_KEY, {"since": since, "until": until})]
+
+    def record_refusal(self, key: Optional[ApiKey], name: str, model: str, request_id: str, http_status: int,
+                       now_s: float) -> None:
+        """A known caller's request refused before admission (400, 403, 429): it counts against
+        nothing, but the owner sees who is being turned away."""
+        self._execute(INSERT_REFUSED_USAGE, (key.id if key else None, name, model, http_status, request_id, int(now_s)))
 
     def record_cached(self, key: Optional[ApiKey], name: str, model: str, request_id: str,
                       usage: Dict[str, Any], duration_ms: int, now_s: float) -> None:
@@ -3055,8 +3063,25 @@ class Metrics:
     def __init__(self):
         self._lock = threading.Lock()
         self.requests: Dict[Tuple[str, str, str], int] = collections.Counter()
+        self.responses: Dict[Tuple[str, str, str], int] = collections.Counter()  # (route, method, code)
+        self.tokens: Dict[Tuple[str, str, str], int] = collections.Counter()  # (kind, model, key)
         self.duration: Dict[str, Histogram] = collections.defaultdict(Histogram)
         self.ttft: Dict[str, Histogram] = collections.defaultdict(Histogram)
+
+    def respond(self, route: str, method: str, code: int) -> None:
+        """Every response, refusals included (401, 403, 429, 400 never reach a CLI)."""
+        with self._lock:
+            self.responses[(route, method, str(code))] += 1
+
+    def count_tokens(self, model: str, key: str, usage: Optional[Dict[str, Any]]) -> None:
+        if not usage:
+            return
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        with self._lock:
+            for kind, n in (("prompt", usage.get("prompt_tokens", 0) - cached), ("cached", cached),
+                            ("completion", usage.get("completion_tokens", 0))):
+                if n:
+                    self.tokens[(kind, model, key)] += n
 
     def record(self, status: str, model: str, key: str, duration_s: float, ttft_s: Optional[float]) -> None:
         with self._lock:
@@ -3080,6 +3105,13 @@ class Metrics:
             metric_header(lines, "ocp_requests_total", "counter", "Chat completion requests by outcome.")
             for (status, model, key), n in sorted(self.requests.items()):
                 lines.append(sample("ocp_requests_total", {"status": status, "model": model, "key": key}, n))
+            metric_header(lines, "ocp_http_responses_total", "counter", "Every HTTP response by route and code.")
+            for (route, method, code), n in sorted(self.responses.items()):
+                lines.append(sample("ocp_http_responses_total", {"route": route, "method": method, "code": code}, n))
+            metric_header(lines, "ocp_tokens_total", "counter", "Tokens of answered requests (prompt, cached "
+                                                                "prompt, completion).")
+            for (kind, model, key), n in sorted(self.tokens.items()):
+                lines.append(sample("ocp_tokens_total", {"kind": kind, "model": model, "key": key}, n))
             for name, help_text, table in (
                     ("ocp_request_duration_seconds", "Time to answer a chat completion.", self.duration),
                     ("ocp_ttft_seconds", "Time to the first token.", self.ttft)):
@@ -3091,7 +3123,7 @@ class Metrics:
                     lines.append(sample(name + "_sum", {"model": model}, round(histogram.total, 6)))
                     lines.append(sample(name + "_count", {"model": model}, histogram.count))
         seen = set()
-        for name, kind, help_text, labels, value in gauges:
+        for name, kind, help_text, labels, value in sorted(gauges, key=lambda g: g[0]):  # a family's lines together
             if name not in seen:
                 metric_header(lines, name, kind, help_text)
                 seen.add(name)
@@ -3191,6 +3223,7 @@ MAX_JSON_DEPTH = 64  # deeper request JSON is refused before anything walks it
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}
+COMPLETION_ROUTES = ("/v1/chat/completions",)  # refusals of a known caller are recorded per key
 MAX_BODY_READ_S = 120  # a body sent slower than this is cut off
 
 
@@ -3525,6 +3558,8 @@ class Handler(BaseHTTPRequestHandler):
         self.response_headers = {}
         self.caller = None  # per request: one connection may carry several
         self.body_read = False
+        self.admitted = False  # an Admission holds this request's usage row
+        self.refused_model = "-"
         started = time.monotonic()
         self.status_sent = 0
         name, key, args = self.route()
@@ -3546,6 +3581,9 @@ class Handler(BaseHTTPRequestHandler):
             getattr(self, name)(*args)
         except ApiError as e:
             self.send_api_error(e)
+            if key in COMPLETION_ROUTES and self.caller is not None and not self.admitted:
+                self.server.store.record_refusal(self.caller.key, self.caller.name, self.refused_model,
+                                                 self.request_id, e.status, self.server.wall())
         except (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
             log.debug("%s client hung up", self.request_id)
@@ -3555,6 +3593,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
+        self.server.metrics.respond(key if name else "(unknown)", self.command if name else "-", self.status_sent)
         log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
                  extra={"request_id": self.request_id, "method": self.command, "route": key,
                         "status": self.status_sent, "ms": int((time.monotonic() - started) * 1000),
@@ -3780,7 +3819,9 @@ class Handler(BaseHTTPRequestHandler):
     # -- routes ----------------------------------------------------------------
 
     def handle_health(self) -> None:
-        self.send_json(200, self.server.health(admin=self.caller.admin))
+        """200 while OCP can serve (ok or degraded), 503 when it cannot: monitors read the status."""
+        body = self.server.health(admin=self.caller.admin)
+        self.send_json(503 if body["status"] == "down" else 200, body)
 
     def handle_models(self) -> None:
         models = [model_object(m) for m in self.server.models.models]
@@ -3797,6 +3838,7 @@ class Handler(BaseHTTPRequestHandler):
         server = self.server
         body = self.read_json()
         request = parse_chat_request(body, server.models, server.config)
+        self.refused_model = request.model.id
         check_model_allowed(self.caller, request.model)
         system, blocks = messages_to_input(request, server.config, server.turn_secret,
                                            fetch_image if server.config.allow_image_urls else None)
@@ -4275,6 +4317,7 @@ class Admission:
             raise quota_error(e.breach, now) from None
         self.headers = ratelimit_headers(caller.key, counts, bounds, now)
         self.settled = False
+        handler.admitted = True
         turn.settle = self.settle
 
     def __enter__(self) -> "Admission":
@@ -4293,6 +4336,8 @@ class Admission:
         turn.server.metrics.record(status, turn.request.model.id, turn.handler.caller.name,
                                    time.monotonic() - turn.started,
                                    turn.ttft_ms / 1000 if turn.ttft_ms is not None else None)
+        if status in ("ok", "partial"):
+            turn.server.metrics.count_tokens(turn.request.model.id, turn.handler.caller.name, turn.usage)
         if turn.server.config.log_prompts:
             turn.log_exchange(status)
 
@@ -4680,7 +4725,8 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
     if args.by_key:
         rows = store.usage_by_key(since, until)
         columns = [("key_name", "KEY"), ("requests", "REQUESTS"), ("ok", "OK"), ("errors", "ERRORS"),
-                   ("cancelled", "CANCELLED"), ("prompt_tokens", "PROMPT"), ("completion_tokens", "COMPLETION"),
+                   ("cancelled", "CANCELLED"), ("refused", "REFUSED"), ("prompt_tokens", "PROMPT"),
+                   ("completion_tokens", "COMPLETION"),
                    ("cost_usd", "COST$"), ("avg_ms", "AVG MS"), ("last", "LAST")]
     else:
         key_name = store.find_key(args.key).name if args.key else None
@@ -4733,9 +4779,13 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def daemon_get(config: Config, path: str, key: str = "") -> Optional[Dict[str, Any]]:
-    """GET a route of the running daemon as JSON, or None when it does not answer."""
+    """GET a route of the running daemon as JSON, or None when it does not answer.
+
+    /health answers 503 with its JSON while the daemon cannot serve: that is an answer too.
+    """
     answer = daemon_call(config, "GET", path, key)
-    return answer[1] if answer and answer[0] == 200 else None
+    wanted = (200, 503) if path == "/health" else (200,)
+    return answer[1] if answer and answer[0] in wanted and isinstance(answer[1], dict) else None
 
 
 def daemon_call(config: Config, method: str, path: str, key: str = "",

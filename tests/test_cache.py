@@ -109,7 +109,7 @@ class CacheOn(ServerTest):
         self.assertEqual(self.ask("something else")[0], 200)
         self.assertEqual(self.ask("a third thing")[0], 429, "two misses spent the daily quota of 2; hits did not")
         rows = self.server.store.usage_rows(None, None, 0, 2 ** 40, 20)
-        self.assertEqual(sorted(r["status"] for r in rows), ["cached", "cached", "cached", "ok", "ok"])
+        self.assertEqual(sorted(r["status"] for r in rows), ["cached", "cached", "cached", "ok", "ok", "refused"])
 
     def test_a_streamed_hit_replays_as_sse(self):
         self.ask("x " + directive(text="a streamed answer that is long enough to be split", thinking="hm"))

@@ -282,6 +282,33 @@ class LogsMetricsStatusSessions(ServerTest):
         self.assertEqual(samples[("ocp_in_flight", ())], 0)
         self.assertIn(("ocp_ttft_seconds_count", (("model", "claude-sonnet-5-5"),)), samples)
 
+    def test_every_response_is_counted_by_route_and_code_and_tokens_too(self):
+        self.chat("one")
+        self.request("GET", "/api/keys")  # 403: not the admin key
+        self.request("POST", "/v1/chat/completions", raw="{")  # 400
+        self.server.runner.slots.resize(1, 0)
+        sock = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]})
+        wait_until(lambda: self.server.runner.live())
+        self.assertEqual(self.chat("queue full")[0], 429)
+        sock.close()
+        text = self.admin("GET", "/metrics")[2]
+        samples, types_ = parse_prometheus(text)
+        self.assertEqual(types_["ocp_http_responses_total"], "counter")
+        code = lambda route, method, n: samples.get(("ocp_http_responses_total", (
+            ("code", n), ("method", method), ("route", route))))
+        self.assertEqual(code("/api/keys", "GET", "403"), 1)
+        self.assertEqual(code("/v1/chat/completions", "POST", "400"), 1)
+        self.assertEqual(code("/v1/chat/completions", "POST", "429"), 1)
+        self.assertEqual(code("/v1/chat/completions", "POST", "200"), 1)
+        self.assertEqual(samples[("ocp_tokens_total", (("key", "local"), ("kind", "prompt"),
+                                                       ("model", "claude-sonnet-5-5")))], 4408)
+        names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+        self.assertEqual(len(names), len(set(names)), "each family is declared once")
+        families = [re.sub(r"_(bucket|sum|count)$", "", re.split(r"[{ ]", line)[0])
+                    for line in text.splitlines() if line and not line.startswith("#")]
+        runs = [name for i, name in enumerate(families) if i == 0 or families[i - 1] != name]
+        self.assertEqual(len(runs), len(set(runs)), "a family's samples stand together")
+
     def test_status_in_one_object(self):
         self.chat("one")
         status, _, body = self.admin("GET", "/status")

@@ -7,7 +7,7 @@ import time
 import unittest
 
 import ocp
-from helpers import ServerTest, content_of, directive, wait_until
+from helpers import ROOT, ServerTest, content_of, directive, wait_until
 
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAE"
        "hQGAhKmMIQAAAABJRU5ErkJggg==")
@@ -36,6 +36,22 @@ class ModelRoutes(ServerTest):
     def test_created_is_stable(self):
         first = self.request("GET", "/v1/models/opus")[2]["created"]
         self.assertEqual(self.request("GET", "/v1/models/opus")[2]["created"], first)
+
+    def test_the_node_originals_ids_work_as_they_are(self):
+        listed = {m["id"] for m in self.request("GET", "/v1/models")[2]["data"]}
+        for model in ("claude-opus-5", "claude-opus-4-8", "claude-opus-4-7", "claude-opus-4-6", "claude-sonnet-5",
+                      "claude-sonnet-4-6", "claude-haiku-4-5-20251001", "claude-haiku-4-5", "claude-opus-4-1"):
+            with self.subTest(model):
+                status, _, body = self.chat("hi", model=model)
+                self.assertEqual(status, 200, body)
+                argv = self.runs()[-1]["argv"]
+                resolved = ocp.Models.load(os.path.join(ROOT, "models.json")).find(model).id
+                self.assertEqual(argv[argv.index("--model") + 1], resolved)
+                self.assertIn(resolved, listed)
+        status, _, body = self.chat("hi", model="claude-opus-4-8")
+        argv = self.runs()[-1]["argv"]
+        self.assertEqual((status, body["model"], argv[argv.index("--model") + 1]),
+                         (200, "claude-opus-4-8", "claude-opus-4-8"))
 
     def test_unknown_model_is_404(self):
         status, _, body = self.request("GET", "/v1/models/gpt-5")
@@ -298,7 +314,7 @@ class NoClaudeInstalled(ServerTest):
 
     def test_health_says_why_and_completions_are_503(self):
         status, _, body = self.request("GET", "/health")
-        self.assertEqual((status, body["status"]), (200, "down"))
+        self.assertEqual((status, body["status"]), (503, "down"), "monitors see it without reading the JSON")
         self.assertIn("npm i -g @anthropic-ai/claude-code", body["reason"])
         status, _, body = self.chat("hi")
         self.assertEqual((status, body["error"]["code"]), (503, "claude_not_installed"))

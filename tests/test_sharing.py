@@ -333,6 +333,21 @@ class MultiMode(ServerTest):
         wait_until(lambda: self.admin("GET", "/api/usage?all=true")[2]["data"][0]["status"] == "cancelled")
         self.assertEqual(self.ask(secret)[0], 200)
 
+    def test_refusals_are_counted_per_key_and_by_code(self):
+        secret = self.add_key("kid", daily=1, models=["haiku"])
+        self.assertEqual(self.ask(secret, model="haiku")[0], 200)
+        self.assertEqual(self.ask(secret, model="haiku")[0], 429)
+        self.assertEqual(self.ask(secret, model="opus")[0], 403)
+        self.assertEqual(self.ask(secret, model="haiku", stream="yes")[0], 400)
+        self.assertEqual(self.ask("ocp_" + "n" * 32)[0], 401)
+        [row] = self.server.store.usage_by_key(0, 2 ** 40)
+        self.assertEqual((row["key_name"], row["ok"], row["refused"]), ("kid", 1, 3))
+        metrics = self.admin("GET", "/metrics")[2]
+        for code in ("200", "400", "401", "403", "429"):
+            self.assertIn(f'ocp_http_responses_total{{route="/v1/chat/completions",method="POST",code="{code}"}} 1',
+                          metrics)
+        self.assertEqual(self.ask(secret, model="haiku")[0], 429, "refusals used no quota, the answer did")
+
     def test_the_anonymous_key_is_opt_in_and_not_advertised(self):
         status, _, body = self.ask(self.config.anonymous_key)
         self.assertEqual(status, 200)
@@ -405,7 +420,7 @@ class MultiMode(ServerTest):
         self.assertEqual(self.ask(secret)[0], 200)
         self.assertEqual(self.ask(secret)[0], 429)
         statuses = [r["status"] for r in self.server.store.usage_rows(None, None, 0, 2 ** 40, 10)]
-        self.assertEqual(sorted(statuses), ["cancelled", "error", "ok", "ok"])
+        self.assertEqual(sorted(statuses), ["cancelled", "error", "ok", "ok", "refused"])  # the 429 is shown
 
     def test_ratelimit_headers(self):
         secret = self.add_key("kid", daily=3, weekly=10)

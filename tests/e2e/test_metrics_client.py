@@ -27,7 +27,10 @@ class PrometheusReadsMetrics(ServerTest):
         self.chat("x " + directive(error="overloaded"), model="haiku")
         status, _, text = self.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
         self.assertEqual(status, 200)
-        families = {f.name: f for f in text_string_to_metric_families(text)}
+        parsed = list(text_string_to_metric_families(text))
+        self.assertEqual(len(parsed), len({f.name for f in parsed}), "no family is split in two")
+        self.assertFalse([f.name for f in parsed if f.type == "unknown"])
+        families = {f.name: f for f in parsed}
         self.assertEqual(families["ocp_requests"].type, "counter")
         self.assertEqual(families["ocp_request_duration_seconds"].type, "histogram")
         outcomes = {s.labels["status"]: s.value for s in families["ocp_requests"].samples
