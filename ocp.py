@@ -204,6 +204,30 @@ SETTINGS = (
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
+    "port": "TCP port", "bind": "address to listen on (0.0.0.0 for the LAN)",
+    "auth_mode": "none, shared or multi", "claude_bin": "path of the claude executable",
+    "timeout_ms": "milliseconds for a whole request", "max_concurrent": "CLI processes at once",
+    "max_queue": "requests waiting for a slot", "queue_timeout_ms": "milliseconds a request may wait for a slot",
+    "heartbeat_ms": "milliseconds of stream silence before a keepalive (0 = off)",
+    "cache_ttl_ms": "milliseconds a cached answer stays valid (0 = cache off)",
+    "max_prompt_chars": "prompt budget in characters (0 = the model's context window x 4)",
+    "allowed_tools": "Claude Code tools the CLI may run on this machine (comma list)",
+    "system_prompt": "text appended to every system prompt",
+    "no_context": "run the CLI in a scratch HOME, without the owner's CLAUDE.md, hooks and MCP servers",
+    "home": "directory for OCP's database, keys, logs and scratch files",
+    "upstream_base_url": "ANTHROPIC_BASE_URL for the CLI (tests, gateways)",
+    "default_model": "model for unknown model ids (unset: 400)", "max_body_bytes": "request body cap in bytes",
+    "max_image_bytes": "image cap in bytes", "max_images": "images per request",
+    "allow_image_urls": "download http(s) image URLs", "socket_timeout_s": "seconds an idle or slow client is kept",
+    "log_level": "DEBUG, INFO, WARNING or ERROR", "timezone": "time zone of quota windows (e.g. Europe/Berlin)",
+    "allowed_hosts": "extra host names browsers may use (comma list)",
+    "cors_origins": "web origins allowed to call OCP (comma list)",
+    "advertise_anon_key": "show the guest key in /health", "cache_max_entries": "cached answers kept",
+    "cache_max_bytes": "bytes of cached answers kept", "plan_only": "refuse requests paid from extra usage",
+    "log_prompts": "log prompts and answers", "usage_retention_days": "days usage rows are kept one by one",
+    "audit_retention_days": "days audit rows are kept",
+}
 
 
 def parse_setting(name: str, raw: str, kind: str, bounds: Optional[Tuple[int, int]]) -> Any:
@@ -1053,8 +1077,10 @@ def quota_error(breach: Dict[str, Any], now_s: float) -> ApiError:
                f"{PERIOD_WORDS[breach['period']]}. Resets in {format_wait(wait)}.")
     quota = {k: breach[k] for k in ("period", "limit", "used", "resets_at")}
     quota["unit"] = breach["unit"]
-    return ApiError(429, message, "insufficient_quota", "quota_exceeded",
-                    headers={"Retry-After": str(max(1, int(wait)))}, extra={"quota": quota})
+    headers = {"Retry-After": str(max(1, int(wait)))}
+    if wait > 60:  # the SDKs (and the agents built on them) would otherwise retry a wall for minutes
+        headers["x-should-retry"] = "false"
+    return ApiError(429, message, "insufficient_quota", "quota_exceeded", headers=headers, extra={"quota": quota})
 
 
 def ratelimit_headers(key: Optional[ApiKey], counts: Dict[str, int],
@@ -5357,13 +5383,27 @@ def add_operation_commands(commands: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ocp.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ocp {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the daemon",
                                 description="Run the OCP daemon. Each flag overrides its "
                                             "environment variable (shown in brackets).")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     for field, env_name, flag, kind, bounds in SETTINGS:
-        meta = "N" if kind == "int" else ("BOOL" if kind == "bool" else "VALUE")
-        serve.add_argument(flag, dest=field, metavar=meta, help=f"[{env_name}]")
+        default = defaults.get(field)
+        shown = "the machine's" if field == "timezone" else ("~/.ocp" if field == "home" else default)
+        text = f"{SETTING_HELP[field]} (default: {shown if shown not in ('', ()) else 'unset'}) [{env_name}]"
+        if kind == "bool" and flag.startswith("--no-"):  # --no-context / --with-context
+            group = serve.add_mutually_exclusive_group()
+            group.add_argument(flag, dest=field, action="store_const", const="true", help=text)
+            group.add_argument("--with-" + flag[5:], dest=field, action="store_const", const="false",
+                               help=f"the opposite of {flag}")
+        elif kind == "bool":
+            serve.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None,
+                               help=text.replace("%", "%%"))
+        else:
+            meta = "N" if kind == "int" else ("LIST" if kind == "list" else "VALUE")
+            serve.add_argument(flag, dest=field, metavar=meta, help=text.replace("%", "%%"))
     serve.set_defaults(run=cmd_serve)
     health = commands.add_parser("health", help="local detail: claude path and version, limits")
     health.add_argument("--json", action="store_true")

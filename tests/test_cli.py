@@ -77,6 +77,7 @@ class LoadingConfig(TempHome):
 class CommandLine(TempHome):
     def test_version(self):
         self.assertEqual(run_main(["version"], self.environ())[:2], (0, f"ocp {ocp.__version__}\n"))
+        self.assertEqual(run_main(["--version"], self.environ())[:2], (0, f"ocp {ocp.__version__}\n"))
 
     def test_help(self):
         code, out, _ = run_main(["--help"], self.environ())
@@ -84,7 +85,23 @@ class CommandLine(TempHome):
         self.assertIn("serve", out)
         code, out, _ = run_main(["serve", "--help"], self.environ())
         self.assertEqual(code, 0)
+        out = " ".join(out.split())
         self.assertIn("[CLAUDE_MAX_CONCURRENT]", out)
+        self.assertIn("--timeout N milliseconds for a whole request (default: 600000) [CLAUDE_TIMEOUT]", out)
+        self.assertIn("--plan-only, --no-plan-only", out)
+        self.assertIn("--no-context (default: True)".split()[0], out)
+
+    def test_switches_are_flag_and_no_flag(self):
+        parser = ocp.build_parser()
+        for argv, env, expected in ((["serve", "--plan-only"], "", True), (["serve", "--no-plan-only"], "1", False),
+                                    (["serve"], "1", True), (["serve"], "", False)):
+            with self.subTest(argv=argv, env=env):  # a flag beats the environment, either way
+                args = parser.parse_args(argv)
+                flags = {f[0]: getattr(args, f[0], None) for f in ocp.SETTINGS}
+                self.assertIs(ocp.load_config(self.environ(OCP_PLAN_ONLY=env), flags).plan_only, expected)
+        args = parser.parse_args(["serve", "--with-context"])
+        flags = {f[0]: getattr(args, f[0], None) for f in ocp.SETTINGS}
+        self.assertFalse(ocp.load_config(self.environ(), flags).no_context)
 
     def test_no_command_is_a_usage_error(self):
         self.assertEqual(run_main([], self.environ())[0], 2)

@@ -336,7 +336,9 @@ class MultiMode(ServerTest):
     def test_refusals_are_counted_per_key_and_by_code(self):
         secret = self.add_key("kid", daily=1, models=["haiku"])
         self.assertEqual(self.ask(secret, model="haiku")[0], 200)
-        self.assertEqual(self.ask(secret, model="haiku")[0], 429)
+        status, headers, body = self.ask(secret, model="haiku")
+        self.assertEqual((status, headers["x-should-retry"]), (429, "false"), "a far reset: clients must not retry")
+        self.assertTrue(body["error"]["message"].startswith("Quota exceeded: 1/1 requests today. Resets in"))
         self.assertEqual(self.ask(secret, model="opus")[0], 403)
         self.assertEqual(self.ask(secret, model="haiku", stream="yes")[0], 400)
         self.assertEqual(self.ask("ocp_" + "n" * 32)[0], 401)
