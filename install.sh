@@ -144,15 +144,17 @@ install_systemd() {
   run mkdir -p "$(dirname "$UNIT_PATH")"
   user_line=""
   wanted="default.target"
+  network=""  # a user manager has no network-online.target: waiting on it would hang the unit
   if [ "$SYSTEM" = 1 ]; then
     user_line="User=$(id -un)"
     wanted="multi-user.target"
+    network="After=network-online.target
+Wants=network-online.target"
   fi
   write_file "$UNIT_PATH" 644 <<EOF
 [Unit]
 Description=OCP: an OpenAI-compatible API over a Claude subscription
-After=network-online.target
-Wants=network-online.target
+${network}
 
 [Service]
 Type=simple
@@ -197,13 +199,17 @@ EOF
 }
 
 install_cron() {
+  # At boot, and every 5 minutes to bring back a crashed OCP: a second serve on the same
+  # OCP_HOME finds the first one's lock and exits at once, touching nothing.
   line="@reboot $(service_command) >/dev/null 2>&1 ${CRON_MARK}"
+  again="*/5 * * * * $(service_command) >/dev/null 2>&1 ${CRON_MARK}"
   if [ "$DRY_RUN" = 1 ]; then
     say "+ add to crontab: $line"
+    say "+ add to crontab: $again"
     return 0
   fi
-  { crontab -l 2>/dev/null | grep -v "$CRON_MARK" || true; say "$line"; } | crontab -
-  say "service: @reboot cron entry (start it now with: ocp serve)"
+  { crontab -l 2>/dev/null | grep -v "$CRON_MARK" || true; say "$line"; say "$again"; } | crontab -
+  say "service: cron entries at boot and every 5 minutes (start it now with: ocp serve)"
 }
 
 install_service() {
@@ -299,6 +305,7 @@ write_file "${BIN_DIR}/ocp" 755 <<EOF
 # The ocp command, installed by OCP's install.sh: OCP's settings from ${ENV_FILE}, then ocp.py.
 set -a
 [ -f "${ENV_FILE}" ] && . "${ENV_FILE}"
+OCP_COMMAND=ocp
 set +a
 exec "${PYTHON}" "${PREFIX}/ocp.py" "\$@"
 EOF

@@ -4519,9 +4519,30 @@ class ChatStream(ChatTurn):
 ###############################################################################
 
 
+def self_command(config: Config) -> str:
+    """How the owner runs OCP here: `ocp` when install.sh's command started us (it loads the
+    settings file too), else python3 and this file's path."""
+    return config.environ.get("OCP_COMMAND") or f"python3 {os.path.join(HERE, 'ocp.py')}"
+
+
+def hold_home_lock(config: Config) -> Any:
+    """Take OCP_HOME's serve lock, or exit: a second daemon would end the first one's CLIs and
+    release its quota reservations as stale. The lock goes with the process, however it ends."""
+    import fcntl  # Unix only, as the daemon is
+    os.makedirs(config.home, mode=0o700, exist_ok=True)
+    handle = open(os.path.join(config.home, "serve.lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise SystemExit(f"ocp: another OCP is already running with OCP_HOME={config.home}")
+    return handle
+
+
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    lock = hold_home_lock(config)
     models = Models.load(os.path.join(HERE, "models.json"))
     store = open_store(config)
     store.cancel_stale()
@@ -4549,6 +4570,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     stop.wait()
     stop_housekeeping.set()
     store.close()
+    lock.close()
     return 0
 
 
@@ -4677,7 +4699,7 @@ def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps([k.public() for k in keys], indent=2))
     elif not keys:
-        print("No keys yet. Create one with: ocp.py keys add NAME")
+        print(f"No keys yet. Create one with: {self_command(config)} keys add NAME")
     else:
         print_table([key_row(k) for k in keys], KEY_COLUMNS)
     return 0
@@ -4779,7 +4801,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     admin_key = load_admin_key(config, create=False)
     body = daemon_get(config, "/health", admin_key)
     if body is None:
-        print(f"ocp: the daemon is not answering on port {config.port}; start it with: ocp.py serve",
+        print(f"ocp: the daemon is not answering on port {config.port}; start it with: {self_command(config)} serve",
               file=sys.stderr)
         return 1
     if args.json:
@@ -5148,11 +5170,11 @@ def cmd_lan(args: argparse.Namespace, config: Config) -> int:
         return 0 if addresses else 1
     if config.loopback:
         print(f"Note: OCP listens on {config.bind} only. For the LAN start it with --bind 0.0.0.0 "
-              "(and --auth-mode multi, then `ocp.py keys add NAME` per person).")
+              f"(and --auth-mode multi, then `{self_command(config)} keys add NAME` per person).")
     if not addresses:
         print("ocp: no LAN address found on this machine", file=sys.stderr)
         return 1
-    key = "<the key from `ocp.py keys add NAME`>" if config.auth_mode == "multi" else \
+    key = f"<the key from `{self_command(config)} keys add NAME`>" if config.auth_mode == "multi" else \
         ("<PROXY_API_KEY>" if config.auth_mode == "shared" else "none")
     for address in addresses:
         print(f"{address}: http://{address}:{config.port}/v1")
@@ -5165,8 +5187,7 @@ def cmd_restart(args: argparse.Namespace, config: Config) -> int:
     service = installed_service(config)
     if service is None:
         print("ocp: no OCP service is installed. Stop the running daemon (Ctrl-C, or `kill` its pid) and "
-              f"start it again: python3 {os.path.join(HERE, 'ocp.py')} serve. install.sh installs a service.",
-              file=sys.stderr)
+              f"start it again: {self_command(config)} serve. install.sh installs a service.", file=sys.stderr)
         return 1
     kind, path = service
     commands = {"systemd-user": ["systemctl", "--user", "restart", SYSTEMD_UNIT],
@@ -5202,13 +5223,21 @@ def file_sha256(path: str) -> str:
 
 
 def cmd_manifest(args: argparse.Namespace, config: Config) -> int:
-    """Write DIR/manifest.json: the version and SHA-256 of each file `update` installs."""
+    """Write DIR/manifest.json: the release's own version and the SHA-256 of each file `update` installs."""
     files = {name: file_sha256(os.path.join(args.dir, name)) for name in UPDATE_FILES
              if os.path.exists(os.path.join(args.dir, name))}
-    manifest = {"version": __version__, "files": files}
+    try:
+        with open(os.path.join(args.dir, "ocp.py"), encoding="utf-8") as f:
+            version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    except OSError:
+        version = None
+    if version is None:
+        print(f"ocp: {args.dir} has no ocp.py with a __version__: not a release folder", file=sys.stderr)
+        return 1
+    manifest = {"version": version.group(1), "files": files}
     with open(os.path.join(args.dir, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
-    print(f"wrote manifest.json for {len(files)} files (version {__version__})")
+    print(f"wrote manifest.json for {len(files)} files (version {version.group(1)})")
     return 0
 
 

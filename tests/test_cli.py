@@ -103,6 +103,21 @@ class CommandLine(TempHome):
         flags = {f[0]: getattr(args, f[0], None) for f in ocp.SETTINGS}
         self.assertFalse(ocp.load_config(self.environ(), flags).no_context)
 
+    def test_a_second_daemon_on_the_same_home_touches_nothing(self):
+        import fcntl
+        env = self.environ(CLAUDE_PROXY_PORT="0")
+        config = ocp.load_config(env)
+        store = ocp.open_store(config)
+        self.addCleanup(store.close)
+        store.reserve(None, "local", "m", "r1", 0, {})  # the running daemon's request
+        os.makedirs(config.spawn_dir)
+        lock = open(os.path.join(config.home, "serve.lock"), "a")
+        self.addCleanup(lock.close)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first daemon holds it
+        code, _, err = run_main(["serve"], env)
+        self.assertEqual(code, "ocp: another OCP is already running with OCP_HOME=" + config.home)
+        self.assertEqual(store.status_counts(0), {"pending": 1}, "its reservation was not released as stale")
+
     def test_no_command_is_a_usage_error(self):
         self.assertEqual(run_main([], self.environ())[0], 2)
 

@@ -71,6 +71,7 @@ class InstallScript(TempHome):
         self.assertIn(f"EnvironmentFile={self.env_file}", unit)
         self.assertIn(f"ExecStart={os.path.join(self.bin, 'python3')} {self.prefix}/ocp.py serve", unit)
         self.assertNotIn("CLAUDE_BIND", unit, "settings live in the env file, not the unit")
+        self.assertNotIn("network-online", unit, "a user manager has no network-online.target")
         self.assertEqual(stat.S_IMODE(os.stat(self.env_file).st_mode), 0o600)
         with open(self.env_file) as f:
             env = f.read()
@@ -81,6 +82,8 @@ class InstallScript(TempHome):
                       [self.calls_made()[i:i + 2] for i in range(len(self.calls_made()))])
         self.assertIn("loginctl enable-linger", out)
         self.assertIn("claude setup-token", out)
+        with open(os.path.join(self.bindir, "ocp")) as f:
+            self.assertIn("OCP_COMMAND=ocp", f.read(), "so hints name `ocp`, not ocp.py")
         wrapper = subprocess.run([os.path.join(self.bindir, "ocp"), "settings", "--json"], capture_output=True,
                                  text=True, env={"HOME": self.home, "PATH": self.bin}, timeout=30)
         self.assertEqual(json.loads(wrapper.stdout)["maxConcurrent"]["value"], 8, wrapper.stderr)
@@ -109,10 +112,14 @@ class InstallScript(TempHome):
         self.assertEqual(code, 0, out)
         self.assertIn("systemctl is not available", out)
         with open(crontab) as f:
-            self.assertIn(f"@reboot /bin/sh -c 'set -a; . \"{self.env_file}\"", f.read())
+            entries = f.read()
+        self.assertIn(f"@reboot /bin/sh -c 'set -a; . \"{self.env_file}\"", entries)
+        self.assertIn(f"*/5 * * * * /bin/sh -c 'set -a; . \"{self.env_file}\"", entries,
+                      "a crashed OCP comes back within 5 minutes")
         code, out = self.install()
         with open(crontab) as f:
-            self.assertEqual(f.read().count("@reboot"), 1, "one entry however often it runs")
+            entries = f.read()
+        self.assertEqual((entries.count("@reboot"), entries.count("*/5 ")), (1, 1), "once however often it runs")
 
     def test_piped_into_sh(self):
         self.fake("systemctl", "exit 0")

@@ -12,7 +12,7 @@ import threading
 import unittest
 
 import ocp
-from helpers import ServerTest, TempHome, directive, free_port, pid_alive, wait_until
+from helpers import ROOT, ServerTest, TempHome, directive, free_port, pid_alive, wait_until
 
 ADMIN = "ocp_admin_key_for_operations_tests0"
 RESET = 1795503600  # the fake CLI's five-hour reset
@@ -439,12 +439,19 @@ class RestartAndLan(TempHome):
         os.makedirs(self.bin)
         self.calls = os.path.join(self.tmp, "calls.json")
 
-    def main(self, *args):
-        env = self.environ(PATH=self.bin + os.pathsep + os.environ.get("PATH", ""))
+    def main(self, *args, **extra):
+        env = self.environ(PATH=self.bin + os.pathsep + os.environ.get("PATH", ""), **extra)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = ocp.main(list(args), env)
         return code, out.getvalue(), err.getvalue()
+
+    def test_hints_name_the_command_the_owner_runs(self):
+        write_tool(self.bin, "ip", "print('2: eth0    inet 192.168.1.20/24 scope global eth0')")
+        write_tool(self.bin, "crontab", "print('')")
+        self.assertIn("`ocp keys add NAME`", self.main("lan", OCP_COMMAND="ocp")[1])
+        self.assertIn("start it again: ocp serve.", self.main("restart", OCP_COMMAND="ocp")[2])
+        self.assertIn(f"`python3 {ROOT}/ocp.py keys add NAME`", self.main("lan")[1])
 
     def test_restart_uses_the_installed_user_service(self):
         write_tool(self.bin, "systemctl", f"json.dump(sys.argv[1:], open({self.calls!r}, 'w'))")

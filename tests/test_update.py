@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -53,6 +54,13 @@ class Update(TempHome):
         done = subprocess.run([sys.executable, os.path.join(self.installed, "ocp.py"), "update"] + list(args),
                               capture_output=True, text=True, env=env, timeout=60)
         return done.returncode, done.stdout + done.stderr
+
+    def test_the_manifest_carries_the_releases_version_not_the_running_one(self):
+        done = subprocess.run([sys.executable, os.path.join(self.installed, "ocp.py"), "manifest", self.release],
+                              capture_output=True, text=True, env=self.environ())
+        self.assertIn("version 0.2.0", done.stdout)
+        with open(os.path.join(self.release, "manifest.json")) as f:
+            self.assertEqual(json.load(f)["version"], "0.2.0")
 
     def test_check_apply_and_roll_back(self):
         code, out = self.update("--check")
