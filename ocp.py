@@ -4546,7 +4546,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     models = Models.load(os.path.join(HERE, "models.json"))
     store = open_store(config)
     store.cancel_stale()
-    admin_key = load_admin_key(config, create=config.auth_mode == "multi")
+    admin_key = load_admin_key(config, create=True)  # every mode: the owner's way into the dashboard
     runner = Runner(config)
     runner.prepare()
     try:
@@ -4565,6 +4565,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
                     "(npm i -g @anthropic-ai/claude-code)")
     log.info("OCP %s listening on http://%s:%d (auth: %s)", __version__, config.bind,
              server.server_address[1], config.auth_mode)
+    log.info("dashboard: http://%s:%d/dashboard (%s)", "127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind,
+             server.server_address[1], admin_login_hint(config))
     stop = install_shutdown(server)
     server.serve_forever(poll_interval=0.5)
     stop.wait()
@@ -4797,6 +4799,13 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def admin_login_hint(config: Config) -> str:
+    """How the owner logs in to the dashboard, naming where the admin key is (never the key)."""
+    if config.admin_key:
+        return "log in with the admin key, OCP_ADMIN_KEY"
+    return f"log in with the admin key in {os.path.join(config.home, 'admin-key')}"
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     admin_key = load_admin_key(config, create=False)
     body = daemon_get(config, "/health", admin_key)
@@ -4809,6 +4818,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return 0
     detail = body.get("detail")
     print(f"status {body['status']}  version {body['version']}  auth {body['authMode']}")
+    print(f"dashboard: http://127.0.0.1:{config.port}/dashboard ({admin_login_hint(config)})")
     if detail is None:
         print("(no admin key here: set OCP_ADMIN_KEY for the detail)")
         return 0

@@ -1,11 +1,15 @@
 """The dashboard's server side: the page, login sessions as cookies, role-scoped data."""
 
+import http.client
 import json
+import os
 import re
+import subprocess
+import sys
 import unittest
 
 import ocp
-from helpers import ServerTest
+from helpers import ROOT, ServerTest, TempHome, free_port
 
 ADMIN = "ocp_admin_key_for_dashboard_tests00"
 
@@ -131,6 +135,31 @@ class DashboardSessions(ServerTest):
         status, _, body = self.request("POST", "/api/keys", {"name": "evil"},
                                        headers={"Cookie": cookie, "Origin": "http://evil.example"})
         self.assertEqual((status, body["error"]["code"]), (403, "cross_origin_forbidden"))
+
+
+class InEveryAuthMode(TempHome):
+    def test_the_owner_can_log_in_with_no_auth_mode_set(self):
+        port = free_port()
+        env = dict(self.environ(), CLAUDE_PROXY_PORT=str(port), PYTHONUNBUFFERED="1")
+        env.pop("CLAUDE_AUTH_MODE", None)
+        daemon = subprocess.Popen([sys.executable, os.path.join(ROOT, "ocp.py"), "serve"], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.addCleanup(daemon.wait)
+        self.addCleanup(daemon.terminate)
+        output = b""
+        while b"dashboard:" not in output:
+            output += daemon.stdout.readline()
+        daemon.stdout.close()
+        admin_file = os.path.join(self.ocp_home, "admin-key")
+        self.assertIn(f"log in with the admin key in {admin_file}".encode(), output)
+        with open(admin_file) as f:
+            admin = f.read().strip()
+        self.assertNotIn(admin.encode(), output)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/dashboard/login", json.dumps({"key": admin}))
+        response = conn.getresponse()
+        self.assertEqual((response.status, json.loads(response.read())["role"]), (200, "admin"))
 
 
 if __name__ == "__main__":

@@ -103,9 +103,16 @@ class DashboardInChromium(ServerTest):
         self.assertEqual((cookie["httpOnly"], cookie["sameSite"]), (True, "Strict"))
         os.makedirs(SCREENSHOTS, exist_ok=True)
         page.screenshot(path=os.path.join(SCREENSHOTS, "dashboard-desktop.png"), full_page=True)
+        self.assertIn("all", self.key_row("alice").inner_text(), "each key's model allowlist")
+        ticks = page.locator("#chart-requests text.tick").all_text_contents()
+        self.assertEqual(ticks, ["0", "2", "4"], "round, distinct axis ticks for at most 4 requests an hour")
         page.set_viewport_size({"width": 390, "height": 844})
         page.reload()
         page.wait_for_selector("#keys-table tbody tr")
+        for name in ("Set quota", "Revoke"):  # reachable on a phone, without sideways scrolling
+            box = self.key_row("alice").locator("button", has_text=name).bounding_box()
+            self.assertLessEqual(box["x"] + box["width"], 390, name)
+        self.assertLessEqual(page.evaluate("document.querySelector('#keys-table').scrollWidth"), 390)
         page.screenshot(path=os.path.join(SCREENSHOTS, "dashboard-phone.png"), full_page=True)
 
     def test_create_set_quota_and_revoke_in_the_ui(self):
