@@ -5,17 +5,20 @@
     python3 ocp_connect.py SERVER [--key KEY] [--dry-run] [--verify] [--uninstall] [--json]
 
 It checks the server (/health), takes an advertised guest key when no key is given,
-verifies the key (/v1/models), then writes ~/.config/ocp/env (0600) with
-OPENAI_BASE_URL and OPENAI_API_KEY, sources it from the bash/zsh/fish rc files it finds,
-adds Linux environment.d or a macOS launchd agent, and configures the tools it finds:
-Continue, opencode, Aider, llm and OpenClaw. Each file it changes is backed up once;
---uninstall puts every original back byte for byte and removes what it created.
-Cline and Cursor keep settings it must not touch: it prints the steps for them.
+verifies the key (/v1/models), then configures each tool it finds in that tool's own
+config — an OCP provider or models with OCP's key, never the tool's OpenAI settings:
+Continue, opencode, Aider, llm and OpenClaw. ~/.config/ocp/env (0600, sourced from the
+bash/zsh/fish rc files it finds) carries OCP_BASE_URL and OCP_API_KEY for scripts;
+global OPENAI_* exports only with --shell-env, and not over OpenAI settings of the
+user's own unless --force. --uninstall removes exactly what it added: its marked
+blocks and its own config entries, keeping every later edit (byte for byte the
+original when nothing was edited since). Cline and Cursor: it prints the steps.
 """
 
 import argparse
 import datetime
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -25,6 +28,7 @@ import urllib.error
 import urllib.request
 
 BEGIN, END = ">>> ocp >>>", "<<< ocp <<<"
+OWN, BLOCK = ("own",), ("block",)  # how a change is undone: the file is ours / our marked blocks / ("json", key paths)
 PREFERRED_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5", "claude-haiku-5-5")
 
 
@@ -84,8 +88,9 @@ def discover(base: str, key: str):
         raise ConnectError("the server refused that key (401)")
     if status != 200:
         raise ConnectError(f"/v1/models answered {status}")
-    ids = [m["id"] for m in models.get("data", [])]
-    return key, source, ids
+    data = [m for m in models.get("data", []) if isinstance(m, dict) and m.get("id")]
+    limits = {m["id"]: (m.get("context_window") or 200000, m.get("max_output_tokens") or 32000) for m in data}
+    return key, source, [m["id"] for m in data], limits
 
 
 def chosen_models(ids):
@@ -109,11 +114,18 @@ def marked(lines, comment="#", indent=""):
     return f"{indent}{comment} {BEGIN}\n{body}\n{indent}{comment} {END}\n"
 
 
-def with_block(text, block, comment="#"):
+BLOCK_PATTERN = re.compile(rf"^[ \t]*# {re.escape(BEGIN)}\n.*?^[ \t]*# {re.escape(END)}\n?", re.S | re.M)
+
+
+def without_blocks(text):
+    """`text` with every block of ours removed (the conda convention: only what is between the marks)."""
+    return BLOCK_PATTERN.sub("", text)
+
+
+def with_block(text, block):
     """Return `text` with our marked block replaced, or appended when there is none."""
     text = text or ""
-    pattern = re.compile(rf"^[ \t]*{re.escape(comment)} {re.escape(BEGIN)}\n.*?^[ \t]*{re.escape(comment)} "
-                         rf"{re.escape(END)}\n?", re.S | re.M)
+    pattern = BLOCK_PATTERN
     if pattern.search(text):
         return pattern.sub(lambda m: block, text, count=1)
     if text and not text.endswith("\n"):
@@ -125,31 +137,48 @@ def quoted(value):
     return "'" + value.replace("'", "'\\''") + "'"
 
 
-def plan_environment(home, api, key, platform):
-    """The env files and the rc blocks that load them."""
+def plan_environment(home, api, key, platform, shell_env):
+    """The env files and the rc blocks that load them: OCP_* always, OPENAI_* only with --shell-env."""
     config = os.path.join(home, ".config", "ocp")
-    changes = [(os.path.join(config, "env"), f"# Written by ocp_connect.py\nexport OPENAI_BASE_URL={quoted(api)}\n"
-                f"export OPENAI_API_KEY={quoted(key)}\n", 0o600),
-               (os.path.join(config, "env.fish"), f"# Written by ocp_connect.py\nset -gx OPENAI_BASE_URL {quoted(api)}\n"
-                f"set -gx OPENAI_API_KEY {quoted(key)}\n", 0o600)]
+    names = [("OCP_BASE_URL", api), ("OCP_API_KEY", key)]
+    if shell_env:
+        names += [("OPENAI_BASE_URL", api), ("OPENAI_API_KEY", key)]
+    changes = [(os.path.join(config, "env"), "# Written by ocp_connect.py\n" + "".join(
+                    f"export {n}={quoted(v)}\n" for n, v in names), 0o600, OWN),
+               (os.path.join(config, "env.fish"), "# Written by ocp_connect.py\n" + "".join(
+                    f"set -gx {n} {quoted(v)}\n" for n, v in names), 0o600, OWN)]
     for rc in (".bashrc", ".zshrc", ".bash_profile", ".profile"):
         path = os.path.join(home, rc)
         text = read_text(path)
         if text is not None:
             block = marked(['[ -f "$HOME/.config/ocp/env" ] && . "$HOME/.config/ocp/env"'])
-            changes.append((path, with_block(text, block), None))
+            changes.append((path, with_block(text, block), None, BLOCK))
     fish = os.path.join(home, ".config", "fish", "config.fish")
     if read_text(fish) is not None:
         block = marked(['test -f "$HOME/.config/ocp/env.fish"; and source "$HOME/.config/ocp/env.fish"'])
-        changes.append((fish, with_block(read_text(fish), block), None))
+        changes.append((fish, with_block(read_text(fish), block), None, BLOCK))
     if platform.startswith("linux"):
         changes.append((os.path.join(home, ".config", "environment.d", "ocp.conf"),
-                        f"OPENAI_BASE_URL={api}\nOPENAI_API_KEY={key}\n", 0o600))
+                        "".join(f"{n}={v}\n" for n, v in names), 0o600, OWN))
     if platform == "darwin":
-        script = f"launchctl setenv OPENAI_BASE_URL {quoted(api)}; launchctl setenv OPENAI_API_KEY {quoted(key)}"
+        script = "; ".join(f"launchctl setenv {n} {quoted(v)}" for n, v in names)
         changes.append((os.path.join(home, "Library", "LaunchAgents", "com.ocp.env.plist"),
-                        launchd_plist(script), 0o600))
+                        launchd_plist(script), 0o600, OWN))
     return changes
+
+
+def own_openai_settings(home, environ, llm_folder):
+    """Where this user already has OpenAI settings of their own (global OPENAI_* would hijack them)."""
+    found = [f"{name} is set in this environment" for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL")
+             if environ.get(name)]
+    for rc in (".bashrc", ".zshrc", ".bash_profile", ".profile", ".config/fish/config.fish"):
+        text = without_blocks(read_text(os.path.join(home, rc)) or "")
+        if re.search(r"\bOPENAI_(API_KEY|BASE_URL)\b", text):
+            found.append(f"~/{rc} sets OPENAI_*")
+    keys = load_json(os.path.join(llm_folder, "keys.json"), {}) or {}
+    if keys.get("openai"):
+        found.append("llm stores an OpenAI key")
+    return found
 
 
 def launchd_plist(script):
@@ -173,39 +202,44 @@ def plan_continue(home, models, api, key):
     path = os.path.join(home, ".continue", "config.yaml")
     text = read_text(path)
     if text is None:
-        return [(path, "name: Local Config\nversion: 1.0.0\nschema: v1\nmodels:\n" + continue_block(models, api, key, "  "), None)]
+        return [(path, "name: Local Config\nversion: 1.0.0\nschema: v1\nmodels:\n" + continue_block(models, api, key, "  "),
+                 None, BLOCK)]
     existing = re.search(rf"^([ \t]*)# {re.escape(BEGIN)}", text, re.M)
     if existing:
-        return [(path, with_block(text, continue_block(models, api, key, existing.group(1))), None)]
+        return [(path, with_block(text, continue_block(models, api, key, existing.group(1))), None, BLOCK)]
     top = re.search(r"^models:[ \t]*(\[\])?[ \t]*$", text, re.M)
     if top is None:
         base = text if not text or text.endswith("\n") else text + "\n"
-        return [(path, base + "models:\n" + continue_block(models, api, key, "  "), None)]
+        return [(path, base + "models:\n" + continue_block(models, api, key, "  "), None, BLOCK)]
     after = text[top.end():]
     item = re.search(r"^([ \t]*)- ", after, re.M)
     indent = item.group(1) if item else "  "
     head = text[:top.start()] + "models:\n"
     rest = after[1:] if after.startswith("\n") else after
-    return [(path, head + continue_block(models, api, key, indent) + rest, None)]
+    return [(path, head + continue_block(models, api, key, indent) + rest, None, BLOCK)]
 
 
-def plan_aider(home, models, api, key):
-    path = os.path.join(home, ".aider.conf.yml")
-    text = read_text(path) or ""
-    ours = {"openai-api-base": api, "openai-api-key": key, "model": f"openai/{models[0]}"}
+def plan_aider(home, models, api, key, limits):
+    """Model settings and metadata for openai/<id>: OCP's endpoint and key per model (aider's own
+    OpenAI settings untouched), the diff edit format, and limits so aider knows the model."""
+    settings = os.path.join(home, ".aider.model.settings.yml")
     lines = []
-    inside = False
-    for line in text.splitlines():  # a key set outside our block would clash: comment it out
-        if BEGIN in line:
-            inside = True
-        if not inside and re.match(rf"^({'|'.join(map(re.escape, ours))}):", line):
-            line = "# ocp replaced: " + line
-        lines.append(line)
-        if END in line:
-            inside = False
-    text = "\n".join(lines) + ("\n" if lines else "")
-    block = marked([f"{k}: {json.dumps(v)}" for k, v in ours.items()])
-    return [(path, with_block(text, block), None)]
+    for model in models:
+        lines += [f"- name: openai/{model}", "  edit_format: diff", "  use_repo_map: true",
+                  "  extra_params:", f"    api_base: {json.dumps(api)}", f"    api_key: {json.dumps(key)}"]
+    changes = [(settings, with_block(read_text(settings), marked(lines)), 0o600, BLOCK)]
+    metadata_path = os.path.join(home, ".aider.model.metadata.json")
+    metadata = load_json(metadata_path, {})
+    if metadata is not None:
+        for model in models:
+            window, output = limits.get(model, (200000, 32000))
+            metadata[f"openai/{model}"] = {"max_tokens": output, "max_input_tokens": window,
+                                           "max_output_tokens": output, "input_cost_per_token": 0,
+                                           "output_cost_per_token": 0, "litellm_provider": "openai",
+                                           "mode": "chat"}
+        changes.append((metadata_path, json.dumps(metadata, indent=2) + "\n", None,
+                        ("json", [[f"openai/{m}"] for m in models])))
+    return changes
 
 
 def llm_dir(home, environ, platform):
@@ -220,13 +254,14 @@ def plan_llm(folder, models, api, key):
     path = os.path.join(folder, "extra-openai-models.yaml")
     lines = []
     for model in models:
-        lines += [f"- model_id: ocp-{model}", f"  model_name: {model}", f"  api_base: {api}", "  api_key_name: ocp"]
-    changes = [(path, with_block(read_text(path), marked(lines)), None)]
+        lines += [f"- model_id: ocp-{model}", f"  model_name: {model}", f"  api_base: {api}", "  api_key_name: ocp",
+                  "  supports_schema: true", "  vision: true"]
+    changes = [(path, with_block(read_text(path), marked(lines)), None, BLOCK)]
     keys_path = os.path.join(folder, "keys.json")
     data = load_json(keys_path, {"// Note": "This file stores secret API credentials. Do not share!"})
     if data is not None:
         data["ocp"] = key
-        changes.append((keys_path, json.dumps(data, indent=2) + "\n", 0o600))
+        changes.append((keys_path, json.dumps(data, indent=2) + "\n", 0o600, ("json", [["ocp"]])))
     return changes
 
 
@@ -253,7 +288,7 @@ def plan_opencode(home, models, api, key, steps):
         "npm": "@ai-sdk/openai-compatible", "name": "OCP (Claude subscription)",
         "options": {"baseURL": api, "apiKey": key},
         "models": {model: {"name": model} for model in models}}
-    return [(path, json.dumps(data, indent=2) + "\n", None)]
+    return [(path, json.dumps(data, indent=2) + "\n", None, ("json", [["provider", "ocp"]]))]
 
 
 def plan_openclaw(home, models, api, key, steps):
@@ -270,7 +305,8 @@ def plan_openclaw(home, models, api, key, steps):
     aliases = data.setdefault("agents", {}).setdefault("defaults", {}).setdefault("models", {})
     for model in models:
         aliases.setdefault(f"ocp/{model}", {})
-    changes = [(path, json.dumps(data, indent=2) + "\n", 0o600)]
+    ours = [["models", "providers", "ocp"]] + [["agents", "defaults", "models", f"ocp/{m}"] for m in models]
+    changes = [(path, json.dumps(data, indent=2) + "\n", 0o600, ("json", ours))]
     agents = os.path.join(root, "agents")
     for agent in sorted(os.listdir(agents)) if os.path.isdir(agents) else []:
         profiles_path = os.path.join(agents, agent, "agent", "auth-profiles.json")
@@ -281,7 +317,8 @@ def plan_openclaw(home, models, api, key, steps):
             steps.append(f"OpenClaw agent {agent}: {profiles_path} is not plain JSON; add an api_key profile for ocp")
             continue
         profiles.setdefault("profiles", {})["ocp:default"] = {"type": "api_key", "provider": "ocp", "key": key}
-        changes.append((profiles_path, json.dumps(profiles, indent=2) + "\n", 0o600))
+        changes.append((profiles_path, json.dumps(profiles, indent=2) + "\n", 0o600,
+                        ("json", [["profiles", "ocp:default"]])))
     return changes
 
 
@@ -291,26 +328,28 @@ def detected(home, environ, platform):
     has = lambda command: shutil.which(command, path=path) is not None
     return {"continue": os.path.isdir(os.path.join(home, ".continue")),
             "opencode": os.path.isdir(os.path.join(home, ".config", "opencode")) or has("opencode"),
-            "aider": os.path.exists(os.path.join(home, ".aider.conf.yml")) or has("aider"),
+            "aider": any(os.path.exists(os.path.join(home, name)) for name in (
+                ".aider.conf.yml", ".aider.model.settings.yml", ".aider.model.metadata.json")) or has("aider"),
             "llm": os.path.isdir(llm_dir(home, environ, platform)) or has("llm"),
             "openclaw": os.path.isdir(os.path.join(home, ".openclaw")) or has("openclaw")}
 
 
-def plan(home, environ, platform, api, key, ids):
-    """Every change as (path, full new content, mode or None), and the manual steps."""
+def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None):
+    """Every change as (path, full new content, mode or None, how to undo it), and the manual steps."""
     models = chosen_models(ids)
     steps = [f"Cline: Settings → API Provider 'OpenAI Compatible', Base URL {api}, API key as in ~/.config/ocp/env, "
              f"model {models[0]}",
              "Cursor: calls models from its own cloud, so it needs OCP on a public https URL (a tunnel); "
              "then Settings → Models → OpenAI API key + override base URL with that https URL + /v1"]
-    changes = plan_environment(home, api, key, platform)
+    changes = plan_environment(home, api, key, platform, shell_env)
     tools = detected(home, environ, platform)
     if tools["continue"]:
         changes += plan_continue(home, models, api, key)
     if tools["opencode"]:
         changes += plan_opencode(home, ids or models, api, key, steps)  # opencode lists every model
     if tools["aider"]:
-        changes += plan_aider(home, models, api, key)
+        changes += plan_aider(home, models, api, key, limits or {})
+        steps.append(f"Aider: aider --model openai/{models[0]}")
     if tools["llm"]:
         changes += plan_llm(llm_dir(home, environ, platform), models, api, key)
     if tools["openclaw"]:
@@ -343,13 +382,20 @@ def write_file(path, content, mode):
     os.replace(temporary, path)
 
 
+def sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def apply(home, changes, dry_run, diffs=None):
-    """Write what differs; back each original up once. Return [(path, action)]; dry runs fill `diffs`."""
+    """Write what differs; back each original up once; remember how to undo each change.
+
+    Return [(path, action)]; dry runs fill `diffs` instead of writing.
+    """
     diffs = [] if diffs is None else diffs
     manifest = load_manifest(home)
     stamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
     done = []
-    for path, content, mode in changes:
+    for path, content, mode, undo in changes:
         current = read_text(path)
         if current == content:
             done.append((path, "unchanged"))
@@ -360,12 +406,11 @@ def apply(home, changes, dry_run, diffs=None):
             diffs.append("".join(difflib.unified_diff((current or "").splitlines(True), content.splitlines(True),
                                                       path if current is not None else "/dev/null", path)))
             continue
-        if path not in manifest["files"]:
-            backup = None
-            if current is not None:
-                backup = f"{path}.ocp-backup-{stamp}"
-                shutil.copy2(path, backup)
-            manifest["files"][path] = {"backup": backup, "created": current is None}
+        entry = manifest["files"].setdefault(path, {"backup": None, "created": current is None})
+        if current is not None and not entry["created"] and entry["backup"] is None:
+            entry["backup"] = f"{path}.ocp-backup-{stamp}"
+            shutil.copy2(path, entry["backup"])
+        entry.update(written=sha256(content), undo=list(undo))
         write_file(path, content, mode)
     if not dry_run and any(action != "unchanged" for _, action in done):
         write_file(manifest_path(home), json.dumps(manifest, indent=2) + "\n", 0o600)
@@ -373,18 +418,33 @@ def apply(home, changes, dry_run, diffs=None):
 
 
 def uninstall(home, dry_run):
-    """Put every original back byte for byte; remove what we created."""
+    """Remove exactly what connect added, keeping every later edit.
+
+    A file nobody touched since is put back byte for byte (or removed, when connect
+    created it); an edited one loses only our marked blocks or our JSON entries.
+    """
     manifest = load_manifest(home)
     done = []
     for path, entry in manifest["files"].items():
-        if entry.get("created"):
-            done.append((path, "remove"))
-            if not dry_run and os.path.exists(path):
-                os.remove(path)
-        elif entry.get("backup") and os.path.exists(entry["backup"]):
-            done.append((path, "restore"))
-            if not dry_run:
-                os.replace(entry["backup"], path)
+        current = read_text(path)
+        if current is None:
+            continue
+        backup = entry.get("backup")
+        if sha256(current) == entry.get("written") or entry.get("undo", ["own"])[0] == "own":
+            if entry.get("created"):
+                done.append((path, "remove"))
+                if not dry_run:
+                    os.remove(path)
+            elif backup and os.path.exists(backup):
+                done.append((path, "restore"))
+                if not dry_run:
+                    os.replace(backup, path)
+            continue
+        done.append((path, "remove ocp's part"))
+        if not dry_run:
+            write_file(path, undone(current, entry["undo"]), None)
+            if backup and os.path.exists(backup):
+                os.remove(backup)  # the user's later edits are the file now; the old copy is stale
     if not dry_run and os.path.exists(manifest_path(home)):
         os.remove(manifest_path(home))
         for folder in (os.path.join(home, ".config", "ocp"), os.path.join(home, ".config", "environment.d")):
@@ -395,6 +455,23 @@ def uninstall(home, dry_run):
     return done
 
 
+def undone(text, undo):
+    """`text` without what connect put in it: its marked blocks, or its JSON entries."""
+    if undo[0] == "block":
+        return without_blocks(text)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text  # no longer JSON: nothing we can take out safely
+    for keys in undo[1]:
+        parent = data
+        for name in keys[:-1]:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(keys[-1], None)
+    return json.dumps(data, indent=2) + "\n"
+
+
 def verify(home):
     """A real round trip with what was configured: the models list and a one-word answer."""
     env = {}
@@ -402,7 +479,7 @@ def verify(home):
         match = re.match(r"export (\w+)='(.*)'$", line)
         if match:
             env[match.group(1)] = match.group(2).replace("'\\''", "'")
-    api, key = env.get("OPENAI_BASE_URL"), env.get("OPENAI_API_KEY")
+    api, key = env.get("OCP_BASE_URL"), env.get("OCP_API_KEY")
     if not api:
         raise ConnectError("nothing is configured yet: run ocp_connect.py SERVER first")
     status, models = call(api + "/models", key)
@@ -427,6 +504,10 @@ def main(argv=None, environ=None, platform=sys.platform):
     parser.add_argument("--dry-run", action="store_true", help="show every change, write nothing")
     parser.add_argument("--verify", action="store_true", help="make a real round trip with the settings")
     parser.add_argument("--uninstall", action="store_true", help="undo exactly what was added")
+    parser.add_argument("--shell-env", action="store_true",
+                        help="also export OPENAI_BASE_URL/OPENAI_API_KEY in every shell (every OpenAI client "
+                             "then talks to OCP)")
+    parser.add_argument("--force", action="store_true", help="--shell-env even over OpenAI settings of your own")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     home = environ.get("HOME") or os.path.expanduser("~")
@@ -436,8 +517,14 @@ def main(argv=None, environ=None, platform=sys.platform):
             report["changes"] = uninstall(home, args.dry_run)
         elif args.server:
             base = server_base(args.server, args.port)
-            key, source, ids = discover(base, args.key or environ.get("OCP_KEY", ""))
-            changes, steps, tools = plan(home, environ, platform, base + "/v1", key, ids)
+            if args.shell_env and not args.force:
+                mine = own_openai_settings(home, environ, llm_dir(home, environ, platform))
+                if mine:
+                    raise ConnectError("--shell-env would send every OpenAI client here, but you have OpenAI "
+                                       f"settings of your own ({'; '.join(mine)}). Each tool is configured "
+                                       "without it; add --force if you really want it.")
+            key, source, ids, limits = discover(base, args.key or environ.get("OCP_KEY", ""))
+            changes, steps, tools = plan(home, environ, platform, base + "/v1", key, ids, args.shell_env, limits)
             diffs = []
             report.update(server=base, key_source=source, tools=tools, steps=steps,
                           changes=apply(home, changes, args.dry_run, diffs))
@@ -476,7 +563,8 @@ def print_report(report, args):
         v = report["verify"]
         print(f"verified: {v['models']} models at {v['base_url']}; {v['model']} answered {v['answer']!r}")
     elif "server" in report and not args.dry_run:
-        print("Open a new shell (or `. ~/.config/ocp/env`) to use it; check with: ocp_connect.py --verify")
+        print("Each tool above now has OCP as its own provider; scripts find OCP_BASE_URL and OCP_API_KEY in "
+              "~/.config/ocp/env (new shells load it). Check with: ocp_connect.py --verify")
 
 
 if __name__ == "__main__":

@@ -76,14 +76,15 @@ class ConnectAClient(ServerTest):
         self.assertEqual(code, 0, out)
         api = f"http://127.0.0.1:{self.port}/v1"
         env = self.read(".config/ocp/env")
-        self.assertIn(f"export OPENAI_BASE_URL='{api}'", env)
-        self.assertIn(f"export OPENAI_API_KEY='{self.key}'", env)
+        self.assertIn(f"export OCP_BASE_URL='{api}'", env)
+        self.assertIn(f"export OCP_API_KEY='{self.key}'", env)
+        self.assertNotIn("OPENAI", env, "no global OpenAI settings without --shell-env")
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.home, ".config/ocp/env")).st_mode), 0o600)
         for rc in (".bashrc", ".zshrc"):
             self.assertTrue(self.read(rc).startswith(EXISTING[rc]))
             self.assertIn('. "$HOME/.config/ocp/env"', self.read(rc))
         self.assertIn('source "$HOME/.config/ocp/env.fish"', self.read(".config/fish/config.fish"))
-        self.assertIn(f"OPENAI_API_KEY={self.key}", self.read(".config/environment.d/ocp.conf"))
+        self.assertEqual(self.read(".config/environment.d/ocp.conf"), f"OCP_BASE_URL={api}\nOCP_API_KEY={self.key}\n")
 
         continue_yaml = self.read(".continue/config.yaml")
         self.assertIn("models:\n  # >>> ocp >>>\n  - name: OCP claude-sonnet-5-5\n    provider: openai\n", continue_yaml)
@@ -97,14 +98,17 @@ class ConnectAClient(ServerTest):
         self.assertEqual(opencode["provider"]["ocp"]["options"], {"baseURL": api, "apiKey": self.key})
         self.assertEqual(len(opencode["provider"]["ocp"]["models"]), len(self.models.models), "every model")
 
-        aider = self.read(".aider.conf.yml")
-        self.assertIn("dark-mode: true\n# ocp replaced: model: gpt-4o\n", aider)
-        self.assertIn(f'openai-api-base: "{api}"', aider)
-        self.assertIn('model: "openai/claude-sonnet-5-5"', aider)
+        self.assertEqual(self.read(".aider.conf.yml"), EXISTING[".aider.conf.yml"], "aider's own settings untouched")
+        settings = self.read(".aider.model.settings.yml")
+        self.assertIn(f'- name: openai/claude-sonnet-5-5\n  edit_format: diff\n  use_repo_map: true\n  extra_params:\n'
+                      f'    api_base: "{api}"\n    api_key: "{self.key}"\n', settings)
+        metadata = json.loads(self.read(".aider.model.metadata.json"))["openai/claude-sonnet-5-5"]
+        self.assertEqual((metadata["max_input_tokens"], metadata["litellm_provider"]), (1000000, "openai"))
 
         llm = self.read(".config/io.datasette.llm/extra-openai-models.yaml")
         self.assertTrue(llm.startswith(EXISTING[".config/io.datasette.llm/extra-openai-models.yaml"]))
         self.assertIn("- model_id: ocp-claude-sonnet-5-5\n  model_name: claude-sonnet-5-5\n", llm)
+        self.assertIn("  supports_schema: true\n  vision: true\n", llm)
         self.assertEqual(json.loads(self.read(".config/io.datasette.llm/keys.json")),
                          {"openai": "sk-mine", "ocp": self.key})
 
@@ -132,6 +136,53 @@ class ConnectAClient(ServerTest):
         code, out = self.connect("--uninstall")
         self.assertEqual(code, 0, out)
         self.assertEqual(self.snapshot(), before, "every original back, byte for byte, and nothing left over")
+
+    def test_the_users_own_openai_settings_stay_theirs(self):
+        with open(os.path.join(self.home, ".bashrc"), "a") as f:
+            f.write("export OPENAI_API_KEY=sk-users-own\n")
+        self.assertEqual(self.connect(self.server_url, "--key", self.key)[0], 0)
+        for path, text in self.snapshot().items():
+            self.assertNotIn(b"OPENAI_BASE_URL", text, path)
+        shell = subprocess.run(["bash", "-c", ". ~/.bashrc; env"], capture_output=True, text=True,
+                               env={"HOME": self.home, "PATH": os.environ["PATH"]})
+        env = dict(line.split("=", 1) for line in shell.stdout.splitlines() if "=" in line)
+        self.assertEqual(env.get("OPENAI_API_KEY"), "sk-users-own")
+        self.assertNotIn("OPENAI_BASE_URL", env)
+        self.assertEqual((env["OCP_BASE_URL"], env["OCP_API_KEY"]), (f"http://{self.server_url}/v1", self.key))
+        self.assertEqual(json.loads(self.read(".config/io.datasette.llm/keys.json"))["openai"], "sk-mine")
+
+    def test_shell_env_is_refused_over_openai_settings_of_ones_own(self):
+        before = self.snapshot()
+        code, out = self.connect(self.server_url, "--key", self.key, "--shell-env")
+        self.assertEqual(code, 1)
+        self.assertIn("llm stores an OpenAI key", out)
+        self.assertIn("--force", out)
+        self.assertEqual(self.snapshot(), before, "nothing written")
+        code, out = self.connect(self.server_url, "--key", self.key, "--shell-env", "--force")
+        self.assertEqual(code, 0, out)
+        self.assertIn(f"export OPENAI_API_KEY='{self.key}'", self.read(".config/ocp/env"))
+
+    def test_uninstall_keeps_every_later_edit(self):
+        self.assertEqual(self.connect(self.server_url, "--key", self.key)[0], 0)
+        with open(os.path.join(self.home, ".bashrc"), "a") as f:
+            f.write("alias gs='git status'\n")
+        continue_yaml = self.read(".continue/config.yaml").replace("context:\n", "context:\n  - provider: diff\n")
+        with open(os.path.join(self.home, ".continue/config.yaml"), "w") as f:
+            f.write(continue_yaml)
+        opencode = json.loads(self.read(".config/opencode/opencode.json"))
+        opencode["theme"] = "light"
+        with open(os.path.join(self.home, ".config/opencode/opencode.json"), "w") as f:
+            json.dump(opencode, f)
+        code, out = self.connect("--uninstall")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(self.read(".bashrc"), EXISTING[".bashrc"] + "alias gs='git status'\n")
+        self.assertEqual(self.read(".continue/config.yaml"),
+                         EXISTING[".continue/config.yaml"].replace("context:\n", "context:\n  - provider: diff\n"))
+        opencode = json.loads(self.read(".config/opencode/opencode.json"))
+        self.assertEqual(opencode, dict(json.loads(EXISTING[".config/opencode/opencode.json"]), theme="light"))
+        self.assertEqual(self.read(".zshrc"), EXISTING[".zshrc"], "an untouched file: byte for byte")
+        leftovers = [p for p in self.snapshot() if "ocp" in p.lower() and "openclaw" not in p]
+        self.assertEqual(leftovers, [], "no backup, env file or manifest left")
 
     def test_dry_run_writes_nothing(self):
         before = self.snapshot()

@@ -37,10 +37,11 @@ class ConnectedYamlParses(ServerTest):
         self.assertEqual(continue_config["context"], [{"provider": "code"}])
         ocp_model = [m for m in continue_config["models"] if m["name"] == "OCP claude-sonnet-5-5"][0]
         self.assertEqual((ocp_model["provider"], ocp_model["apiBase"]), ("openai", api))
-        aider = self.load(".aider.conf.yml")
-        self.assertEqual(aider, {"dark-mode": True, "openai-api-base": api, "openai-api-key": "ocp-no-key-needed",
-                                 "model": "openai/claude-sonnet-5-5"})
+        self.assertEqual(self.load(".aider.conf.yml"), {"dark-mode": True, "model": "gpt-4o"}, "aider's own, untouched")
+        settings = self.load(".aider.model.settings.yml")
+        self.assertIn({"name": "openai/claude-sonnet-5-5", "edit_format": "diff", "use_repo_map": True,
+                       "extra_params": {"api_base": api, "api_key": "ocp-no-key-needed"}}, settings)
         llm = self.load(".config/io.datasette.llm/extra-openai-models.yaml")
         self.assertEqual(llm[0], {"model_id": "local", "model_name": "mistral"})
         self.assertIn({"model_id": "ocp-claude-sonnet-5-5", "model_name": "claude-sonnet-5-5", "api_base": api,
-                       "api_key_name": "ocp"}, llm)
+                       "api_key_name": "ocp", "supports_schema": True, "vision": True}, llm)
