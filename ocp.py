@@ -3850,7 +3850,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(503 if body["status"] == "down" else 200, body)
 
     def handle_models(self) -> None:
-        models = [model_object(m) for m in self.server.models.models]
+        """The models this caller may use: a key with an allowlist sees only those."""
+        allowed = self.caller.key.models if self.caller.key else None
+        models = [model_object(m) for m in self.server.models.models
+                  if allowed is None or m.id in allowed or set(m.aliases) & set(allowed)]
         self.send_json(200, {"object": "list", "data": models})
 
     def handle_model(self, name: str) -> None:

@@ -333,6 +333,13 @@ class MultiMode(ServerTest):
         wait_until(lambda: self.admin("GET", "/api/usage?all=true")[2]["data"][0]["status"] == "cancelled")
         self.assertEqual(self.ask(secret)[0], 200)
 
+    def test_a_key_lists_only_the_models_it_may_use(self):
+        secret = self.add_key("kid", models=["haiku", "claude-opus-4-8"])
+        listed = [m["id"] for m in self.request("GET", "/v1/models", headers={"x-api-key": secret})[2]["data"]]
+        self.assertEqual(sorted(listed), ["claude-haiku-5-5", "claude-opus-4-8"])
+        everything = self.admin("GET", "/v1/models")[2]["data"]
+        self.assertGreater(len(everything), 2)
+
     def test_refusals_are_counted_per_key_and_by_code(self):
         secret = self.add_key("kid", daily=1, models=["haiku"])
         self.assertEqual(self.ask(secret, model="haiku")[0], 200)
