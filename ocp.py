@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import heapq
 import hmac
 import json
 import logging
@@ -1631,6 +1630,12 @@ def resolve_credentials(environ: Mapping[str, str], user_home: str, now_s: float
     return Credentials("none")
 
 
+class SlotTurn(threading.Event):
+    """A place in the slot queue: set when the slot is handed over, or when shutdown refuses it."""
+
+    refused = False
+
+
 class Slots:
     """A FIFO semaphore for CLI processes with a bounded waiting line.
 
@@ -1643,7 +1648,7 @@ class Slots:
         self.limit, self.max_queue = limit, max_queue
         self._lock = threading.Lock()
         self._running = 0
-        self._waiting: "collections.deque[threading.Event]" = collections.deque()
+        self._waiting: "collections.deque[SlotTurn]" = collections.deque()
         self.closed = False
 
     def close(self) -> int:
@@ -1652,7 +1657,7 @@ class Slots:
             self.closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
         for turn in waiting:
-            turn.refused = True  # type: ignore[attr-defined]
+            turn.refused = True
             turn.set()
         return len(waiting)
 
@@ -1684,7 +1689,7 @@ class Slots:
                 return
             if len(self._waiting) >= self.max_queue:
                 raise queue_full("all CLI slots are busy and the queue is full")
-            turn = threading.Event()
+            turn = SlotTurn()
             self._waiting.append(turn)
         next_tick = clock() + tick_s
         while not turn.wait(min(0.25, tick_s or 0.25, max(0.0, deadline - clock()))):
@@ -1700,7 +1705,7 @@ class Slots:
                         raise queue_full("waited too long for a free CLI slot")
                 self.release()  # handed a slot while giving up: pass it on
                 raise ClientGone() if cancelled() else queue_full("waited too long for a slot")
-        if getattr(turn, "refused", False):
+        if turn.refused:
             raise shutting_down()
 
     def release(self) -> None:
@@ -2086,7 +2091,8 @@ class Runner:
 
     def stop(self) -> int:
         """Shutting down: start nothing more, refuse the queue; return how many were waiting."""
-        self.stopping = True
+        with self._live_lock:  # a spawn registering after this sees it and cancels itself
+            self.stopping = True
         return self.slots.close()
 
     # -- one run -------------------------------------------------------------
@@ -2165,17 +2171,20 @@ class Runner:
         # One working directory for every child: the CLI tells the model its cwd, and a
         # per-request path would make that text differ on every request.
         cwd = os.path.join(self.config.spawn_dir, "work")
-        with self._live_lock:  # under the lock: shutdown's cancel_all sees every process it lets start
-            if self.stopping:
-                raise shutting_down()
-            try:
-                proc = ClaudeProcess(argv, env, cwd, stdin_line(job.blocks), run_dir, self.kill_grace_s)
-            except OSError as e:
-                log.error("cannot start claude: %s", e.strerror)
-                raise ApiError(503, "The claude CLI could not be started. Check that it is "
-                               "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
-                               "claude_unavailable") from None
+        if self.stopping:
+            raise shutting_down()
+        try:
+            proc = ClaudeProcess(argv, env, cwd, stdin_line(job.blocks), run_dir, self.kill_grace_s)
+        except OSError as e:
+            log.error("cannot start claude: %s", e.strerror)
+            raise ApiError(503, "The claude CLI could not be started. Check that it is "
+                           "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
+                           "claude_unavailable") from None
+        with self._live_lock:
             self._live[job.request_id or str(proc.pid)] = (proc, job)
+            stopping = self.stopping
+        if stopping:  # shutdown began while it started: cancel_all may not have seen it
+            proc.cancel("shutdown")
         return proc
 
     def _system_arg(self, job: Job, run_dir: str) -> Tuple[str, str]:
@@ -3290,54 +3299,50 @@ class Deadlines:
 
     Per-read socket timeouts let a client that sends one byte every few seconds
     hold a thread for ever; a cut (shutdown of the reading side) ends every read
-    at once, and the handler can still write its 408. Thread-safe.
+    at once, and the handler can still write its 408. Watches live in a dict, so
+    they cost O(1) and are bounded by the open connections, not the request rate;
+    the thread sleeps until the earliest deadline. Thread-safe.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._cond = threading.Condition()
-        self._heap: List[List[Any]] = []  # [deadline, sequence, socket or None, expired]
-        self._sequence = 0
+        self._watches: Dict[int, List[Any]] = {}  # id -> [deadline, socket, expired]
+        self._next_id = 0
+        self._wake_at = float("inf")
         self._thread: Optional[threading.Thread] = None
 
-    def watch(self, sock: socket.socket, seconds: float) -> List[Any]:
-        """Cut `sock` after `seconds` unless `done` is called on the returned watch first."""
+    def watch(self, sock: socket.socket, seconds: float) -> int:
+        """Cut `sock` after `seconds` unless `done` is called with the returned id first."""
+        deadline = self.clock() + seconds
         with self._cond:
-            self._sequence += 1
-            entry = [self.clock() + seconds, self._sequence, sock, False]
-            heapq.heappush(self._heap, entry)
+            self._next_id += 1
+            self._watches[self._next_id] = [deadline, sock, False]
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="ocp-deadlines", daemon=True)
                 self._thread.start()
-            if self._heap[0] is entry:
+            if deadline < self._wake_at:
                 self._cond.notify()
-        return entry
+            return self._next_id
 
-    def done(self, entry: Optional[List[Any]]) -> bool:
+    def done(self, watch: Optional[int]) -> bool:
         """Stop watching; return True when the deadline had already passed."""
-        if entry is None:
-            return False
         with self._cond:
-            entry[2] = None
-            return entry[3]
+            entry = self._watches.pop(watch, None) if watch is not None else None
+        return bool(entry and entry[2])
 
     def _work(self) -> None:
         with self._cond:
             while True:
-                while self._heap and self._heap[0][2] is None:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait()
-                    continue
-                wait = self._heap[0][0] - self.clock()
-                if wait > 0:
-                    self._cond.wait(wait)
-                    continue
-                entry = heapq.heappop(self._heap)
-                entry[3] = True
-                with contextlib.suppress(OSError):
-                    entry[2].shutdown(socket.SHUT_RD)
-                entry[2] = None
+                now = self.clock()
+                for entry in self._watches.values():
+                    if not entry[2] and entry[0] <= now:
+                        entry[2] = True
+                        with contextlib.suppress(OSError):
+                            entry[1].shutdown(socket.SHUT_RD)
+                pending = [e[0] for e in self._watches.values() if not e[2]]
+                self._wake_at = min(pending, default=float("inf"))
+                self._cond.wait(None if not pending else max(0.0, self._wake_at - now))
 
 
 class Server(ThreadingHTTPServer):
@@ -3541,7 +3546,7 @@ class Handler(BaseHTTPRequestHandler):
         self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
         self.caller: Optional[Caller] = None
         self.body_read = False
-        self.head_watch: Optional[List[Any]] = None
+        self.head_watch: Optional[int] = None
 
     # -- plumbing ------------------------------------------------------------
 
