@@ -21,6 +21,13 @@ if ! "$venv/bin/python" -c "import openai, pydantic, prometheus_client, playwrig
   python3 -m venv "$venv" && "$venv/bin/pip" install -q openai prometheus_client playwright pyyaml llm \
     || echo "!! pip install failed"
 fi
+opencode_dir="$CACHE/opencode-1.18.33"
+if ! "$opencode_dir/node_modules/.bin/opencode" --version >/dev/null 2>&1; then
+  echo "== installing opencode-ai@1.18.33 into $opencode_dir"
+  mkdir -p "$opencode_dir"
+  npm install --prefix "$opencode_dir" --no-audit --no-fund opencode-ai@1.18.33 || echo "!! npm install failed"
+fi
+export OCP_E2E_OPENCODE="$opencode_dir/node_modules/.bin/opencode" OCP_E2E_OPENCODE_CACHE="$CACHE/opencode-cache"
 missing=""
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
