@@ -28,6 +28,13 @@ if ! "$opencode_dir/node_modules/.bin/opencode" --version >/dev/null 2>&1; then
   npm install --prefix "$opencode_dir" --no-audit --no-fund opencode-ai@1.18.33 || echo "!! npm install failed"
 fi
 export OCP_E2E_OPENCODE="$opencode_dir/node_modules/.bin/opencode" OCP_E2E_OPENCODE_CACHE="$CACHE/opencode-cache"
+cn_dir="$CACHE/cn-1.5.47"
+if ! "$cn_dir/node_modules/.bin/cn" --version >/dev/null 2>&1; then
+  echo "== installing @continuedev/cli@1.5.47 into $cn_dir"
+  mkdir -p "$cn_dir"
+  npm install --prefix "$cn_dir" --no-audit --no-fund @continuedev/cli@1.5.47 || echo "!! npm install failed"
+fi
+export OCP_E2E_CN="$cn_dir/node_modules/.bin/cn"
 missing=""
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
