@@ -3611,10 +3611,11 @@ class Handler(BaseHTTPRequestHandler):
             self.caller = self.authenticate(key)
             getattr(self, name)(*args)
         except ApiError as e:
-            self.send_api_error(e)
             if key in COMPLETION_ROUTES and self.caller is not None and not self.admitted:
+                # Before the answer leaves, as every usage row: a client that asks at once sees it.
                 self.server.store.record_refusal(self.caller.key, self.caller.name, self.refused_model,
                                                  self.request_id, e.status, self.server.wall())
+            self.send_api_error(e)
         except (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
             log.debug("%s client hung up", self.request_id)

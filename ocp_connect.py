@@ -219,13 +219,16 @@ def plan_continue(home, models, api, key):
     return [(path, head + continue_block(models, api, key, indent) + rest, None, BLOCK)]
 
 
+AIDER_ROUTE = "hosted_vllm"  # litellm's generic OpenAI-compatible route: no OPENAI_* variables asked for
+
+
 def plan_aider(home, models, api, key, limits):
-    """Model settings and metadata for openai/<id>: OCP's endpoint and key per model (aider's own
-    OpenAI settings untouched), the diff edit format, and limits so aider knows the model."""
+    """Model settings and metadata for hosted_vllm/<id>: OCP's endpoint and key per model (aider's
+    own OpenAI settings untouched), the diff edit format, and limits so aider knows the model."""
     settings = os.path.join(home, ".aider.model.settings.yml")
     lines = []
     for model in models:
-        lines += [f"- name: openai/{model}", "  edit_format: diff", "  use_repo_map: true",
+        lines += [f"- name: {AIDER_ROUTE}/{model}", "  edit_format: diff", "  use_repo_map: true",
                   "  extra_params:", f"    api_base: {json.dumps(api)}", f"    api_key: {json.dumps(key)}"]
     changes = [(settings, with_block(read_text(settings), marked(lines)), 0o600, BLOCK)]
     metadata_path = os.path.join(home, ".aider.model.metadata.json")
@@ -233,12 +236,12 @@ def plan_aider(home, models, api, key, limits):
     if metadata is not None:
         for model in models:
             window, output = limits.get(model, (200000, 32000))
-            metadata[f"openai/{model}"] = {"max_tokens": output, "max_input_tokens": window,
-                                           "max_output_tokens": output, "input_cost_per_token": 0,
-                                           "output_cost_per_token": 0, "litellm_provider": "openai",
-                                           "mode": "chat"}
+            metadata[f"{AIDER_ROUTE}/{model}"] = {"max_tokens": output, "max_input_tokens": window,
+                                                  "max_output_tokens": output, "input_cost_per_token": 0,
+                                                  "output_cost_per_token": 0, "litellm_provider": AIDER_ROUTE,
+                                                  "mode": "chat"}
         changes.append((metadata_path, json.dumps(metadata, indent=2) + "\n", None,
-                        ("json", [[f"openai/{m}"] for m in models])))
+                        ("json", [[f"{AIDER_ROUTE}/{m}"] for m in models])))
     return changes
 
 
@@ -349,7 +352,7 @@ def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None):
         changes += plan_opencode(home, ids or models, api, key, steps)  # opencode lists every model
     if tools["aider"]:
         changes += plan_aider(home, models, api, key, limits or {})
-        steps.append(f"Aider: aider --model openai/{models[0]}")
+        steps.append(f"Aider: aider --model {AIDER_ROUTE}/{models[0]}")
     if tools["llm"]:
         changes += plan_llm(llm_dir(home, environ, platform), models, api, key)
     if tools["openclaw"]:

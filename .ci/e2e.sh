@@ -35,6 +35,12 @@ if ! "$cn_dir/node_modules/.bin/cn" --version >/dev/null 2>&1; then
   npm install --prefix "$cn_dir" --no-audit --no-fund @continuedev/cli@1.5.47 || echo "!! npm install failed"
 fi
 export OCP_E2E_CN="$cn_dir/node_modules/.bin/cn"
+aider_venv="$CACHE/aider-0.86.2"  # its own venv: aider pins many packages
+if ! "$aider_venv/bin/aider" --version >/dev/null 2>&1; then
+  echo "== installing aider-chat==0.86.2 into $aider_venv"
+  python3 -m venv "$aider_venv" && "$aider_venv/bin/pip" install -q aider-chat==0.86.2 || echo "!! pip install failed"
+fi
+export OCP_E2E_AIDER="$aider_venv/bin/aider"
 missing=""
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"

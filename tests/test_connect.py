@@ -100,10 +100,10 @@ class ConnectAClient(ServerTest):
 
         self.assertEqual(self.read(".aider.conf.yml"), EXISTING[".aider.conf.yml"], "aider's own settings untouched")
         settings = self.read(".aider.model.settings.yml")
-        self.assertIn(f'- name: openai/claude-sonnet-5-5\n  edit_format: diff\n  use_repo_map: true\n  extra_params:\n'
+        self.assertIn(f'- name: hosted_vllm/claude-sonnet-5-5\n  edit_format: diff\n  use_repo_map: true\n  extra_params:\n'
                       f'    api_base: "{api}"\n    api_key: "{self.key}"\n', settings)
-        metadata = json.loads(self.read(".aider.model.metadata.json"))["openai/claude-sonnet-5-5"]
-        self.assertEqual((metadata["max_input_tokens"], metadata["litellm_provider"]), (1000000, "openai"))
+        metadata = json.loads(self.read(".aider.model.metadata.json"))["hosted_vllm/claude-sonnet-5-5"]
+        self.assertEqual((metadata["max_input_tokens"], metadata["litellm_provider"]), (1000000, "hosted_vllm"))
 
         llm = self.read(".config/io.datasette.llm/extra-openai-models.yaml")
         self.assertTrue(llm.startswith(EXISTING[".config/io.datasette.llm/extra-openai-models.yaml"]))

@@ -39,7 +39,7 @@ class ConnectedYamlParses(ServerTest):
         self.assertEqual((ocp_model["provider"], ocp_model["apiBase"]), ("openai", api))
         self.assertEqual(self.load(".aider.conf.yml"), {"dark-mode": True, "model": "gpt-4o"}, "aider's own, untouched")
         settings = self.load(".aider.model.settings.yml")
-        self.assertIn({"name": "openai/claude-sonnet-5-5", "edit_format": "diff", "use_repo_map": True,
+        self.assertIn({"name": "hosted_vllm/claude-sonnet-5-5", "edit_format": "diff", "use_repo_map": True,
                        "extra_params": {"api_base": api, "api_key": "ocp-no-key-needed"}}, settings)
         llm = self.load(".config/io.datasette.llm/extra-openai-models.yaml")
         self.assertEqual(llm[0], {"model_id": "local", "model_name": "mistral"})
