@@ -28,7 +28,9 @@ import urllib.error
 import urllib.request
 
 BEGIN, END = ">>> ocp >>>", "<<< ocp <<<"
-OWN, BLOCK = ("own",), ("block",)  # how a change is undone: the file is ours / our marked blocks / ("json", key paths)
+# How a change is undone: the file is ours / our marked blocks / a whole value of ours the owner may
+# replace later (left alone then) / ("json", our key paths, [[key path, the owner's earlier value]]).
+OWN, BLOCK, WHOLE = ("own",), ("block",), ("whole",)
 PREFERRED_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5", "claude-haiku-5-5")
 
 
@@ -253,6 +255,11 @@ def llm_dir(home, environ, platform):
     return os.path.join(home, ".config", "io.datasette.llm")
 
 
+def plan_llm_default(folder, model):
+    """llm's own default-model file (what `llm models default` writes) naming OCP's model."""
+    return [(os.path.join(folder, "default_model.txt"), f"ocp-{model}", None, WHOLE)]
+
+
 def plan_llm(folder, models, api, key):
     path = os.path.join(folder, "extra-openai-models.yaml")
     lines = []
@@ -280,7 +287,7 @@ def load_json(path, default):
     return data if isinstance(data, dict) else None
 
 
-def plan_opencode(home, models, api, key, steps):
+def plan_opencode(home, models, api, key, steps, default=""):
     path = os.path.join(home, ".config", "opencode", "opencode.json")
     data = load_json(path, {"$schema": "https://opencode.ai/config.json"})
     if data is None:
@@ -291,7 +298,14 @@ def plan_opencode(home, models, api, key, steps):
         "npm": "@ai-sdk/openai-compatible", "name": "OCP (Claude subscription)",
         "options": {"baseURL": api, "apiKey": key},
         "models": {model: {"name": model} for model in models}}
-    return [(path, json.dumps(data, indent=2) + "\n", None, ("json", [["provider", "ocp"]]))]
+    ours, restore = [["provider", "ocp"]], []
+    if default:
+        if "model" in data and not str(data["model"]).startswith("ocp/"):
+            restore.append([["model"], data["model"]])  # the owner's own default comes back at --uninstall
+        else:
+            ours.append(["model"])
+        data["model"] = f"ocp/{default}"
+    return [(path, json.dumps(data, indent=2) + "\n", None, ("json", ours, restore))]
 
 
 def plan_openclaw(home, models, api, key, steps):
@@ -337,7 +351,7 @@ def detected(home, environ, platform):
             "openclaw": os.path.isdir(os.path.join(home, ".openclaw")) or has("openclaw")}
 
 
-def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None):
+def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None, make_default=False):
     """Every change as (path, full new content, mode or None, how to undo it), and the manual steps."""
     models = chosen_models(ids)
     steps = [f"Cline: Settings → API Provider 'OpenAI Compatible', Base URL {api}, API key as in ~/.config/ocp/env, "
@@ -349,12 +363,15 @@ def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None):
     if tools["continue"]:
         changes += plan_continue(home, models, api, key)
     if tools["opencode"]:
-        changes += plan_opencode(home, ids or models, api, key, steps)  # opencode lists every model
+        changes += plan_opencode(home, ids or models, api, key, steps,  # opencode lists every model
+                                 models[0] if make_default else "")
     if tools["aider"]:
         changes += plan_aider(home, models, api, key, limits or {})
         steps.append(f"Aider: aider --model {AIDER_ROUTE}/{models[0]}")
     if tools["llm"]:
         changes += plan_llm(llm_dir(home, environ, platform), models, api, key)
+        if make_default:
+            changes += plan_llm_default(llm_dir(home, environ, platform), models[0])
     if tools["openclaw"]:
         changes += plan_openclaw(home, models, api, key, steps)
     return changes, steps, [name for name, found in tools.items() if found]
@@ -413,6 +430,9 @@ def apply(home, changes, dry_run, diffs=None):
         if current is not None and not entry["created"] and entry["backup"] is None:
             entry["backup"] = f"{path}.ocp-backup-{stamp}"
             shutil.copy2(path, entry["backup"])
+        earlier = entry.get("undo") or []
+        if undo[0] == "json" and len(earlier) > 2 and earlier[2]:
+            undo = (undo[0], undo[1], earlier[2])  # the owner's values from before the first change
         entry.update(written=sha256(content), undo=list(undo))
         write_file(path, content, mode)
     if not dry_run and any(action != "unchanged" for _, action in done):
@@ -443,6 +463,9 @@ def uninstall(home, dry_run):
                 if not dry_run:
                     os.replace(backup, path)
             continue
+        if entry["undo"][0] == "whole":
+            done.append((path, "left as the owner changed it"))
+            continue
         done.append((path, "remove ocp's part"))
         if not dry_run:
             write_file(path, undone(current, entry["undo"]), None)
@@ -472,6 +495,12 @@ def undone(text, undo):
             parent = parent.get(name) if isinstance(parent, dict) else None
         if isinstance(parent, dict):
             parent.pop(keys[-1], None)
+    for keys, value in (undo[2] if len(undo) > 2 else []):
+        parent = data
+        for name in keys[:-1]:
+            parent = parent.setdefault(name, {}) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent[keys[-1]] = value
     return json.dumps(data, indent=2) + "\n"
 
 
@@ -511,6 +540,8 @@ def main(argv=None, environ=None, platform=sys.platform):
                         help="also export OPENAI_BASE_URL/OPENAI_API_KEY in every shell (every OpenAI client "
                              "then talks to OCP)")
     parser.add_argument("--force", action="store_true", help="--shell-env even over OpenAI settings of your own")
+    parser.add_argument("--default", action="store_true",
+                        help="also make OCP's model the default in opencode and llm (undone by --uninstall)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     home = environ.get("HOME") or os.path.expanduser("~")
@@ -527,7 +558,8 @@ def main(argv=None, environ=None, platform=sys.platform):
                                        f"settings of your own ({'; '.join(mine)}). Each tool is configured "
                                        "without it; add --force if you really want it.")
             key, source, ids, limits = discover(base, args.key or environ.get("OCP_KEY", ""))
-            changes, steps, tools = plan(home, environ, platform, base + "/v1", key, ids, args.shell_env, limits)
+            changes, steps, tools = plan(home, environ, platform, base + "/v1", key, ids, args.shell_env, limits,
+                                         args.default)
             diffs = []
             report.update(server=base, key_source=source, tools=tools, steps=steps,
                           changes=apply(home, changes, args.dry_run, diffs))

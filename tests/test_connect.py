@@ -184,6 +184,27 @@ class ConnectAClient(ServerTest):
         leftovers = [p for p in self.snapshot() if "ocp" in p.lower() and "openclaw" not in p]
         self.assertEqual(leftovers, [], "no backup, env file or manifest left")
 
+    def test_default_makes_ocp_the_default_and_uninstall_gives_the_owners_back(self):
+        path = os.path.join(self.home, ".config/opencode/opencode.json")
+        with open(path, "w") as f:
+            json.dump(dict(json.loads(EXISTING[".config/opencode/opencode.json"]), model="anthropic/claude-x"), f)
+        self.assertEqual(self.connect(self.server_url, "--key", self.key)[0], 0)
+        self.assertEqual(json.loads(self.read(".config/opencode/opencode.json"))["model"], "anthropic/claude-x",
+                         "not without --default")
+        self.assertEqual(self.connect(self.server_url, "--key", self.key, "--default")[0], 0)
+        self.assertEqual(self.connect(self.server_url, "--key", self.key, "--default")[0], 0)  # twice: same result
+        self.assertEqual(json.loads(self.read(".config/opencode/opencode.json"))["model"], "ocp/claude-sonnet-5-5")
+        self.assertEqual(self.read(".config/io.datasette.llm/default_model.txt"), "ocp-claude-sonnet-5-5")
+        with open(path) as f:
+            edited = dict(json.load(f), theme="light")
+        with open(path, "w") as f:
+            json.dump(edited, f)
+        self.assertEqual(self.connect("--uninstall")[0], 0)
+        opencode = json.loads(self.read(".config/opencode/opencode.json"))
+        self.assertEqual((opencode["model"], opencode["theme"], "ocp" in opencode["provider"]),
+                         ("anthropic/claude-x", "light", False))
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".config/io.datasette.llm/default_model.txt")))
+
     def test_dry_run_writes_nothing(self):
         before = self.snapshot()
         code, out = self.connect(self.server_url, "--key", self.key, "--dry-run")

@@ -94,3 +94,15 @@ class AnOwnerWhoAlreadyUsesOpenAI(ServerTest):
         self.assertTrue(self.ocp_seen)
         self.assertFalse([seen for seen in self.ocp_seen if USERS_OPENAI_KEY in seen], "OCP never saw the owner's key")
         self.assertEqual(len(self.openai.seen), 1)
+
+    def test_default_makes_ocp_llms_default_model_until_uninstall(self):
+        owners_default = self.llm("models", "default")[1].strip()
+        with contextlib.redirect_stdout(io.StringIO()):
+            env = {"HOME": self.home, "PATH": os.environ["PATH"]}
+            self.assertEqual(ocp_connect.main([f"127.0.0.1:{self.port}", "--default"], env, "linux"), 0)
+        self.assertEqual(self.llm("models", "default")[1].strip(), "ocp-claude-sonnet-5-5")
+        code, output = self.llm("--no-stream", "hello default")
+        self.assertEqual((code, "Echo: hello default" in output), (0, True), output)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(ocp_connect.main(["--uninstall"], env, "linux"), 0)
+        self.assertEqual(self.llm("models", "default")[1].strip(), owners_default, "llm's own default again")

@@ -35,3 +35,16 @@ class OpencodeAfterConnect(ServerTest):
         self.assertIn("Echo:", done.stdout)
         asked = [r for r in self.runs() if "say hi" in "".join(b.get("text", "") for b in r.get("stdin_blocks", []))]
         self.assertTrue(asked, "the prompt reached the CLI through OCP")
+
+    def test_with_default_opencode_needs_no_model_flag(self):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = ocp_connect.main([f"127.0.0.1:{self.port}", "--default"],
+                                    {"HOME": self.home, "PATH": os.environ["PATH"]}, "linux")
+        self.assertEqual(code, 0, out.getvalue())
+        env = {"HOME": self.home, "PATH": os.environ["PATH"],
+               "XDG_CACHE_HOME": os.environ.get("OCP_E2E_OPENCODE_CACHE", os.path.join(self.tmp, "cache"))}
+        done = subprocess.run([OPENCODE, "run", "say hi by default"], cwd=self.work, env=env,
+                              capture_output=True, text=True, timeout=240)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("Echo:", done.stdout)
+        self.assertIn("claude-sonnet-5-5", done.stdout + done.stderr)
