@@ -4,10 +4,13 @@ The suites run when OCP_E2E_CLAUDE names the pinned CLI (2.1.330); without it
 they skip with a message, unless OCP_E2E=1 (CI), where a missing tool fails.
 """
 
+import contextlib
+import io
 import os
 import subprocess
 import unittest
 
+import ocp_connect
 from helpers import ServerTest, pid_alive
 from e2e.fake_anthropic import FakeAnthropic
 
@@ -64,3 +67,21 @@ class RealCliTest(ServerTest):
 
     def live_cli_pids(self):
         return [e["pid"] for e in self.server.runner.live()]
+
+
+class ConnectedClientTest(ServerTest):
+    """A real client tool on a machine that ran ocp_connect.py against this server (fake CLI)."""
+
+    def connect(self, *args, env=None):
+        """Run ocp_connect.py SERVER ARGS… for this HOME; fail the test unless it exits 0."""
+        env = env or {"HOME": self.home, "PATH": os.environ["PATH"]}
+        server = [f"127.0.0.1:{self.port}"] if not args or args[0] != "--uninstall" else []
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            code = ocp_connect.main(server + list(args), env, "linux")
+        self.assertEqual(code, 0, out.getvalue())
+
+    def project(self) -> str:
+        """An empty working directory for the tool."""
+        path = os.path.join(self.tmp, "project")
+        os.makedirs(path, exist_ok=True)
+        return path

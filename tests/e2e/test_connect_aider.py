@@ -1,19 +1,15 @@
 """The real aider answers through OCP right after ocp_connect.py: no OPENAI_* asked for, the diff format."""
 
-import contextlib
-import io
 import os
 import subprocess
 
-import ocp_connect
-from e2e.base import require
-from helpers import ServerTest
+from e2e.base import ConnectedClientTest, require
 
 AIDER = os.environ.get("OCP_E2E_AIDER", "")
 KEY = "ocp_aider_key_for_tests_000000000000"
 
 
-class AiderAfterConnect(ServerTest):
+class AiderAfterConnect(ConnectedClientTest):
     env = {"CLAUDE_AUTH_MODE": "shared", "PROXY_API_KEY": KEY}
 
     def setUp(self):
@@ -22,14 +18,10 @@ class AiderAfterConnect(ServerTest):
         super().setUp()
         with open(os.path.join(self.home, ".aider.conf.yml"), "w") as f:
             f.write("dark-mode: true\n")  # the owner's own aider settings
-        self.work = os.path.join(self.tmp, "project")
-        os.makedirs(self.work)
+        self.work = self.project()
 
     def test_aider_message_answers_through_ocp(self):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            code = ocp_connect.main([f"127.0.0.1:{self.port}", "--key", KEY],
-                                    {"HOME": self.home, "PATH": os.environ["PATH"]}, "linux")
-        self.assertEqual(code, 0, out.getvalue())
+        self.connect("--key", KEY)
         done = subprocess.run([AIDER, "--model", "hosted_vllm/claude-sonnet-5-5", "--message", "say hi", "--no-git",
                                "--yes-always", "--no-check-update", "--no-show-release-notes", "--no-analytics"],
                               cwd=self.work, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL,

@@ -5,18 +5,14 @@ connect, llm's OpenAI models still go there with the owner's key, OCP never sees
 that key, and llm's new ocp-* models answer through OCP.
 """
 
-import contextlib
 import http.server
-import io
 import json
 import os
 import subprocess
 import sys
 import threading
 
-import ocp_connect
-from e2e.base import require
-from helpers import ServerTest
+from e2e.base import ConnectedClientTest, require
 
 LLM = os.path.join(os.path.dirname(sys.executable), "llm")
 USERS_OPENAI_KEY = "sk-users-own-openai-key-0123456789"
@@ -49,7 +45,7 @@ class CaptureHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class AnOwnerWhoAlreadyUsesOpenAI(ServerTest):
+class AnOwnerWhoAlreadyUsesOpenAI(ConnectedClientTest):
     def setUp(self):
         require(os.access(LLM, os.X_OK), "the llm CLI is not installed", "pip install llm, as .ci/run does")
         super().setUp()
@@ -79,10 +75,7 @@ class AnOwnerWhoAlreadyUsesOpenAI(ServerTest):
         return done.returncode, done.stdout + done.stderr
 
     def test_connect_keeps_the_owners_openai_and_adds_ocp(self):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            code = ocp_connect.main([f"127.0.0.1:{self.port}"], {"HOME": self.home, "PATH": os.environ["PATH"]},
-                                    "linux")
-        self.assertEqual(code, 0, out.getvalue())
+        self.connect()
         code, output = self.llm("-m", "gpt-4o-mini", "--no-stream", "hello")
         self.assertEqual(code, 0, output)
         self.assertIn("from the owner's OpenAI", output)
@@ -97,12 +90,9 @@ class AnOwnerWhoAlreadyUsesOpenAI(ServerTest):
 
     def test_default_makes_ocp_llms_default_model_until_uninstall(self):
         owners_default = self.llm("models", "default")[1].strip()
-        with contextlib.redirect_stdout(io.StringIO()):
-            env = {"HOME": self.home, "PATH": os.environ["PATH"]}
-            self.assertEqual(ocp_connect.main([f"127.0.0.1:{self.port}", "--default"], env, "linux"), 0)
+        self.connect("--default")
         self.assertEqual(self.llm("models", "default")[1].strip(), "ocp-claude-sonnet-5-5")
         code, output = self.llm("--no-stream", "hello default")
         self.assertEqual((code, "Echo: hello default" in output), (0, True), output)
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.assertEqual(ocp_connect.main(["--uninstall"], env, "linux"), 0)
+        self.connect("--uninstall")
         self.assertEqual(self.llm("models", "default")[1].strip(), owners_default, "llm's own default again")

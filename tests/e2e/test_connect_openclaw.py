@@ -5,21 +5,17 @@ where a legacy auth-profiles.json entry for `ocp` stopped every run with
 "requires legacy credential migration".
 """
 
-import contextlib
-import io
 import os
 import subprocess
 
-import ocp_connect
-from e2e.base import require
-from helpers import ServerTest
+from e2e.base import ConnectedClientTest, require
 
 OPENCLAW = os.environ.get("OCP_E2E_OPENCLAW", "")
 NODE_BIN = os.environ.get("OCP_E2E_NODE24_BIN", "")
 KEY = "ocp_openclaw_key_for_tests_000000000"
 
 
-class OpenClawAfterConnect(ServerTest):
+class OpenClawAfterConnect(ConnectedClientTest):
     env = {"CLAUDE_AUTH_MODE": "shared", "PROXY_API_KEY": KEY}
 
     def setUp(self):
@@ -37,9 +33,7 @@ class OpenClawAfterConnect(ServerTest):
                               env=self.env, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
 
     def test_an_agent_run_answers_through_ocp_as_its_primary_model(self):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            code = ocp_connect.main([f"127.0.0.1:{self.port}", "--key", KEY, "--default"], self.env, "linux")
-        self.assertEqual(code, 0, out.getvalue())
+        self.connect("--key", KEY, "--default", env=self.env)
         done = self.agent("say hi")
         output = done.stdout + done.stderr
         self.assertEqual(done.returncode, 0, output[-3000:])
