@@ -1225,9 +1225,15 @@ def require_admin(caller: Caller) -> None:
                        "in OCP_HOME).", "permission_error", "admin_required")
 
 
+def model_allowed(caller: Caller, model: Model) -> bool:
+    """True when the caller's key has no model allowlist, or lists this model by id or alias."""
+    allowed = caller.key.models if caller.key else None
+    return allowed is None or model.id in allowed or bool(set(model.aliases) & set(allowed))
+
+
 def check_model_allowed(caller: Caller, model: Model) -> None:
     allowed = caller.key.models if caller.key else None
-    if allowed is not None and model.id not in allowed and not set(model.aliases) & set(allowed):
+    if not model_allowed(caller, model):
         raise ApiError(403, f"This key may not use {model.id}; allowed: {', '.join(allowed) or 'none'}.",
                        "permission_error", "model_not_allowed", "model")
 
@@ -1653,12 +1659,12 @@ class Slots:
 
     def close(self) -> int:
         """Shutting down: refuse every waiting request (503) and every later one; return how many waited."""
-        with self._lock:
+        with self._lock:  # marked under the lock: a waiter giving up at that moment sees it
             self.closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
-        for turn in waiting:
-            turn.refused = True
-            turn.set()
+            for turn in waiting:
+                turn.refused = True
+                turn.set()
         return len(waiting)
 
     def snapshot(self) -> Dict[str, int]:
@@ -1698,6 +1704,8 @@ class Slots:
                 yield
             if cancelled() or clock() >= deadline:
                 with self._lock:
+                    if turn.refused:
+                        raise shutting_down()
                     if not turn.is_set():
                         self._waiting.remove(turn)
                         if cancelled():
@@ -2244,9 +2252,10 @@ def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
             last = clock()
             yield HEARTBEAT
         if client_event:
-            if peer_closed(client) and not keep_going():
+            closed = peer_closed(client)
+            if closed and not keep_going():
                 raise ClientGone()
-            left = left or peer_closed(client)
+            left = left or closed
             if poller is not None:
                 poller.unregister(client)
             else:
@@ -3857,9 +3866,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_models(self) -> None:
         """The models this caller may use: a key with an allowlist sees only those."""
-        allowed = self.caller.key.models if self.caller.key else None
-        models = [model_object(m) for m in self.server.models.models
-                  if allowed is None or m.id in allowed or set(m.aliases) & set(allowed)]
+        models = [model_object(m) for m in self.server.models.models if model_allowed(self.caller, m)]
         self.send_json(200, {"object": "list", "data": models})
 
     def handle_model(self, name: str) -> None:
@@ -5443,7 +5450,7 @@ def build_parser() -> argparse.ArgumentParser:
         text = f"{SETTING_HELP[field]} (default: {shown if shown not in ('', ()) else 'unset'}) [{env_name}]"
         if kind == "bool" and flag.startswith("--no-"):  # --no-context / --with-context
             group = serve.add_mutually_exclusive_group()
-            group.add_argument(flag, dest=field, action="store_const", const="true", help=text)
+            group.add_argument(flag, dest=field, action="store_const", const="true", help=text.replace("%", "%%"))
             group.add_argument("--with-" + flag[5:], dest=field, action="store_const", const="false",
                                help=f"the opposite of {flag}")
         elif kind == "bool":

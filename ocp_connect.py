@@ -33,6 +33,7 @@ BEGIN, END = ">>> ocp >>>", "<<< ocp <<<"
 OWN, BLOCK, WHOLE = ("own",), ("block",), ("whole",)
 FIXED = ("fixed",)  # a repair of what an older ocp_connect wrote: not undone
 PREFERRED_MODELS = ("claude-sonnet-5-5", "claude-opus-5-5", "claude-haiku-5-5")
+DEFAULT_LIMITS = (200000, 32000)  # (context window, max output) when the server does not say
 
 
 class ConnectError(Exception):
@@ -92,7 +93,8 @@ def discover(base: str, key: str):
     if status != 200:
         raise ConnectError(f"/v1/models answered {status}")
     data = [m for m in models.get("data", []) if isinstance(m, dict) and m.get("id")]
-    limits = {m["id"]: (m.get("context_window") or 200000, m.get("max_output_tokens") or 32000) for m in data}
+    limits = {m["id"]: (m.get("context_window") or DEFAULT_LIMITS[0], m.get("max_output_tokens") or DEFAULT_LIMITS[1])
+              for m in data}
     return key, source, [m["id"] for m in data], limits
 
 
@@ -128,9 +130,8 @@ def without_blocks(text):
 def with_block(text, block):
     """Return `text` with our marked block replaced, or appended when there is none."""
     text = text or ""
-    pattern = BLOCK_PATTERN
-    if pattern.search(text):
-        return pattern.sub(lambda m: block, text, count=1)
+    if BLOCK_PATTERN.search(text):
+        return BLOCK_PATTERN.sub(lambda m: block, text, count=1)
     if text and not text.endswith("\n"):
         text += "\n"
     return text + block
@@ -238,7 +239,7 @@ def plan_aider(home, models, api, key, limits):
     metadata = load_json(metadata_path, {})
     if metadata is not None:
         for model in models:
-            window, output = limits.get(model, (200000, 32000))
+            window, output = limits.get(model, DEFAULT_LIMITS)
             metadata[f"{AIDER_ROUTE}/{model}"] = {"max_tokens": output, "max_input_tokens": window,
                                                   "max_output_tokens": output, "input_cost_per_token": 0,
                                                   "output_cost_per_token": 0, "litellm_provider": AIDER_ROUTE,
@@ -324,8 +325,8 @@ def plan_openclaw(home, models, api, key, steps, default="", limits=None):
     limits = limits or {}
     providers = data.setdefault("models", {}).setdefault("providers", {})
     providers["ocp"] = {"baseUrl": api, "apiKey": key, "api": "openai-completions",
-                        "models": [{"id": m, "name": m, "contextWindow": limits.get(m, (200000, 32000))[0],
-                                    "maxTokens": limits.get(m, (200000, 32000))[1]} for m in models]}
+                        "models": [{"id": m, "name": m, "contextWindow": limits.get(m, DEFAULT_LIMITS)[0],
+                                    "maxTokens": limits.get(m, DEFAULT_LIMITS)[1]} for m in models]}
     defaults = data.setdefault("agents", {}).setdefault("defaults", {})
     aliases = defaults.setdefault("models", {})
     for model in models:

@@ -89,7 +89,7 @@ class CommandLine(TempHome):
         self.assertIn("[CLAUDE_MAX_CONCURRENT]", out)
         self.assertIn("--timeout N milliseconds for a whole request (default: 600000) [CLAUDE_TIMEOUT]", out)
         self.assertIn("--plan-only, --no-plan-only", out)
-        self.assertIn("--no-context (default: True)".split()[0], out)
+        self.assertIn("(default: True) [CLAUDE_NO_CONTEXT] --with-context the opposite of --no-context", out)
 
     def test_switches_are_flag_and_no_flag(self):
         parser = ocp.build_parser()

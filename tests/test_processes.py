@@ -175,6 +175,34 @@ class SlowAndIdleClients(ServerTest):
             sock.close()
 
 
+class SlotsAtShutdown(unittest.TestCase):
+    def test_closing_refuses_the_waiters_and_keeps_the_count(self):
+        slots = ocp.Slots(1, 5)
+        for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+            pass
+        errors = []
+
+        def wait_in_line():
+            try:
+                for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+                    pass
+            except ocp.ApiError as e:
+                errors.append(e.code)
+        threads = [threading.Thread(target=wait_in_line) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: slots.snapshot()["queued"] == 3)
+        self.assertEqual(slots.close(), 3)
+        for thread in threads:
+            thread.join(5)
+        self.assertEqual(errors, ["shutting_down"] * 3)
+        slots.release()
+        self.assertEqual(slots.snapshot(), {"running": 0, "queued": 0, "limit": 1})
+        with self.assertRaises(ocp.ApiError):
+            for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+                pass
+
+
 class LeftoversFromADeadDaemon(TempHome):
     """A run directory a dead daemon left names its CLI; a restart ends that process only."""
 
