@@ -686,6 +686,28 @@ def sqlite_time(text: Any) -> int:
         return 0
 
 
+@dataclasses.dataclass
+class Usage:
+    """What an answer used, in no wire format's terms (each encoder renders its own)."""
+
+    input: int = 0  # prompt tokens read fresh
+    output: int = 0
+    cache_read: int = 0  # prompt tokens read from Anthropic's prompt cache
+    cache_write: int = 0  # prompt tokens written to it
+    cost_usd: float = 0.0  # the CLI's estimate
+
+    @property
+    def prompt(self) -> int:
+        return self.input + self.cache_read + self.cache_write
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Usage":
+        return cls(**{f.name: data.get(f.name) or 0 for f in dataclasses.fields(cls)})
+
+
 class Store:
     """OCP's SQLite database: keys (hashed), usage (which doubles as quota reservations), audit.
 
@@ -872,14 +894,12 @@ class Store:
                 counts[period] += 1
         return row_id, counts
 
-    def finish(self, row_id: int, status: str, http_status: int, usage: Optional[Dict[str, Any]] = None,
-               cost_usd: float = 0.0, ttft_ms: Optional[int] = None, duration_ms: int = 0) -> None:
+    def finish(self, row_id: int, status: str, http_status: int, usage: Optional[Usage] = None,
+               ttft_ms: Optional[int] = None, duration_ms: int = 0) -> None:
         """Record how an admitted request ended; error and cancelled rows stop counting."""
-        usage = usage or {}
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        self._execute(FINISH_USAGE, (status, http_status, usage.get("prompt_tokens", 0),
-                                     usage.get("completion_tokens", 0), cached, cost_usd, ttft_ms,
-                                     duration_ms, row_id))
+        usage = usage or Usage()
+        self._execute(FINISH_USAGE, (status, http_status, usage.prompt, usage.output, usage.cache_read,
+                                     usage.cost_usd, ttft_ms, duration_ms, row_id))
 
     def cancel_stale(self) -> None:
         """Reservations of a daemon that died are released at the next start."""
@@ -903,12 +923,10 @@ class Store:
         self._execute(INSERT_REFUSED_USAGE, (key.id if key else None, name, model, http_status, request_id, int(now_s)))
 
     def record_cached(self, key: Optional[ApiKey], name: str, model: str, request_id: str,
-                      usage: Dict[str, Any], duration_ms: int, now_s: float) -> None:
+                      usage: Usage, duration_ms: int, now_s: float) -> None:
         """Log a cache hit: a finished row that counts against no quota."""
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        self._execute(INSERT_CACHED_USAGE, (key.id if key else None, name, model, usage.get("prompt_tokens", 0),
-                                            usage.get("completion_tokens", 0), cached, duration_ms,
-                                            request_id, int(now_s)))
+        self._execute(INSERT_CACHED_USAGE, (key.id if key else None, name, model, usage.prompt, usage.output,
+                                            usage.cache_read, duration_ms, request_id, int(now_s)))
 
     # -- response cache ------------------------------------------------------------
 
@@ -1389,107 +1407,11 @@ def origin_verdict(headers: Mapping[str, str], config: Config) -> Tuple[bool, st
 
 
 ###############################################################################
-# Cache & singleflight ########################################################
-###############################################################################
-
-SESSION_FIELDS = ("session_id", "conversation_id", "thread_id", "previous_response_id")
-SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
-
-
-def cache_bypass(body: Mapping[str, Any]) -> str:
-    """Return why a request must not be cached or shared ("" when it may be)."""
-    if body.get("tools") or body.get("functions"):
-        return "tools"
-    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
-    if any(body.get(f) or metadata.get(f) for f in SESSION_FIELDS):
-        return "session"
-    if '"cache_control"' in json.dumps(body.get("messages"), ensure_ascii=False):
-        return "cache_control"
-    return ""
-
-
-def normalize_message(message: Mapping[str, Any]) -> Dict[str, Any]:
-    """A message as it affects the answer: a string and one text part are the same."""
-    content = message.get("content")
-    if isinstance(content, str):
-        content = [{"type": "text", "text": content}]
-    normalized = {"role": message["role"], "content": content}
-    for field in ("name", "tool_calls", "tool_call_id"):
-        if message.get(field) is not None:
-            normalized[field] = message[field]
-    return normalized
-
-
-def cache_key(owner: str, request: ChatRequest, body: Mapping[str, Any]) -> str:
-    """SHA-256 of a canonical JSON of who asks, the model, the messages and every answer-affecting parameter."""
-    canonical = {"owner": owner, "model": request.model.id,
-                 "messages": [normalize_message(m) for m in request.messages],
-                 "stop": list(request.stop), "max_tokens": request.max_tokens, "effort": request.effort,
-                 "format": request.response_format, "schema": request.json_schema,
-                 "sampling": {f: body.get(f) for f in SAMPLING_FIELDS}}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-class Flight:
-    """One CLI run that identical concurrent requests share.
-
-    The leader publishes the complete answer (or the error); followers wait for
-    it. `followers` tells the leader whether anyone still wants the answer.
-    """
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.answer: Optional[Dict[str, Any]] = None
-        self.error: Optional[ApiError] = None
-        self.followers = 0
-
-
-class Flights:
-    """The flights in the air, by cache key. Thread-safe."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._flights: Dict[str, Flight] = {}
-        self.counters = {"hits": 0, "misses": 0, "shared": 0}
-
-    def count(self, name: str) -> None:
-        with self._lock:
-            self.counters[name] += 1
-
-    def join(self, key: str) -> Tuple[Flight, bool]:
-        """Return (flight, leader?): the first caller leads, later identical ones follow."""
-        with self._lock:
-            flight = self._flights.get(key)
-            if flight is None:
-                flight = self._flights[key] = Flight()
-                return flight, True
-            flight.followers += 1
-            self.counters["shared"] += 1
-            return flight, False
-
-    def land(self, key: str, flight: Flight, answer: Optional[Dict[str, Any]], error: Optional[ApiError]) -> None:
-        """The leader is done: publish, and let the next identical request start afresh."""
-        with self._lock:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-        flight.answer, flight.error = answer, error
-        flight.done.set()
-
-    def leave(self, flight: Flight) -> None:
-        with self._lock:
-            flight.followers -= 1
-
-    def snapshot(self) -> Dict[str, int]:
-        with self._lock:
-            return dict(self.counters, in_flight=len(self._flights))
-
-
-###############################################################################
 # Claude runner ###############################################################
 ###############################################################################
 
-HEARTBEAT = object()  # what Runner.run yields after each silent heartbeat interval
+HEARTBEAT = object()  # what Lease.exchange yields after each silent heartbeat interval
+EOF = object()  # the end of a CLI's stdout, on ClaudeProcess.events
 KILL_GRACE_S = 5.0
 ARGV_PROMPT_LIMIT = 32 * 1024  # larger system prompts go through a 0600 file
 PIPE_WRITE_INLINE = 16 * 1024  # bigger stdin is written by a helper thread
@@ -1645,9 +1567,9 @@ class SlotTurn(threading.Event):
 class Slots:
     """A FIFO semaphore for CLI processes with a bounded waiting line.
 
-    `acquire` raises ApiError 429 when the line is full or the deadline passes,
-    ClientGone when `cancelled()` turns true while waiting. Every successful
-    acquire must be paired with exactly one `release`.
+    `waiting` raises ApiError 429 when the line is full or the deadline passes,
+    ClientGone when `cancelled()` turns true while waiting. Every slot taken
+    must be paired with exactly one `release`.
     """
 
     def __init__(self, limit: int, max_queue: int):
@@ -1678,11 +1600,6 @@ class Slots:
             while self._running < self.limit and self._waiting:
                 self._running += 1
                 self._waiting.popleft().set()
-
-    def acquire(self, deadline: float, cancelled: Callable[[], bool],
-                clock: Callable[[], float] = time.monotonic) -> None:
-        for _ in self.waiting(deadline, cancelled, clock):
-            pass
 
     def waiting(self, deadline: float, cancelled: Callable[[], bool],
                 clock: Callable[[], float] = time.monotonic, tick_s: float = 0) -> Iterator[None]:
@@ -1742,43 +1659,32 @@ def queue_full(why: str) -> ApiError:
                     "queue_full", headers={"Retry-After": "5"})
 
 
-HANGUP = getattr(select, "POLLRDHUP", 0)  # Linux: a peer's close is seen even behind unread bytes
-
-
-def peer_closed(sock: Optional[socket.socket]) -> bool:
-    """Return True when the client at the other end of `sock` has hung up.
-
-    A client may have sent more after its body (a pipelined request, a stray
-    CRLF): POLLRDHUP still sees it leave. Without it (macOS) only a close with
-    nothing unread is seen here; the next write to the client finds the rest.
-    """
-    if sock is None:
-        return False
-    if HANGUP:
-        try:
-            poller = select.poll()
-            poller.register(sock, HANGUP)
-            return bool(poller.poll(0))
-        except (OSError, ValueError):
-            return True
+def parse_event(line: bytes) -> Optional[Dict[str, Any]]:
+    """Return one stream-json event, or None for a blank or unparsable line."""
+    line = line.strip()
+    if not line:
+        return None
     try:
-        ready = select.select([sock], [], [], 0)[0]
-        if not ready:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
-        return True
+        event = json.loads(line)
+    except ValueError:
+        log.debug("unparsable CLI line (%d bytes)", len(line))
+        return None
+    return event if isinstance(event, dict) else None
 
 
 class ClaudeProcess:
-    """One running CLI: its own process group, stdout read as lines, stderr to a file.
+    """One running CLI: its own process group, stdin kept open, stdout read by its own thread.
 
-    Owned by one thread. `close()` ends it for good (SIGTERM to the group,
-    SIGKILL after KILL_GRACE_S) and is safe to call more than once.
+    `send` writes a stdin line under one writer lock (a malformed or interleaved
+    line would kill the CLI). The reader thread turns stdout lines into events on
+    `events`, ending with EOF; `control_request` lines go to `on_control` instead,
+    which answers them with `send`. `close()` ends it for good (SIGTERM to the
+    group, SIGKILL after KILL_GRACE_S) and is safe to call more than once.
     """
 
-    def __init__(self, argv: List[str], env: Dict[str, str], cwd: str, stdin: bytes,
-                 scratch: str, grace_s: float = KILL_GRACE_S):
+    def __init__(self, argv: List[str], env: Dict[str, str], cwd: str, scratch: str,
+                 grace_s: float = KILL_GRACE_S,
+                 on_control: Optional[Callable[["ClaudeProcess", Dict[str, Any]], None]] = None):
         self.stderr = tempfile.TemporaryFile(dir=scratch)  # a chatty CLI can't fill a pipe nobody reads
         try:
             self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -1790,36 +1696,62 @@ class ClaudeProcess:
         self.pid = self.popen.pid
         self.grace_s = grace_s
         self.started = time.monotonic()
-        self._buffer = b""
         self.cancelled = False
         self.stop_reason = ""
-        self._write_stdin(stdin)
+        self.events: "queue.Queue[Any]" = queue.Queue()
+        self.on_control = on_control or refuse_control
+        self._write_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name=f"ocp-cli-{self.pid}", daemon=True)
+        self._reader.start()
 
-    def _write_stdin(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
+        """Write to stdin under the writer lock; a big write goes from a helper thread, so a CLI
+        that reads late never blocks the request's thread."""
         if len(data) <= PIPE_WRITE_INLINE:
-            self._feed(data)
-        else:  # the CLI may not read until later; never block the request thread on it
-            threading.Thread(target=self._feed, args=(data,), daemon=True).start()
+            self._write(data)
+        else:
+            threading.Thread(target=self._write, args=(data,), daemon=True).start()
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self.popen.stdin.write(data)
-            self.popen.stdin.close()
-        except (BrokenPipeError, ValueError, OSError):
-            pass  # the CLI died before reading; its exit status tells why
+    def _write(self, data: bytes) -> None:
+        with self._write_lock:
+            try:
+                self.popen.stdin.write(data)
+            except (BrokenPipeError, ValueError, OSError):
+                pass  # the CLI died before reading; its exit status tells why
 
-    def fileno(self) -> int:
-        return self.popen.stdout.fileno()
+    def close_stdin(self) -> None:
+        """No more input: the CLI finishes what it was asked and exits."""
+        with self._write_lock:
+            with contextlib.suppress(OSError, ValueError):
+                self.popen.stdin.close()
 
-    def read_lines(self) -> Optional[List[bytes]]:
-        """Return the complete lines now readable, [] for none yet, None at EOF."""
-        chunk = os.read(self.fileno(), 65536)
-        if not chunk:
-            rest, self._buffer = self._buffer, b""
-            return [rest] if rest.strip() else None
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        return lines
+    def _read(self) -> None:
+        buffer = b""
+        fd = self.popen.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                self._route(line)
+        self._route(buffer)
+        self.events.put(EOF)
+
+    def _route(self, line: bytes) -> None:
+        event = parse_event(line)
+        if event is None:
+            return
+        if event.get("type") == "control_request":
+            try:
+                self.on_control(self, event)
+            except Exception:  # a handler's bug must not stop the reader: the CLI would block
+                log.exception("control_request handler failed")
+        else:
+            self.events.put(event)
 
     def stderr_tail(self, limit: int = 2000) -> str:
         try:
@@ -1839,16 +1771,18 @@ class ClaudeProcess:
     def cancel(self, reason: str = "") -> None:
         """End the run now: SIGTERM to the group, SIGKILL if it lingers.
 
-        `reason` ("shutdown", "operator") says that OCP itself ended it; the
+        `reason` ("client", "shutdown", "operator") says who ended it; the
         request then says so instead of "ended without an answer".
         """
         if self.popen.poll() is None:
             self.cancelled = True
             self.stop_reason = self.stop_reason or reason
             self.signal_group(signal.SIGTERM)
+            self.events.put(EOF)  # whoever reads stops now, even if the CLI ignores SIGTERM
 
     def close(self) -> Optional[int]:
         """Make sure the process group is gone and reaped; return the exit code."""
+        self.close_stdin()
         if self.popen.poll() is None:
             try:
                 self.popen.wait(timeout=2 if not self.cancelled else self.grace_s)
@@ -1864,25 +1798,26 @@ class ClaudeProcess:
         # Anything the CLI left in its group goes too; the group id stays reserved while a
         # member lives, so this cannot reach an unrelated process.
         self.signal_group(signal.SIGKILL)
-        for stream in (self.popen.stdout, self.popen.stdin, self.stderr):
-            try:
+        self._reader.join(timeout=5)
+        streams = [self.stderr] + ([self.popen.stdout] if not self._reader.is_alive() else [])
+        for stream in streams:  # (a reader still blocked by an escaped grandchild keeps its fd)
+            with contextlib.suppress(OSError, ValueError):
                 stream.close()
-            except (OSError, ValueError):
-                pass
         return self.popen.returncode
 
 
-def parse_event(line: bytes) -> Optional[Dict[str, Any]]:
-    """Return one stream-json event, or None for a blank or unparsable line."""
-    line = line.strip()
-    if not line:
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        log.debug("unparsable CLI line (%d bytes)", len(line))
-        return None
-    return event if isinstance(event, dict) else None
+def refuse_control(proc: ClaudeProcess, event: Dict[str, Any]) -> None:
+    """Answer a control_request nobody handles (AGENTS-SPEC §1.3): the CLI must not wait for ever."""
+    proc.send(control_response(event.get("request_id"), error="unsupported"))
+
+
+def control_response(request_id: Any, response: Optional[Dict[str, Any]] = None, error: str = "") -> bytes:
+    """One stdin line answering a control_request, echoing its request_id."""
+    if error:
+        body = {"subtype": "error", "request_id": request_id, "error": error}
+    else:
+        body = {"subtype": "success", "request_id": request_id, "response": response or {}}
+    return json.dumps({"type": "control_response", "response": body}).encode("utf-8") + b"\n"
 
 
 class Sweeper:
@@ -2031,6 +1966,138 @@ def end_leftover(run_dir: str) -> bool:
     return False
 
 
+class Lease:
+    """A CLI process lent to one request, which may carry it through several exchanges.
+
+    `acquire()` waits for a slot (yielding after each heartbeat interval in the
+    line) and starts the process; `exchange(blocks)` writes one user turn and
+    yields the CLI's events up to and including its `result`, HEARTBEAT after
+    each silent interval. A lease ends in exactly one `release()` (the CLI
+    finished: stdin closed, process reaped) or `kill()`; `park()` gives the slot
+    back while the process waits for a later exchange, `resume()` takes one again.
+    """
+
+    def __init__(self, runner: "Runner", job: Job, cancelled: Callable[[], bool],
+                 on_control: Optional[Callable[[ClaudeProcess, Dict[str, Any]], None]] = None):
+        self.runner, self.job, self.cancelled = runner, job, cancelled
+        self.on_control = on_control
+        self.proc: Optional[ClaudeProcess] = None
+        self.run_dir = ""
+        self.deadline = 0.0
+        self.has_slot = False
+        self.has_refresh_lock = False
+        self.ended = ""  # "released" | "killed" once it is over
+
+    def acquire(self) -> Iterator[None]:
+        """Take a slot, then start the CLI; yields while queued. Raises 429/503/504/ClientGone."""
+        runner = self.runner
+        if not runner.claude:
+            raise claude_missing()
+        yield from self._take_slot()
+        try:
+            creds = resolve_credentials(runner.config.environ, runner.config.user_home, runner.wall(),
+                                        keychain=macos_keychain)
+            if not creds.isolated:  # one child at a time may refresh the owner's login
+                self._take_refresh_lock()
+            self.run_dir = tempfile.mkdtemp(prefix=f"run-{self.job.request_id}-", dir=runner.config.spawn_dir)
+            os.mkdir(os.path.join(self.run_dir, "tmp"), 0o700)
+            self.proc = runner.spawn(self, creds)
+            if self.cancelled():  # the request left while it started (Turn.cancel found no process yet)
+                self.proc.cancel("client")
+        except BaseException:
+            self.kill()
+            raise
+
+    def _take_slot(self) -> Iterator[None]:
+        runner = self.runner
+        now = runner.clock()
+        self.deadline = now + runner.config.timeout_ms / 1000
+        queue_deadline = min(self.deadline, now + runner.config.queue_timeout_ms / 1000)
+        yield from runner.slots.waiting(queue_deadline, self.cancelled, runner.clock,
+                                        runner.config.heartbeat_ms / 1000)
+        self.has_slot = True
+
+    def _take_refresh_lock(self) -> None:
+        while not self.runner.refresh_lock.acquire(timeout=0.25):
+            if self.cancelled():
+                raise ClientGone()
+            if self.runner.clock() >= self.deadline:
+                raise timeout_error()
+        self.has_refresh_lock = True
+
+    def exchange(self, blocks: Optional[Tuple[Dict[str, Any], ...]] = None) -> Iterator[Any]:
+        """Send one user turn (when given) and yield events up to and including `result`.
+
+        Ends early at EOF (the CLI exited: the caller sees no `result`). Raises
+        ApiError 504 at CLAUDE_TIMEOUT, `stopped(...)` when OCP ended the run and
+        ClientGone when the request cancelled it.
+        """
+        proc = self.proc
+        if blocks is not None:
+            proc.send(stdin_line(blocks))
+        heartbeat_s = self.runner.config.heartbeat_ms / 1000
+        clock = self.runner.clock
+        last = clock()
+        while True:
+            now = clock()
+            if now >= self.deadline:
+                raise timeout_error()
+            wait = self.deadline - now
+            if heartbeat_s:
+                wait = min(wait, max(0.0, last + heartbeat_s - now))
+            try:
+                event = proc.events.get(timeout=wait)
+            except queue.Empty:
+                if heartbeat_s and clock() - last >= heartbeat_s:
+                    last = clock()
+                    yield HEARTBEAT
+                continue
+            if event is EOF:
+                proc.events.put(EOF)  # a later exchange sees the end too
+                if proc.stop_reason == "client":
+                    raise ClientGone()
+                if proc.stop_reason:
+                    raise stopped(proc.stop_reason)
+                return
+            last = clock()
+            yield event
+            if event.get("type") == "result":
+                return
+
+    def cancel(self, reason: str) -> None:
+        """Ask the running CLI to end (another thread may call this); the exchange then raises."""
+        if self.proc is not None:
+            self.proc.cancel(reason)
+
+    def park(self) -> None:
+        """The process waits for a later exchange: its slot goes to the next request meanwhile."""
+        if self.has_slot:
+            self.has_slot = False
+            self.runner.slots.release()
+
+    def resume(self) -> Iterator[None]:
+        """Take a slot again for the next exchange (yields while queued); a fresh deadline."""
+        yield from self._take_slot()
+
+    def release(self) -> bool:
+        """The CLI answered: close its stdin, let it exit, clean up. False if already ended."""
+        return self._end("released")
+
+    def kill(self, reason: str = "") -> bool:
+        """End the CLI now (stop sequence, max_tokens, error, hang-up). False if already ended."""
+        if self.proc is not None and not self.ended:
+            self.proc.cancel(reason)
+        return self._end("killed")
+
+    def _end(self, how: str) -> bool:
+        with self.runner.live_lock:
+            if self.ended:
+                return False
+            self.ended = how
+        self.runner.retire(self)
+        return True
+
+
 class Runner:
     """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set."""
 
@@ -2040,9 +2107,10 @@ class Runner:
         self.clock, self.wall = clock, wall
         self.slots = Slots(config.max_concurrent, config.max_queue)
         self.claude = find_claude(config)
-        self._refresh_lock = threading.Lock()  # one child at a time may refresh the login
-        self._live_lock = threading.Lock()
-        self._live: Dict[str, Tuple[ClaudeProcess, Job]] = {}
+        self.refresh_lock = threading.Lock()  # one child at a time may refresh the login
+        self.live_lock = threading.Lock()
+        self._live: Dict[str, Lease] = {}
+        self.leases_made = self.leases_ended = 0  # every lease ends once: equal when idle
         self._version: Optional[str] = None
         self.kill_grace_s = KILL_GRACE_S
         self.sweeper = Sweeper()
@@ -2074,16 +2142,16 @@ class Runner:
 
     def live(self) -> List[Dict[str, Any]]:
         now = time.monotonic()
-        with self._live_lock:
-            return [{"id": rid, "pid": p.pid, "key": job.owner, "model": job.model,
-                     "age_s": round(now - p.started, 1)} for rid, (p, job) in self._live.items()]
+        with self.live_lock:
+            return [{"id": rid, "pid": lease.proc.pid, "key": lease.job.owner, "model": lease.job.model,
+                     "age_s": round(now - lease.proc.started, 1)} for rid, lease in self._live.items()]
 
     def cancel(self, run_id: str, reason: str = "operator") -> bool:
-        with self._live_lock:
-            entry = self._live.get(run_id)
-        if entry:
-            entry[0].cancel(reason)
-        return entry is not None
+        with self.live_lock:
+            lease = self._live.get(run_id)
+        if lease:
+            lease.cancel(reason)
+        return lease is not None
 
     def apply(self, config: Config) -> None:
         """Runtime settings changed: the next run uses them, the slots resize now."""
@@ -2091,82 +2159,31 @@ class Runner:
         self.slots.resize(config.max_concurrent, config.max_queue)
 
     def cancel_all(self, reason: str = "operator") -> int:
-        with self._live_lock:
-            procs = [proc for proc, job in self._live.values()]
-        for proc in procs:
-            proc.cancel(reason)
-        return len(procs)
+        with self.live_lock:
+            leases = list(self._live.values())
+        for lease in leases:
+            lease.cancel(reason)
+        return len(leases)
 
     def stop(self) -> int:
         """Shutting down: start nothing more, refuse the queue; return how many were waiting."""
-        with self._live_lock:  # a spawn registering after this sees it and cancels itself
+        with self.live_lock:  # a spawn registering after this sees it and cancels itself
             self.stopping = True
         return self.slots.close()
 
-    # -- one run -------------------------------------------------------------
+    # -- leases --------------------------------------------------------------
 
-    def run(self, job: Job, client: Optional[socket.socket] = None,
-            keep_going: Callable[[], bool] = lambda: False) -> Iterator[Any]:
-        """Yield the CLI's events for `job`, and HEARTBEAT after each silent interval.
+    def lease(self, job: Job, cancelled: Callable[[], bool] = lambda: False,
+              on_control: Optional[Callable[[ClaudeProcess, Dict[str, Any]], None]] = None) -> Lease:
+        """A lease for `job`: nothing starts until its `acquire()`. `cancelled()` is the
+        request's word that its client left (checked while queued)."""
+        with self.live_lock:
+            self.leases_made += 1
+        return Lease(self, job, cancelled, on_control)
 
-        Waits for a slot first (429 when the line is full), raises ClientGone
-        when `client` hangs up (unless `keep_going()`: others share the run),
-        ApiError 504 at CLAUDE_TIMEOUT. Closing the generator kills the process
-        group; the slot is released exactly once.
-        """
-        if not self.claude:
-            raise claude_missing()
-        deadline = self.clock() + self.config.timeout_ms / 1000
-        queue_deadline = min(deadline, self.clock() + self.config.queue_timeout_ms / 1000)
-        for _ in self.slots.waiting(queue_deadline, lambda: peer_closed(client) and not keep_going(),
-                                    self.clock, self.config.heartbeat_ms / 1000):
-            yield HEARTBEAT  # a streaming client hears from us while it waits in line
-        try:
-            creds = resolve_credentials(self.config.environ, self.config.user_home, self.wall(),
-                                        keychain=macos_keychain)
-            if creds.isolated:
-                yield from self._run_isolated(job, creds, client, deadline, keep_going)
-            else:
-                yield from self._run_refreshing(job, creds, client, deadline, keep_going)
-        finally:
-            self.slots.release()
-
-    def _run_refreshing(self, job: Job, creds: Credentials, client, deadline, keep_going) -> Iterator[Any]:
-        while not self._refresh_lock.acquire(timeout=0.25):
-            if peer_closed(client):
-                raise ClientGone()
-            if self.clock() >= deadline:
-                raise timeout_error()
-        try:
-            yield from self._run_isolated(job, creds, client, deadline, keep_going)
-        finally:
-            self._refresh_lock.release()
-
-    def _run_isolated(self, job: Job, creds: Credentials, client, deadline, keep_going) -> Iterator[Any]:
-        run_dir = tempfile.mkdtemp(prefix=f"run-{job.request_id}-", dir=self.config.spawn_dir)  # 0700
-        os.mkdir(os.path.join(run_dir, "tmp"), 0o700)
-        try:
-            proc = self._spawn(job, creds, run_dir)
-            try:
-                self.keeper.add(proc.pid, run_dir)
-                with open(os.path.join(run_dir, "child"), "w", encoding="utf-8") as f:
-                    f.write(f"{proc.pid} {proc.pid} {process_identity(proc.pid)}")  # found again after a crash
-                yield from follow(proc, deadline, self.config.heartbeat_ms / 1000, client, self.clock,
-                                  keep_going)
-                if proc.stop_reason:
-                    raise stopped(proc.stop_reason)
-            finally:
-                proc.cancel()
-                code = proc.close()
-                self.keeper.remove(proc.pid)
-                with self._live_lock:
-                    self._live.pop(job.request_id or str(proc.pid), None)
-                if code not in (0, 1, None) and not proc.cancelled:
-                    log.warning("claude exited %s: %s", code, scrub_paths(proc.stderr_tail(300)))
-        finally:
-            self.sweeper.remove(run_dir)
-
-    def _spawn(self, job: Job, creds: Credentials, run_dir: str) -> ClaudeProcess:
+    def spawn(self, lease: Lease, creds: Credentials) -> ClaudeProcess:
+        """Start the lease's CLI in its run dir and register it (live set, keeper, run dir record)."""
+        job, run_dir = lease.job, lease.run_dir
         isolate = creds.isolated and self.config.no_context
         scratch = None
         if isolate:
@@ -2174,26 +2191,52 @@ class Runner:
             scratch = {"home": home, "config": os.path.join(home, ".claude")}
         env = child_env(self.config.environ, self.config, creds, scratch, job.max_tokens)
         env["TMPDIR"] = os.path.join(run_dir, "tmp")
-        argv = claude_argv(self.claude, job, self._system_arg(job, run_dir),
-                           self.config.allowed_tools)
+        argv = claude_argv(self.claude, job, self._system_arg(job, run_dir), self.config.allowed_tools)
         # One working directory for every child: the CLI tells the model its cwd, and a
         # per-request path would make that text differ on every request.
         cwd = os.path.join(self.config.spawn_dir, "work")
         if self.stopping:
             raise shutting_down()
         try:
-            proc = ClaudeProcess(argv, env, cwd, stdin_line(job.blocks), run_dir, self.kill_grace_s)
+            proc = ClaudeProcess(argv, env, cwd, run_dir, self.kill_grace_s, lease.on_control)
         except OSError as e:
             log.error("cannot start claude: %s", e.strerror)
             raise ApiError(503, "The claude CLI could not be started. Check that it is "
                            "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
                            "claude_unavailable") from None
-        with self._live_lock:
-            self._live[job.request_id or str(proc.pid)] = (proc, job)
+        lease.proc = proc
+        self.keeper.add(proc.pid, run_dir)
+        with open(os.path.join(run_dir, "child"), "w", encoding="utf-8") as f:
+            f.write(f"{proc.pid} {proc.pid} {process_identity(proc.pid)}")  # found again after a crash
+        with self.live_lock:
+            self._live[job.request_id or str(proc.pid)] = lease
             stopping = self.stopping
         if stopping:  # shutdown began while it started: cancel_all may not have seen it
             proc.cancel("shutdown")
         return proc
+
+    def retire(self, lease: Lease) -> None:
+        """A lease ended (Lease._end, once): reap its process, give back its slot and lock."""
+        proc = lease.proc
+        try:
+            if proc is not None:
+                code = proc.close()
+                self.keeper.remove(proc.pid)
+                if code not in (0, 1, None) and not proc.cancelled:
+                    log.warning("claude exited %s: %s", code, scrub_paths(proc.stderr_tail(300)))
+        finally:
+            with self.live_lock:
+                if proc is not None:
+                    self._live.pop(lease.job.request_id or str(proc.pid), None)
+                self.leases_ended += 1
+            if lease.has_refresh_lock:
+                lease.has_refresh_lock = False
+                self.refresh_lock.release()
+            if lease.has_slot:
+                lease.has_slot = False
+                self.slots.release()
+            if lease.run_dir:
+                self.sweeper.remove(lease.run_dir)
 
     def _system_arg(self, job: Job, run_dir: str) -> Tuple[str, str]:
         if len(job.system_prompt.encode("utf-8")) <= ARGV_PROMPT_LIMIT:
@@ -2203,63 +2246,6 @@ class Runner:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(job.system_prompt)
         return ("--system-prompt-file", path)
-
-
-def follow(proc: ClaudeProcess, deadline: float, heartbeat_s: float,
-           client: Optional[socket.socket], clock: Callable[[], float],
-           keep_going: Callable[[], bool] = lambda: False) -> Iterator[Any]:
-    """Yield events as the CLI prints them; HEARTBEAT after each `heartbeat_s` of silence.
-
-    Raises ClientGone when `client` hangs up, unless `keep_going()` (others share
-    the run): then the run goes on only while that stays true.
-    """
-    last = clock()
-    poller = select.poll() if HANGUP else None
-    watch = [proc] + ([client] if client is not None else [])
-    if poller is not None:
-        poller.register(proc.fileno(), select.POLLIN)
-        if client is not None:
-            poller.register(client, HANGUP)
-    left = False  # our client hung up while others still wanted the answer
-    while True:
-        now = clock()
-        if now >= deadline:
-            raise timeout_error()
-        if left and not keep_going():
-            raise ClientGone()
-        wait = deadline - now
-        if heartbeat_s:
-            wait = min(wait, max(0.0, last + heartbeat_s - now))
-        if left:
-            wait = min(wait, 0.25)
-        if poller is not None:
-            fds = {fd for fd, _ in poller.poll(wait * 1000)}
-            proc_ready = proc.fileno() in fds
-            client_event = client is not None and client.fileno() in fds
-        else:
-            ready = select.select(watch, [], [], wait)[0]
-            proc_ready, client_event = proc in ready, client is not None and client in ready
-        if proc_ready:  # first what the CLI said: its usage counts even if the client just left
-            lines = proc.read_lines()
-            if lines is None:
-                return
-            for line in lines:
-                event = parse_event(line)
-                if event is not None:
-                    last = clock()
-                    yield event
-        elif heartbeat_s and clock() - last >= heartbeat_s:
-            last = clock()
-            yield HEARTBEAT
-        if client_event:
-            closed = peer_closed(client)
-            if closed and not keep_going():
-                raise ClientGone()
-            left = left or closed
-            if poller is not None:
-                poller.unregister(client)
-            else:
-                watch.remove(client)  # early next request, or others still want the answer
 
 
 def claude_missing() -> ApiError:
@@ -2273,33 +2259,40 @@ def timeout_error() -> ApiError:
 
 
 ###############################################################################
-# Translation (OpenAI ⇄ CLI) ##################################################
+# Requests (wire formats → TurnRequest) #######################################
 ###############################################################################
 
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium",
            "high": "high", "xhigh": "xhigh", "max": "max"}
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 MAX_STOP_SEQUENCES = 4
-CHARS_PER_TOKEN = 4  # the prompt budget guess when CLAUDE_MAX_PROMPT_CHARS is not set
-DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
-class ChatRequest:
-    """A validated chat completion request, ready to become a Job."""
+class TurnRequest:
+    """One request in no wire format's terms: each API's parser builds one.
+
+    `turns` are {"role": "user" | "assistant" | "tool", "content": [block, ...]}
+    with neutral blocks: {"type": "text", "text"}, {"type": "image", "url"},
+    {"type": "tool_call", "id", "name", "arguments"} and {"type": "tool_result",
+    "id", "content"}. `system` holds the system texts in order.
+    """
 
     model: Model
-    messages: Tuple[Dict[str, Any], ...]
+    turns: Tuple[Dict[str, Any], ...]
+    system: Tuple[str, ...] = ()
+    tools: Tuple[Dict[str, Any], ...] = ()
     stream: bool = False
-    include_usage: bool = False
+    include_usage: bool = False  # a usage report at the end of the stream
     stop: Tuple[str, ...] = ()
     max_tokens: int = 0
     effort: str = ""
     response_format: str = "text"  # text | json_object | json_schema
     json_schema: Optional[Dict[str, Any]] = None
     user: str = ""
+    owner: str = ""  # whose request (a key id or name): set once the caller is known
+    sampling: Tuple[Tuple[str, Any], ...] = ()  # answer-affecting knobs the CLI has no flag for
+    no_cache: str = ""  # why it must not be cached or shared, "" when it may be
 
 
 def check_type(body: Mapping[str, Any], name: str, kinds: Tuple[type, ...], what: str) -> Any:
@@ -2313,7 +2306,10 @@ def check_type(body: Mapping[str, Any], name: str, kinds: Tuple[type, ...], what
     return value
 
 
-def parse_chat_request(body: Any, models: Models, config: Config) -> ChatRequest:
+# -- OpenAI chat completions → TurnRequest ---------------------------------------------
+
+
+def parse_chat_request(body: Any, models: Models, config: Config) -> TurnRequest:
     """Validate an OpenAI chat completion body; raise ApiError 400 on the first problem."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object", None, "invalid_json")
@@ -2323,18 +2319,72 @@ def parse_chat_request(body: Any, models: Models, config: Config) -> ChatRequest
         raise bad_request("'messages' must be a non-empty array", "messages", "empty_messages")
     for index, message in enumerate(messages):
         check_message(message, index)
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed"):
+    for name in SAMPLING_FIELDS:
         check_type(body, name, (int, float), "a number")
     stream = bool(check_type(body, "stream", (bool,), "a boolean"))
     options = check_type(body, "stream_options", (dict,), "an object") or {}
     check_unsupported(body)
     format_type, schema = parse_response_format(body.get("response_format"))
-    return ChatRequest(
-        model=model, messages=tuple(messages), stream=stream,
-        include_usage=stream and options.get("include_usage") is True,
+    return TurnRequest(
+        model=model, turns=tuple(chat_turn(m) for m in messages if m["role"] not in ("system", "developer")),
+        system=tuple(part_text(m.get("content")) for m in messages if m["role"] in ("system", "developer")),
+        stream=stream, include_usage=stream and options.get("include_usage") is True,
         stop=parse_stop(body.get("stop")), max_tokens=parse_max_tokens(body, model),
         effort=parse_effort(body.get("reasoning_effort")), response_format=format_type,
-        json_schema=schema, user=str(check_type(body, "user", (str,), "a string") or ""))
+        json_schema=schema, user=str(check_type(body, "user", (str,), "a string") or ""),
+        sampling=tuple((f, body.get(f)) for f in SAMPLING_FIELDS), no_cache=cache_bypass(body))
+
+
+def part_text(content: Any) -> str:
+    """Return the text of an OpenAI message's content (string or parts), images left out."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    texts = [p.get("text") or p.get("refusal") or "" for p in content
+             if isinstance(p, dict) and p.get("type") in ("text", "refusal")]
+    return "\n".join(texts)
+
+
+def chat_turn(message: Dict[str, Any]) -> Dict[str, Any]:
+    """One checked OpenAI message as a neutral turn."""
+    role, content = message["role"], message.get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
+    if role in ("tool", "function"):
+        call_id = str(message.get("tool_call_id") or message.get("name") or "")
+        return {"role": "tool", "content": [{"type": "tool_result", "id": call_id, "content": part_text(content)}]}
+    blocks: List[Dict[str, Any]] = []
+    for part in parts:
+        if part["type"] == "image_url":
+            blocks.append({"type": "image", "url": image_url(part)})
+        else:
+            blocks.append({"type": "text", "text": part.get("text") or part.get("refusal") or ""})
+    for call in message.get("tool_calls") or []:
+        function = call["function"]
+        blocks.append({"type": "tool_call", "id": call.get("id", ""), "name": function["name"],
+                       "arguments": function.get("arguments", "")})
+    return {"role": role, "content": blocks}
+
+
+def image_url(part: Dict[str, Any]) -> str:
+    image = part["image_url"]
+    return image["url"] if isinstance(image, dict) else image
+
+
+SESSION_FIELDS = ("session_id", "conversation_id", "thread_id", "previous_response_id")
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+
+
+def cache_bypass(body: Mapping[str, Any]) -> str:
+    """Return why a request must not be cached or shared ("" when it may be)."""
+    if body.get("tools") or body.get("functions"):
+        return "tools"
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    if any(body.get(f) or metadata.get(f) for f in SESSION_FIELDS):
+        return "session"
+    if '"cache_control"' in json.dumps(body.get("messages"), ensure_ascii=False):
+        return "cache_control"
+    return ""
 
 
 def check_message(message: Any, index: int) -> None:
@@ -2465,18 +2515,110 @@ def parse_response_format(value: Any) -> Tuple[str, Optional[Dict[str, Any]]]:
                       "response_format")
 
 
-# -- messages → the CLI's input ------------------------------------------------
+###############################################################################
+# Cache & singleflight ########################################################
+###############################################################################
 
 
-def part_text(content: Any) -> str:
-    """Return the text of a message's content (string or parts), images left out."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        return ""
-    texts = [p.get("text") or p.get("refusal") or "" for p in content
-             if isinstance(p, dict) and p.get("type") in ("text", "refusal")]
-    return "\n".join(texts)
+def cache_key(request: TurnRequest) -> str:
+    """SHA-256 of a canonical JSON of who asks, the model, the conversation and every
+    answer-affecting parameter. Neutral turns make a string and one text part the same."""
+    canonical = {"owner": request.owner, "model": request.model.id, "system": request.system,
+                 "turns": request.turns, "stop": request.stop, "max_tokens": request.max_tokens,
+                 "effort": request.effort, "format": request.response_format, "schema": request.json_schema,
+                 "sampling": dict(request.sampling)}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class Flight:
+    """One CLI run that identical concurrent requests share.
+
+    The leader publishes the finished answer (an Outcome) or the error;
+    followers wait for it. When the leader's own client has left, the run goes
+    on only while followers want it: the last one to leave calls `cancel`.
+    """
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.answer: Optional[Any] = None  # the leader's Outcome
+        self.error: Optional[ApiError] = None
+        self.followers = 0
+        self.leader_gone = False
+        self.cancel: Callable[[], None] = lambda: None
+
+
+class Flights:
+    """The flights in the air, by cache key. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._flights: Dict[str, Flight] = {}
+        self.counters = {"hits": 0, "misses": 0, "shared": 0}
+
+    def count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
+
+    def join(self, key: str) -> Tuple[Flight, bool]:
+        """Return (flight, leader?): the first caller leads, later identical ones follow."""
+        with self._lock:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = Flight()
+                return flight, True
+            flight.followers += 1
+            self.counters["shared"] += 1
+            return flight, False
+
+    def land(self, key: str, flight: Flight, answer: Optional[Any], error: Optional[ApiError]) -> None:
+        """The leader is done: publish, and let the next identical request start afresh."""
+        with self._lock:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+        flight.answer, flight.error = answer, error
+        flight.done.set()
+
+    def wanted(self, flight: Flight) -> bool:
+        """Does anyone but the leader still want this run's answer?"""
+        with self._lock:
+            return flight.followers > 0
+
+    def leader_left(self, flight: Flight) -> bool:
+        """The leader's client hung up; return True while followers still want the answer."""
+        with self._lock:
+            flight.leader_gone = True
+            return flight.followers > 0
+
+    def leave(self, flight: Flight) -> None:
+        """A follower stops waiting; the last one out ends a run nobody wants any more."""
+        with self._lock:
+            flight.followers -= 1
+            abandoned = flight.leader_gone and flight.followers == 0 and not flight.done.is_set()
+        if abandoned:
+            flight.cancel()
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self.counters, in_flight=len(self._flights))
+
+
+###############################################################################
+# CLI translation (TurnRequest → CLI → events) ################################
+###############################################################################
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+CHARS_PER_TOKEN = 4  # the prompt budget guess when CLAUDE_MAX_PROMPT_CHARS is not set
+DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.S)
+
+
+
+
+def turn_text(turn: Dict[str, Any]) -> str:
+    """A neutral turn's words: its text blocks and tool results, images left out."""
+    return "\n".join(b["text"] if b["type"] == "text" else b["content"]
+                     for b in turn["content"] if b["type"] in ("text", "tool_result"))
 
 
 def image_block(url: str, config: Config, fetch: Optional[Callable[[str, int], Tuple[str, bytes]]]) -> Dict[str, Any]:
@@ -2522,16 +2664,16 @@ def fetch_image(url: str, limit: int) -> Tuple[str, bytes]:
     return media_type, data
 
 
-def turn_tag(messages: Tuple[Dict[str, Any], ...], secret: bytes) -> str:
+def turn_tag(request: TurnRequest, secret: bytes) -> str:
     """Return a turn-marker tag no caller can predict and no message contains.
 
     Derived from a per-daemon secret and the conversation's first message: it
     stays the same from request to request of one conversation, so the input's
     prefix is stable and Anthropic's prompt cache can hit.
     """
-    first = json.dumps(messages[0], sort_keys=True, ensure_ascii=False).encode("utf-8")
-    texts = [part_text(m.get("content")) + json.dumps(m.get("tool_calls") or "")
-             for m in messages]
+    first = json.dumps([request.system[:1], request.turns[:1]], sort_keys=True,
+                       ensure_ascii=False).encode("utf-8")
+    texts = list(request.system) + [json.dumps(t, ensure_ascii=False) for t in request.turns]
     for counter in range(100):
         digest = hmac.new(secret, first + bytes([counter]), hashlib.sha256).hexdigest()
         tag = "turn_" + digest[:12]
@@ -2540,51 +2682,45 @@ def turn_tag(messages: Tuple[Dict[str, Any], ...], secret: bytes) -> str:
     raise bad_request("The conversation could not be framed unambiguously", "messages")
 
 
-def turn_block(message: Dict[str, Any], tag: str) -> str:
-    role = message["role"]
+def turn_block(turn: Dict[str, Any], tag: str) -> str:
+    """An earlier turn as one labelled text: tool calls and results as plain lines."""
+    role = turn["role"]
     attrs = f'role="{role}"'
-    if role in ("tool", "function"):
-        attrs += f' tool_call_id="{str(message.get("tool_call_id") or message.get("name") or "")[:80]}"'
-    lines = [part_text(message.get("content"))]
-    for call in message.get("tool_calls") or []:
-        if isinstance(call, dict):
-            function = call.get("function") or {}
-            lines.append(f"[tool call {call.get('id', '')}: {function.get('name', '')}"
-                         f"({function.get('arguments', '')})]")
+    if role == "tool":
+        ids = [b["id"] for b in turn["content"] if b["type"] == "tool_result"]
+        attrs += f' tool_call_id="{(ids or [""])[0][:80]}"'
+    lines = [turn_text(turn)]
+    for call in turn["content"]:
+        if call["type"] == "tool_call":
+            lines.append(f"[tool call {call['id']}: {call['name']}({call['arguments']})]")
     body = "\n".join(line for line in lines if line)
     return f"<{tag} {attrs}>\n{body}\n</{tag}>"
 
 
-def messages_to_input(request: ChatRequest, config: Config, secret: bytes,
+def messages_to_input(request: TurnRequest, config: Config, secret: bytes,
                       fetch: Optional[Callable] = None) -> Tuple[str, Tuple[Dict[str, Any], ...]]:
     """Return (system prompt, content blocks) for the CLI: one block per earlier turn."""
-    system = [part_text(m.get("content")) for m in request.messages
-              if m["role"] in ("system", "developer")]
-    turns = [m for m in request.messages if m["role"] not in ("system", "developer")]
+    turns = request.turns
     if not turns:
         raise bad_request("'messages' needs at least one user message", "messages", "empty_messages")
     history, final = turns[:-1], turns[-1]
     if final["role"] != "user":
         history, final = turns, None
     blocks: List[Dict[str, Any]] = []
-    images = 0
-    tag = turn_tag(request.messages, secret) if history else ""
-    for message in history:
-        blocks.append({"type": "text", "text": turn_block(message, tag)})
-        images += append_images(blocks, message, config, fetch)
-    if final is not None:
-        content = final.get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for part in parts:
-            if part.get("type") == "text":
-                blocks.append({"type": "text", "text": part["text"]})
-            else:
-                blocks.append(image_block(image_url(part), config, fetch))
-                images += 1
+    tag = turn_tag(request, secret) if history else ""
+    for turn in history:
+        blocks.append({"type": "text", "text": turn_block(turn, tag)})
+        blocks += [image_block(b["url"], config, fetch) for b in turn["content"] if b["type"] == "image"]
+    for block in (final or {}).get("content", ()):
+        if block["type"] == "image":
+            blocks.append(image_block(block["url"], config, fetch))
+        elif block["type"] == "text":
+            blocks.append({"type": "text", "text": block["text"]})
+    images = sum(1 for b in blocks if b["type"] == "image")
     if images > config.max_images:
         raise bad_request(f"{images} images in one request; the limit is {config.max_images}",
                           "messages", "too_many_images")
-    return compose_system(system, tag, request, config), tuple(drop_empty_text(blocks))
+    return compose_system(list(request.system), tag, request, config), tuple(drop_empty_text(blocks))
 
 
 def drop_empty_text(blocks: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -2592,23 +2728,7 @@ def drop_empty_text(blocks: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return kept or [{"type": "text", "text": "(empty message)"}]
 
 
-def append_images(blocks: List[Dict[str, Any]], message: Dict[str, Any], config: Config,
-                  fetch: Optional[Callable]) -> int:
-    content = message.get("content")
-    if not isinstance(content, list):
-        return 0
-    parts = [p for p in content if p.get("type") == "image_url"]
-    for part in parts:
-        blocks.append(image_block(image_url(part), config, fetch))
-    return len(parts)
-
-
-def image_url(part: Dict[str, Any]) -> str:
-    image = part["image_url"]
-    return image["url"] if isinstance(image, dict) else image
-
-
-def compose_system(system: List[str], tag: str, request: ChatRequest, config: Config) -> str:
+def compose_system(system: List[str], tag: str, request: TurnRequest, config: Config) -> str:
     parts = [s for s in system if s.strip()] or [DEFAULT_SYSTEM_PROMPT]
     if config.system_prompt:
         parts.append(config.system_prompt)
@@ -2629,7 +2749,7 @@ def prompt_chars(system: str, blocks: Tuple[Dict[str, Any], ...]) -> int:
     return len(system) + sum(len(b.get("text", "")) for b in blocks)
 
 
-def check_prompt_budget(system: str, blocks, request: ChatRequest, config: Config) -> None:
+def check_prompt_budget(system: str, blocks, request: TurnRequest, config: Config) -> None:
     budget = config.max_prompt_chars or request.model.context_window * CHARS_PER_TOKEN
     size = prompt_chars(system, blocks)
     if size > budget:
@@ -2764,17 +2884,17 @@ class Answer:
     def hit_max_tokens(self) -> bool:
         return "max_tokens" in self.stop_reasons
 
-    def finish_reason(self) -> str:
-        return "length" if self.stop_reasons[-1:] == ["max_tokens"] else "stop"
+    def finish(self) -> str:
+        """The neutral finish: "max_tokens" when the last model call hit the limit, else "end_turn"."""
+        return "max_tokens" if self.stop_reasons[-1:] == ["max_tokens"] else "end_turn"
 
-    def usage(self) -> Dict[str, Any]:
+    def usage(self) -> Usage:
+        """This run's usage: the result's, or what the model calls reported when no result came."""
         usage = (self.result or {}).get("usage") or self.stream_usage
-        cached = int(usage.get("cache_read_input_tokens") or 0)
-        prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
-        completion = int(usage.get("output_tokens") or 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return Usage(input=int(usage.get("input_tokens") or 0), output=int(usage.get("output_tokens") or 0),
+                     cache_read=int(usage.get("cache_read_input_tokens") or 0),
+                     cache_write=int(usage.get("cache_creation_input_tokens") or 0),
+                     cost_usd=float((self.result or {}).get("total_cost_usd") or 0))
 
     def error(self, now_s: float) -> Optional[ApiError]:
         """Return the ApiError this run ended in, or None when it answered."""
@@ -2925,7 +3045,7 @@ def object_errors(value: Dict[str, Any], schema: Dict[str, Any], path: str) -> L
     return errors
 
 
-def json_problem(text: str, request: ChatRequest) -> str:
+def json_problem(text: str, request: TurnRequest) -> str:
     """Return why `text` is not the JSON the request asked for, or "" when it is."""
     try:
         value = extract_json(text)
@@ -2942,49 +3062,6 @@ def json_problem(text: str, request: ChatRequest) -> str:
 
 def normalize_json(text: str) -> str:
     return json.dumps(extract_json(text), ensure_ascii=False)
-
-
-# -- OpenAI response shapes ------------------------------------------------------
-
-
-def outcome_of(answer: Answer, content: Optional[str], finish_reason: str, refusal: Optional[str] = None,
-               usage: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The finished answer as data: what a response, the cache and shared requests carry."""
-    return {"content": content, "reasoning": "".join(answer.reasoning), "refusal": refusal,
-            "finish_reason": finish_reason, "usage": usage or answer.usage()}
-
-
-def chat_completion(completion_id: str, created: int, model: str, outcome: Dict[str, Any]) -> Dict[str, Any]:
-    message: Dict[str, Any] = {"role": "assistant", "content": outcome["content"], "refusal": outcome["refusal"]}
-    if outcome["reasoning"]:
-        message["reasoning_content"] = outcome["reasoning"]
-    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": outcome["finish_reason"]}],
-            "usage": outcome["usage"], "system_fingerprint": None}
-
-
-def chat_chunk(completion_id: str, created: int, model: str, delta: Dict[str, Any],
-               finish_reason: Optional[str] = None, include_usage: bool = False) -> Dict[str, Any]:
-    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-             "model": model, "system_fingerprint": None,
-             "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                          "finish_reason": finish_reason}]}
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(completion_id: str, created: int, model: str, usage: Dict[str, Any]) -> Dict[str, Any]:
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "system_fingerprint": None, "choices": [], "usage": usage}
-
-
-def merge_usage(first: Dict[str, Any], second: Dict[str, Any]) -> Dict[str, Any]:
-    cached = first["prompt_tokens_details"]["cached_tokens"] + second["prompt_tokens_details"]["cached_tokens"]
-    merged = {k: first[k] + second[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-    merged["prompt_tokens_details"] = {"cached_tokens": cached}
-    return merged
 
 
 ###############################################################################
@@ -3117,13 +3194,12 @@ class Metrics:
         with self._lock:
             self.responses[(route, method, str(code))] += 1
 
-    def count_tokens(self, model: str, key: str, usage: Optional[Dict[str, Any]]) -> None:
+    def count_tokens(self, model: str, key: str, usage: Optional[Usage]) -> None:
         if not usage:
             return
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         with self._lock:
-            for kind, n in (("prompt", usage.get("prompt_tokens", 0) - cached), ("cached", cached),
-                            ("completion", usage.get("completion_tokens", 0))):
+            for kind, n in (("prompt", usage.prompt - usage.cache_read), ("cached", usage.cache_read),
+                            ("completion", usage.output)):
                 if n:
                     self.tokens[(kind, model, key)] += n
 
@@ -3259,15 +3335,969 @@ def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
 
 
 ###############################################################################
+# Turns #######################################################################
+###############################################################################
+
+# What a Turn yields: (kind, value). Encoders render them; nothing here knows JSON or SSE.
+TEXT = "text"  # value: a piece of the answer
+REASONING = "reasoning"  # value: a piece of the model's thinking
+REFUSAL = "refusal"  # value: why there is no answer (e.g. the JSON asked for never came)
+TOOL_CALL = "tool_call"  # value: {"index", "id", "name"}: a client tool call starts
+TOOL_ARGS = "tool_args"  # value: {"index", "arguments"}: a piece of its arguments
+PING = "heartbeat"  # value: None; nothing new for a heartbeat interval
+PLAN = "plan"  # value: {"overage": True}: learnt about the subscription mid-answer
+DONE = "done"  # value: the Outcome; always last
+REPLAY_PIECE_CHARS = 24  # a finished answer (cache hit, shared run, checked JSON) streams in pieces this size
+FINISHES = ("end_turn", "max_tokens", "stop_sequence", "tool_use", "refusal")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How a turn ended, in no wire format's terms: what the cache, shared requests,
+    the usage row and every encoder read."""
+
+    content: Optional[str] = ""  # None when there is a refusal instead
+    reasoning: str = ""
+    refusal: Optional[str] = None
+    finish: str = "end_turn"  # one of FINISHES
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    error: Optional[ApiError] = None
+    ttft_ms: Optional[int] = None
+    duration_ms: int = 0
+    overage: bool = False  # paid from the subscription's extra usage
+
+    def cacheable(self) -> bool:
+        return self.error is None and self.refusal is None and self.finish in ("end_turn", "stop_sequence")
+
+    def to_cache(self) -> Dict[str, Any]:
+        return {"content": self.content, "reasoning": self.reasoning, "refusal": self.refusal,
+                "finish": self.finish, "usage": dataclasses.asdict(self.usage)}
+
+    @classmethod
+    def from_cache(cls, data: Mapping[str, Any]) -> Optional["Outcome"]:
+        """An outcome the cache kept; None for a row this version cannot read."""
+        if not isinstance(data, dict) or data.get("finish") not in FINISHES:
+            return None
+        return cls(content=data.get("content"), reasoning=data.get("reasoning") or "",
+                   refusal=data.get("refusal"), finish=data["finish"],
+                   usage=Usage.from_dict(data.get("usage") or {}))
+
+
+def outcome_events(outcome: Outcome) -> Iterator[Tuple[str, Any]]:
+    """A finished answer as the events of a turn: a cache hit or a shared run replays so."""
+    if outcome.reasoning:
+        yield REASONING, outcome.reasoning
+    if outcome.content is None:
+        yield REFUSAL, outcome.refusal
+    content = outcome.content or ""
+    for start in range(0, len(content), REPLAY_PIECE_CHARS):
+        yield TEXT, content[start:start + REPLAY_PIECE_CHARS]
+    yield DONE, outcome
+
+
+class Turn:
+    """One request answered by the CLI, as neutral events (`events()`).
+
+    It leases a CLI process, feeds it the request, turns the CLI's events into
+    TEXT / REASONING / PING / PLAN events, cuts at stop sequences, checks
+    structured output (one retry), and always ends with DONE and an Outcome —
+    errors included. `cancel()` (the request side: its client left) ends the run.
+    """
+
+    def __init__(self, request: TurnRequest, job: Job, runner: Runner, plan: PlanLimits,
+                 config: Config, secret: bytes, wall: Callable[[], float] = time.time):
+        self.request, self.job, self.runner, self.plan = request, job, runner, plan
+        self.config, self.secret, self.wall = config, secret, wall
+        self.started = time.monotonic()
+        self.ttft_ms: Optional[int] = None
+        self.overage = False
+        self.cancelled = False
+        self.answers: List[Answer] = []  # every CLI run of this turn, for usage when it is cut short
+        self._lease: Optional[Lease] = None
+
+    def cancel(self, reason: str = "client") -> None:
+        """End the turn from another thread: while queued it gives up, a running CLI is ended."""
+        self.cancelled = True
+        lease = self._lease
+        if lease is not None:
+            lease.cancel(reason)
+
+    def events(self) -> Iterator[Tuple[str, Any]]:
+        """Yield the answer's events, then (DONE, Outcome). ClientGone passes through."""
+        try:
+            if self.request.response_format != "text":
+                outcome = yield from self._structured()
+                yield from outcome_events(outcome)
+            else:
+                yield DONE, (yield from self._text())
+        except ApiError as error:
+            yield DONE, self.outcome(error=error)
+
+    def outcome(self, **fields: Any) -> Outcome:
+        """An Outcome with this turn's usage and timings; `fields` fill in the rest."""
+        fields.setdefault("usage", self.usage_so_far())
+        return Outcome(ttft_ms=self.ttft_ms, duration_ms=int((time.monotonic() - self.started) * 1000),
+                       overage=self.overage, **fields)
+
+    def usage_so_far(self) -> Usage:
+        """What this turn's runs used; for one cut short, what its model calls reported so far."""
+        usage = Usage()
+        for answer in self.answers:
+            usage += answer.usage()
+        if self.answers and not usage.output:  # cut off before the CLI counted its output
+            chars = sum(len(a.text) + len("".join(a.reasoning)) for a in self.answers)
+            usage.output = -(-chars // CHARS_PER_TOKEN)
+        return usage
+
+    def _text(self) -> Iterator[Tuple[str, Any]]:
+        scanner = StopScanner(self.request.stop)
+        sent: List[str] = []
+        answer = yield from self._run(self.job, scanner, sent, forward=True)
+        raise_failure(answer)
+        rest = scanner.flush()
+        if rest:
+            sent.append(rest)
+            yield TEXT, rest
+        return self.outcome(content="".join(sent), reasoning="".join(answer.reasoning),
+                            finish="stop_sequence" if scanner.stopped else answer.finish(),
+                            usage=answer.usage())
+
+    def _structured(self) -> Iterator[Tuple[str, Any]]:
+        """A JSON answer is checked before anything is sent; one retry names the problem."""
+        scanner = StopScanner(self.request.stop)
+        parts: List[str] = []
+        answer = yield from self._run(self.job, scanner, parts, forward=False)
+        raise_failure(answer)
+        content = "".join(parts) + scanner.flush()
+        problem = json_problem(content, self.request)
+        usage = answer.usage()
+        if problem:
+            answer = yield from self._run(self.retry_job(content, problem), StopScanner(()), [], forward=False)
+            raise_failure(answer)
+            usage += answer.usage()
+            content = answer.text
+            problem = json_problem(content, self.request)
+        reasoning = "".join(answer.reasoning)
+        if problem:
+            return self.outcome(content=None, reasoning=reasoning, usage=usage,
+                                refusal=f"The model did not produce the requested JSON: {problem}")
+        return self.outcome(content=normalize_json(content), reasoning=reasoning, finish=answer.finish(),
+                            usage=usage)
+
+    def retry_job(self, reply: str, problem: str) -> Job:
+        turns = self.request.turns + (
+            {"role": "assistant", "content": [{"type": "text", "text": reply}]},
+            {"role": "user", "content": [{"type": "text", "text": f"That reply was not accepted: {problem}. "
+                                          "Reply again with only the corrected JSON."}]})
+        system, blocks = messages_to_input(dataclasses.replace(self.request, turns=turns), self.config,
+                                           self.secret)
+        return dataclasses.replace(self.job, system_prompt=system, blocks=blocks)
+
+    def _run(self, job: Job, scanner: StopScanner, collected: List[str], forward: bool) -> Iterator[Tuple[str, Any]]:
+        """One CLI run on a lease; returns its Answer. Text goes through `scanner` into
+        `collected` (and out as events when `forward`); the run ends early at a stop
+        sequence or max_tokens (the CLI would go on: it is killed)."""
+        answer = Answer()
+        self.answers.append(answer)
+        lease = self._lease = self.runner.lease(job, lambda: self.cancelled)
+        finished = False
+        try:
+            for _ in lease.acquire():
+                yield PING, None  # a streaming client hears from us while it waits in line
+            for event in lease.exchange(job.blocks):
+                for kind, value in self._feed(answer, event):
+                    if kind == TEXT:
+                        value = scanner.feed(value)
+                        collected.append(value)
+                    if kind not in (TEXT, REASONING) or (forward and value):
+                        yield kind, value
+                if scanner.stopped or (job.max_tokens and answer.hit_max_tokens()):
+                    return answer
+            finished = True
+        finally:
+            if finished and answer.result is not None:
+                lease.release()
+            else:
+                lease.kill()
+        self._settle(answer)
+        return answer
+
+    def _feed(self, answer: Answer, event: Any) -> List[Tuple[str, Any]]:
+        if event is HEARTBEAT:
+            return [(PING, None)]
+        if event.get("type") == "rate_limit_event" and self.plan.observe(event.get("rate_limit_info") or {}):
+            self.overage = True
+            log.warning("%s was paid from the subscription's extra usage", self.job.request_id)
+            return [(PLAN, {"overage": True})]
+        deltas = answer.feed(event)
+        if deltas and self.ttft_ms is None:
+            self.ttft_ms = int((time.monotonic() - self.started) * 1000)
+        return [(TEXT if kind == "content" else REASONING, text) for kind, text in deltas]
+
+    def _settle(self, answer: Answer) -> None:
+        now = self.wall()
+        answer.failure = answer.error(now)
+        if answer.failure is not None and answer.failure.code == "usage_limit_reached":
+            resets_at = plan_reset(answer.api_error or {}, answer.rate_limits) or int(now + 3600)
+            self.plan.hold(resets_at, answer.failure.message)
+
+
+def raise_failure(answer: Answer) -> None:
+    if answer.failure is not None:
+        raise answer.failure
+
+
+###############################################################################
+# Encoders ####################################################################
+###############################################################################
+
+
+class Encoder:
+    """One response in one API's wire format, written from a turn's events.
+
+    The route picks the class (bottle's ServerAdapter idea); `write(kind, value)`
+    takes each event in order, DONE last. `settle(outcome)` — the accounting —
+    runs just before the last bytes leave, so a client that asks at once sees
+    its usage row. `error_body` is the API's error shape for every error of the
+    route. `out` is the Handler: send_json, send_event_stream, wfile.
+    """
+
+    streaming = False
+
+    def __init__(self, out: Any, request: TurnRequest, created: int,
+                 overage_hint: Callable[[], bool] = lambda: False):
+        self.out, self.request, self.created = out, request, created
+        self.overage_hint = overage_hint
+        self.response_id = "resp_" + secrets.token_hex(12)
+        self.settle: Callable[[Outcome], None] = lambda outcome: None
+        self.keep_going: Callable[[], bool] = lambda: False  # others still want the run
+        self.detached = False  # our client left while others share the run
+        self.delivered = False  # some of the answer reached the client
+
+    @staticmethod
+    def error_body(error: ApiError) -> Dict[str, Any]:
+        return error.body()
+
+    def write(self, kind: str, value: Any) -> None:
+        raise NotImplementedError
+
+
+class EventStream(Encoder):
+    """The SSE plumbing every streaming encoder shares: headers on the first write,
+    frames (with an optional `event:` name), a heartbeat, and leaving clients."""
+
+    streaming = True
+    heartbeat_frame = b": keepalive\n\n"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.started = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            if self.overage_hint():
+                self.out.response_headers["x-ocp-plan-overage"] = "true"
+            self.out.send_event_stream()
+            self.opening()
+
+    def opening(self) -> None:
+        """The first frames of the stream (subclasses)."""
+
+    def frame(self, data: Any, event: str = "") -> None:
+        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+        self.raw((f"event: {event}\n" if event else "") + f"data: {payload}\n\n")
+
+    def raw(self, text: Any) -> None:
+        """Write to the client; one that left is ClientGone, unless others share the run."""
+        if self.detached:
+            if not self.keep_going():
+                raise ClientGone()  # the others left too: the run is for nobody now
+            return
+        try:
+            self.out.wfile.write(text if isinstance(text, bytes) else text.encode("utf-8"))
+            self.out.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            if not self.keep_going():
+                raise ClientGone() from None
+            self.detached = True
+
+    def heartbeat(self) -> None:
+        self.start()
+        self.raw(self.heartbeat_frame)
+
+    def fail(self, outcome: Outcome) -> None:
+        """An error: a normal error response before the stream started, in-band after."""
+        if not self.started:
+            raise outcome.error
+        self.settle(outcome)
+        self.error_frames(outcome.error)
+
+    def error_frames(self, error: ApiError) -> None:
+        self.frame(self.error_body(error))
+
+
+# -- OpenAI chat completions ---------------------------------------------------------------
+
+OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                 "tool_use": "tool_calls", "refusal": "content_filter"}
+
+
+def openai_usage(usage: Usage) -> Dict[str, Any]:
+    return {"prompt_tokens": usage.prompt, "completion_tokens": usage.output,
+            "total_tokens": usage.prompt + usage.output,
+            "prompt_tokens_details": {"cached_tokens": usage.cache_read}}
+
+
+def chat_completion(completion_id: str, created: int, model: str, outcome: Outcome) -> Dict[str, Any]:
+    message: Dict[str, Any] = {"role": "assistant", "content": outcome.content, "refusal": outcome.refusal}
+    if outcome.reasoning:
+        message["reasoning_content"] = outcome.reasoning
+    return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": OPENAI_FINISH[outcome.finish]}],
+            "usage": openai_usage(outcome.usage), "system_fingerprint": None}
+
+
+def chat_chunk(completion_id: str, created: int, model: str, delta: Dict[str, Any],
+               finish_reason: Optional[str] = None, include_usage: bool = False) -> Dict[str, Any]:
+    chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+             "model": model, "system_fingerprint": None,
+             "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                          "finish_reason": finish_reason}]}
+    if include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(completion_id: str, created: int, model: str, usage: Usage) -> Dict[str, Any]:
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "system_fingerprint": None, "choices": [], "usage": openai_usage(usage)}
+
+
+class ChatJSON(Encoder):
+    """OpenAI chat completions, one JSON body."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.response_id = "chatcmpl-" + secrets.token_hex(12)
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind != DONE:
+            return
+        outcome: Outcome = value
+        if outcome.error is not None:
+            raise outcome.error
+        self.settle(outcome)
+        self.out.send_json(200, chat_completion(self.response_id, self.created, self.request.model.id, outcome),
+                           {"x-ocp-plan-overage": "true"} if outcome.overage else None)
+
+
+class ChatSSE(EventStream):
+    """OpenAI chat completions, streamed: chunks, `: keepalive` comments, `data: [DONE]`."""
+
+    DELTA_FIELDS = {TEXT: "content", REASONING: "reasoning_content", REFUSAL: "refusal"}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.response_id = "chatcmpl-" + secrets.token_hex(12)
+
+    def opening(self) -> None:
+        self.chunk({"role": "assistant", "content": ""})
+
+    def chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
+        self.frame(chat_chunk(self.response_id, self.created, self.request.model.id, delta, finish,
+                              self.request.include_usage))
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind in self.DELTA_FIELDS:
+            self.start()
+            self.chunk({self.DELTA_FIELDS[kind]: value})
+            self.delivered = self.delivered or not self.detached
+        elif kind == PING:
+            self.heartbeat()
+        elif kind == DONE:
+            self.done(value)
+
+    def done(self, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            self.fail(outcome)
+        else:
+            self.start()
+            if outcome.overage and "x-ocp-plan-overage" not in self.out.response_headers:
+                self.raw(b": x-ocp-plan-overage: true\n\n")  # learnt after the headers left
+            self.chunk({}, OPENAI_FINISH[outcome.finish])
+            if self.request.include_usage:
+                self.frame(usage_chunk(self.response_id, self.created, self.request.model.id, outcome.usage))
+            self.settle(outcome)
+        self.frame("[DONE]")
+
+
+###############################################################################
+# Accounting ##################################################################
+###############################################################################
+
+
+class Ticket:
+    """One admitted request: its quota reservation and usage row, recorded once however it ends.
+
+    `settle_outcome` (the encoder's hook, just before the last bytes) or the
+    exit of the `with` block records ok, partial, error (with its status) or
+    cancelled; error and cancelled rows release the reservation. A ticket that
+    leads a shared run publishes its answer to the followers and the cache first.
+    """
+
+    def __init__(self, ledger: "Ledger", caller: Caller, model_id: str, request_id: str,
+                 encoder: Encoder, row: int, headers: Dict[str, str]):
+        self.ledger, self.caller, self.model_id, self.request_id = ledger, caller, model_id, request_id
+        self.encoder, self.row, self.headers = encoder, row, headers
+        self.started = time.monotonic()
+        self.turn: Optional[Turn] = None  # the run, for usage and timings when no outcome came
+        self.job: Optional[Job] = None  # what was asked, for OCP_LOG_PROMPTS
+        self.outcome: Optional[Outcome] = None
+        self.flight: Optional[Tuple[str, Flight]] = None  # (cache key, flight) when leading a shared run
+        self.settled = False
+        encoder.settle = self.settle_outcome
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def settle_outcome(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        if outcome.error is not None:
+            self.settle("error", outcome.error.status, outcome.error)
+        else:
+            self.settle(*(self.left_early() if self.encoder.detached else ("ok", 200)))
+
+    def left_early(self) -> Tuple[str, int]:
+        """A client that left after part of its answer reached it has used the request: only one
+        that got nothing gives its quota back."""
+        return ("partial", 499) if self.encoder.delivered else ("cancelled", 499)
+
+    def settle(self, status: str, code: int, error: Optional[ApiError] = None) -> None:
+        """Record how the request ended, once: the flight and cache first (a client that repeats
+        the question at once gets a hit), then the row and the metrics."""
+        if self.settled:
+            return
+        self.settled = True
+        answered = self.outcome if self.outcome is not None and self.outcome.error is None else None
+        self.publish(answered, error or (None if answered else shared_cancelled()))
+        usage = self.usage()
+        counted = usage if status in ("ok", "partial") else Usage(cost_usd=usage.cost_usd)
+        ttft_ms = self.outcome.ttft_ms if self.outcome is not None else (self.turn and self.turn.ttft_ms)
+        self.ledger.record_row(self, status, code, error, counted, ttft_ms)
+
+    def usage(self) -> Usage:
+        if self.outcome is not None:
+            return self.outcome.usage
+        return self.turn.usage_so_far() if self.turn is not None else Usage()
+
+    def publish(self, outcome: Optional[Outcome], error: Optional[ApiError]) -> None:
+        """Leading a shared run: hand the answer (or the error) to the followers, keep it if good."""
+        if self.flight is None:
+            return
+        key, flight = self.flight
+        self.flight = None
+        if outcome is not None and outcome.cacheable():
+            self.ledger.keep(key, self.caller, self.model_id, outcome)
+        self.ledger.server.flights.land(key, flight, outcome, None if outcome is not None else error)
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        if error is None:
+            status, code = ("ok", 200) if not self.encoder.detached else self.left_early()
+        elif isinstance(error, ApiError):
+            status, code = "error", error.status
+        elif isinstance(error, (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout)):
+            status, code = self.left_early()
+        else:
+            status, code = "error", 500
+        self.settle(status, code, error if isinstance(error, ApiError) else None)
+
+
+class Ledger:
+    """Accounting in one place, for every route and every way a request ends: admission
+    (quota reservation), refusals, cache hits, the usage row, metrics, health evidence
+    and the response cache."""
+
+    def __init__(self, server: Any):
+        self.server = server  # its store, metrics, flights, config and clock
+
+    def admit(self, caller: Caller, model_id: str, request_id: str, encoder: Encoder) -> Ticket:
+        """Reserve the caller's quota for one request (429 over it); the ticket records the end."""
+        server = self.server
+        now = server.wall()
+        bounds = period_bounds(now, server.config.tzinfo)
+        try:
+            row, counts = server.store.reserve(caller.key, caller.name, model_id, request_id, now, bounds)
+        except QuotaExceeded as e:
+            raise quota_error(e.breach, now) from None
+        return Ticket(self, caller, model_id, request_id, encoder, row,
+                      ratelimit_headers(caller.key, counts, bounds, now))
+
+    def refused(self, caller: Caller, model_id: str, request_id: str, status: int) -> None:
+        """A known caller turned away before admission: a row that counts against nothing."""
+        self.server.store.record_refusal(caller.key, caller.name, model_id, request_id, status, self.server.wall())
+
+    def lookup(self, key: str) -> Optional[Outcome]:
+        """A cached answer for this cache key, or None (both counted)."""
+        server = self.server
+        outcome = Outcome.from_cache(server.store.cache_get(key, server.wall()) or {})
+        server.flights.count("hits" if outcome else "misses")
+        return outcome
+
+    def cached(self, caller: Caller, model_id: str, request_id: str, outcome: Outcome, started: float) -> None:
+        """A cache hit: logged, free of quota."""
+        server = self.server
+        duration_s = time.monotonic() - started
+        server.store.record_cached(caller.key, caller.name, model_id, request_id, outcome.usage,
+                                   int(duration_s * 1000), server.wall())
+        server.metrics.record("cached", model_id, caller.name, duration_s, None)
+
+    def keep(self, key: str, caller: Caller, model_id: str, outcome: Outcome) -> None:
+        server, config = self.server, self.server.config
+        owner = str(caller.key.id) if caller.key else caller.name
+        server.store.cache_put(key, owner, model_id, outcome.to_cache(), server.wall(), config.cache_ttl_ms / 1000,
+                               config.cache_max_entries, config.cache_max_bytes)
+
+    def record_row(self, ticket: Ticket, status: str, code: int, error: Optional[ApiError], usage: Usage,
+                   ttft_ms: Optional[int]) -> None:
+        server = self.server
+        duration_s = time.monotonic() - ticket.started
+        server.store.finish(ticket.row, status, code, usage, ttft_ms, int(duration_s * 1000))
+        server.record_outcome(status, error)
+        server.metrics.record(status, ticket.model_id, ticket.caller.name, duration_s,
+                              ttft_ms / 1000 if ttft_ms is not None else None)
+        if status in ("ok", "partial"):
+            server.metrics.count_tokens(ticket.model_id, ticket.caller.name, usage)
+        if server.config.log_prompts and ticket.job is not None:
+            log_exchange(ticket.request_id, ticket.job, status, ticket.outcome)
+
+
+def log_exchange(request_id: str, job: Job, status: str, outcome: Optional[Outcome]) -> None:
+    """Only with OCP_LOG_PROMPTS=1: the operator asked to see what was said."""
+    prompt = "\n".join(b.get("text", "[image]") for b in job.blocks)
+    log.info("%s exchange", request_id, extra={
+        "request_id": request_id, "status": status, "system": job.system_prompt, "prompt": prompt,
+        "answer": outcome.content if outcome is not None else None})
+
+
+def shared_cancelled() -> ApiError:
+    return ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
+                    "shared_request_cancelled", headers={"Retry-After": "1"})
+
+
+###############################################################################
+# Routes ######################################################################
+###############################################################################
+
+# -- model routes: one recipe for every wire format -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnRoute:
+    """A model route: the wire format's parser and its two encoders (JSON, SSE)."""
+
+    parse: Callable[[Any, Models, Config], TurnRequest]
+    json: type
+    sse: type
+
+    def encoder(self, request: TurnRequest) -> type:
+        return self.sse if request.stream else self.json
+
+
+TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE)}
+
+
+def answer_turn(h: Any, route: TurnRoute) -> None:
+    """The recipe of every model route: parse → check → cache → admit → run → encode."""
+    server, caller, started = h.server, h.caller, time.monotonic()
+    request = route.parse(h.read_json(), server.models, server.config)
+    h.refused_model = request.model.id
+    check_model_allowed(caller, request.model)
+    request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
+    system, blocks = messages_to_input(request, server.config, server.turn_secret,
+                                       fetch_image if server.config.allow_image_urls else None)
+    check_prompt_budget(system, blocks, request, server.config)
+    if request.user:
+        log.info("%s user=%s model=%s", h.request_id, request.user[:64], request.model.id)
+    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name)
+    encoder = route.encoder(request)(h, request, int(server.wall()), lambda: server.plan.in_overage(server.wall()))
+    key = cache_key(request) if server.config.cache_ttl_ms and not request.no_cache else ""
+    hit = server.ledger.lookup(key) if key else None
+    if hit is not None:
+        server.ledger.cached(caller, request.model.id, h.request_id, hit, started)
+        h.response_headers["x-ocp-cache"] = "hit"
+        return play(outcome_events(replayed(hit)), encoder)
+    with server.ledger.admit(caller, request.model.id, h.request_id, encoder) as ticket:
+        h.admitted = True
+        h.response_headers.update(ticket.headers)
+        server.plan.check(server.wall(), server.config.plan_only)
+        turn = ticket.turn = Turn(request, job, server.runner, server.plan, server.config, server.turn_secret,
+                                  server.wall)
+        ticket.job = job
+        if key:
+            h.response_headers["x-ocp-cache"] = "miss"
+            events = shared_events(h, ticket, turn, key)
+        else:
+            events = turn.events()
+        with server.hangups.watch(h.connection, lambda: hung_up(server.flights, ticket, turn)):
+            play(events, encoder)
+
+
+def play(events: Iterator[Tuple[str, Any]], encoder: Encoder) -> None:
+    for kind, value in events:
+        encoder.write(kind, value)
+
+
+def replayed(outcome: Outcome) -> Outcome:
+    """Someone else's answer for this request: its own timings, no overage notice."""
+    return dataclasses.replace(outcome, ttft_ms=None, overage=False, error=None)
+
+
+def hung_up(flights: Flights, ticket: Ticket, turn: Turn) -> None:
+    """The request's client left (Hangups' thread): end the turn, unless it leads a run that
+    others still want — then it goes on for them, and the last to leave ends it."""
+    if ticket.flight is not None and flights.leader_left(ticket.flight[1]):
+        return
+    turn.cancel("client")
+
+
+def shared_events(h: Any, ticket: Ticket, turn: Turn, key: str) -> Iterator[Tuple[str, Any]]:
+    """Lead the CLI run for identical concurrent requests, or follow one and replay its answer."""
+    flights = h.server.flights
+    flight, leader = flights.join(key)
+    if leader:
+        ticket.flight = (key, flight)
+        flight.cancel = lambda: turn.cancel("client")
+        ticket.encoder.keep_going = lambda: flights.wanted(flight)
+        return (yield from turn.events())
+    ticket.turn = None
+    try:
+        outcome = yield from await_flight(turn, flight, h.server.config)
+    except ApiError as error:
+        yield DONE, Outcome(error=error)
+        return
+    finally:
+        flights.leave(flight)
+    h.response_headers["x-ocp-cache"] = "shared"
+    yield from outcome_events(replayed(outcome))
+
+
+def await_flight(turn: Turn, flight: Flight, config: Config) -> Iterator[Tuple[str, Any]]:
+    """Wait for the shared run's answer (PING meanwhile); its error, 504 at the timeout, ClientGone."""
+    deadline = time.monotonic() + config.timeout_ms / 1000
+    beat = config.heartbeat_ms / 1000
+    next_beat = time.monotonic() + beat
+    while not flight.done.wait(0.1):
+        now = time.monotonic()
+        if turn.cancelled:
+            raise ClientGone()
+        if now >= deadline:
+            raise timeout_error()
+        if beat and now >= next_beat:
+            yield PING, None
+            next_beat = now + beat
+    if flight.error is not None:
+        raise flight.error
+    if flight.answer is None:
+        raise shared_cancelled()
+    return flight.answer
+
+
+# -- models, keys, quotas, usage ---------------------------------------------------------
+
+
+def handle_health(h: Handler) -> None:
+    """200 while OCP can serve (ok or degraded), 503 when it cannot: monitors read the status."""
+    body = h.server.health(admin=h.caller.admin)
+    h.send_json(503 if body["status"] == "down" else 200, body)
+
+
+def handle_models(h: Handler) -> None:
+    """The models this caller may use: a key with an allowlist sees only those."""
+    models = [model_object(m) for m in h.server.models.models if model_allowed(h.caller, m)]
+    h.send_json(200, {"object": "list", "data": models})
+
+
+def handle_model(h: Handler, name: str) -> None:
+    model = h.server.models.find(urllib.parse.unquote(name))
+    if model is None:
+        raise ApiError(404, f"The model {name[:100]!r} does not exist.", code="model_not_found",
+                       param="model")
+    h.send_json(200, model_object(model))
+
+
+def handle_keys_list(h: Handler) -> None:
+    require_admin(h.caller)
+    h.send_json(200, {"object": "list", "data": [k.public() for k in h.server.store.keys()]})
+
+
+def handle_keys_add(h: Handler) -> None:
+    require_admin(h.caller)
+    body = h.read_json()
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object with a 'name'", None, "invalid_json")
+    name = check_key_name(body.get("name"))
+    quota, models = parse_quota(body, {f: None for f in QUOTA_FIELDS}, None, h.server.models)
+    key, secret = h.server.store.add_key(name, quota, models, h.server.wall())
+    h.audit("key.add", name, json.dumps({"quota": quota, "models": models}))
+    h.send_json(201, dict(key.public(), key=secret))
+
+
+def handle_key_revoke(h: Handler, ref: str) -> None:
+    require_admin(h.caller)
+    key = h.server.store.find_key(ref)
+    revoked = h.server.store.revoke_key(key, h.server.wall())
+    h.audit("key.revoke", key.name, "")
+    h.send_json(200, dict(h.server.store.find_key(str(key.id)).public(), revoked=revoked))
+
+
+def handle_quota_get(h: Handler, ref: str) -> None:
+    require_admin(h.caller)
+    h.send_json(200, quota_report(h.server.store, h.server.store.find_key(ref),
+                                     h.server.wall(), h.server.config.tzinfo))
+
+
+def handle_quota_set(h: Handler, ref: str) -> None:
+    require_admin(h.caller)
+    key = h.server.store.find_key(ref)
+    body = h.read_json()
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object of quota fields", None, "invalid_json")
+    quota, models = parse_quota(body, key.quota, key.models, h.server.models)
+    key = h.server.store.set_quota(key, quota, models)
+    h.audit("key.quota", key.name, json.dumps(body, sort_keys=True))
+    h.send_json(200, quota_report(h.server.store, key, h.server.wall(), h.server.config.tzinfo))
+
+
+def handle_usage(h: Handler) -> None:
+    query = urllib.parse.parse_qs(h.path.partition("?")[2])
+    since, until, limit, everyone = parse_usage_query(query, h.server.wall())
+    caller = h.caller
+    if everyone:
+        require_admin(caller)
+        h.audit("usage.all", "*", h.path.partition("?")[2][:200])
+    rows = h.server.store.usage_rows(None if everyone else (caller.key.id if caller.key else None),
+                                        None if everyone else caller.name, since, until, limit)
+    h.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
+
+
+def handle_plan_usage(h: Handler) -> None:
+    """Plan windows, the proxy's counters and per-model stats (admin)."""
+    require_admin(h.caller)
+    server = h.server
+    query = urllib.parse.parse_qs(h.path.partition("?")[2])
+    hours = (query.get("hours") or ["24"])[-1]
+    if not (digits(hours) and 1 <= int(hours) <= 24 * 366):
+        raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
+    since = int(server.wall()) - int(hours) * 3600
+    h.send_json(200, {"plan": plan_report(server.plan, server.wall()),
+                         "proxy": {"since": int(server.started_at),
+                                   "requests": server.store.status_counts(int(server.started_at)),
+                                   "cache": server.flights.snapshot()},
+                         "models": {"since": since, "data": server.store.model_stats(since)}})
+
+
+def handle_status(h: Handler) -> None:
+    require_admin(h.caller)
+    server = h.server
+    h.send_json(200, {"health": server.health(admin=True),
+                         "requests": dict(server.metrics.counts_by_status(), **server.runner.slots.snapshot()),
+                         "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall())})
+
+
+def handle_settings(h: Handler) -> None:
+    require_admin(h.caller)
+    h.send_json(200, settings_view(h.server.config))
+
+
+def handle_settings_change(h: Handler) -> None:
+    require_admin(h.caller)
+    body = h.read_json()
+    if not isinstance(body, dict) or not body:
+        raise bad_request("Send a JSON object of settings, e.g. {\"maxConcurrent\": 4}", None, "invalid_json")
+    result = h.server.apply_settings(body)
+    h.audit("settings", ",".join(sorted(body)), json.dumps(body, sort_keys=True))
+    h.send_json(200, result)
+
+
+def handle_logs(h: Handler) -> None:
+    require_admin(h.caller)
+    query = urllib.parse.parse_qs(h.path.partition("?")[2])
+    n, level = (query.get("n") or ["100"])[-1], (query.get("level") or ["DEBUG"])[-1].upper()
+    if not (digits(n) and 1 <= int(n) <= 1000):
+        raise bad_request("'n' must be a whole number from 1 to 1000", "n")
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise bad_request("'level' must be debug, info, warning or error", "level")
+    h.send_json(200, {"object": "list", "data": h.server.ring.tail(int(n), level)})
+
+
+def handle_metrics(h: Handler) -> None:
+    require_admin(h.caller)
+    text = h.server.metrics.render(h.server.gauges())
+    h.send_body(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def handle_sessions(h: Handler) -> None:
+    require_admin(h.caller)
+    h.send_json(200, {"object": "list", "data": h.server.runner.live()})
+
+
+def handle_sessions_clear(h: Handler) -> None:
+    require_admin(h.caller)
+    cancelled = h.server.runner.cancel_all()
+    h.audit("sessions.clear", "*", str(cancelled))
+    h.send_json(200, {"cancelled": cancelled})
+
+
+def handle_session_cancel(h: Handler, run_id: str) -> None:
+    require_admin(h.caller)
+    if not h.server.runner.cancel(run_id):
+        raise ApiError(404, f"No running session {run_id[:64]!r}.", code="session_not_found")
+    h.audit("sessions.cancel", run_id, "")
+    h.send_json(200, {"cancelled": 1})
+
+
+def handle_dashboard(h: Handler) -> None:
+    """The page itself is public and holds no data; everything it shows needs a login."""
+    page = shipped_file("dashboard.html")
+    scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'" for s in scripts)
+    h.send_body(200, page, "text/html; charset=utf-8", {
+        "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+                                   "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
+                                   "form-action 'none'; base-uri 'none'",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+
+def handle_connect_script(h: Handler) -> None:
+    """The client setup script: `curl -fsSL http://SERVER:3456/connect.py | python3 - SERVER`."""
+    h.send_body(200, shipped_file("ocp_connect.py"), "text/x-python; charset=utf-8", {"Cache-Control": "no-store"})
+
+
+def handle_dashboard_login(h: Handler) -> None:
+    server, address = h.server, h.client_address[0]
+    wait = server.logins.wait_s(address, server.wall())
+    if wait:
+        h.discard_body()
+        raise ApiError(429, f"Too many failed logins from this address; try again in {wait} s.",
+                       "rate_limit_error", "too_many_logins", headers={"Retry-After": str(wait)})
+    body = h.read_json()
+    given = body.get("key") if isinstance(body, dict) else None
+    caller = identify(given, server.config, server.admin_key, server.store) if isinstance(given, str) else None
+    if caller is None or not (caller.admin or caller.key):
+        server.logins.failed(address, server.wall())
+        h.audit("dashboard.login_failed", "-", "")
+        raise ApiError(401, "That key does not open the dashboard: use the admin key or your own key.",
+                       "invalid_request_error", "invalid_api_key")
+    token = server.sessions.create(caller, server.wall())
+    h.send_json(200, {"role": "admin" if caller.admin else "member", "name": caller.name},
+                   {"Set-Cookie": f"{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; "
+                                  f"Max-Age={SESSION_TTL_S}"})
+
+
+def handle_dashboard_logout(h: Handler) -> None:
+    h.discard_body()
+    token = cookie_value(h.headers.get("Cookie", ""), SESSION_COOKIE)
+    if token:
+        h.server.sessions.drop(token)
+    h.send_json(200, {"logged_out": True},
+                   {"Set-Cookie": f"{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"})
+
+
+def handle_dashboard_me(h: Handler) -> None:
+    """Who the browser's session is: 200 either way, so the page's first look logs no error."""
+    caller = h.caller
+    role = "admin" if caller.admin else ("member" if caller.key else None)
+    h.send_json(200, {"role": role, "name": caller.name if role else None})
+
+
+def handle_dashboard_data(h: Handler) -> None:
+    """Everything the dashboard shows, scoped to who is logged in: a member sees only its own."""
+    caller, server = h.caller, h.server
+    if not (caller.admin or caller.key):
+        raise ApiError(401, "Log in with the admin key or your own key.", code="login_required")
+    now = server.wall()
+    bucket, buckets = 3600, 24
+    since = int(now // bucket * bucket) - (buckets - 1) * bucket
+    keys = server.store.keys() if caller.admin else [caller.key]
+    mine = None if caller.admin else caller.key.id
+    usage = server.store.usage_by_key(int(now) - 30 * 86400, int(now) + 1)
+    recent = server.store.usage_rows(mine, None if caller.admin else caller.name, 0, int(now) + 1, 25)
+    h.send_json(200, {
+        "role": "admin" if caller.admin else "member", "name": caller.name, "now": int(now),
+        "health": server.health(admin=caller.admin), "plan": plan_report(server.plan, now),
+        "series": {"bucket_s": bucket, "points": server.store.usage_series(since, bucket, buckets, mine)},
+        "keys": [quota_report(server.store, k, now, server.config.tzinfo) for k in keys],
+        "usage_by_key": usage if caller.admin else [u for u in usage if u["key_name"] == caller.name],
+        "recent": recent})
+
+
+def handle_cache_stats(h: Handler) -> None:
+    require_admin(h.caller)
+    server = h.server
+    h.send_json(200, dict(server.store.cache_totals(server.wall()), **server.flights.snapshot(),
+                             enabled=bool(server.config.cache_ttl_ms), ttl_ms=server.config.cache_ttl_ms,
+                             max_entries=server.config.cache_max_entries,
+                             max_bytes=server.config.cache_max_bytes))
+
+
+def handle_cache_clear(h: Handler) -> None:
+    require_admin(h.caller)
+    cleared = h.server.store.cache_clear()
+    h.audit("cache.clear", "*", str(cleared))
+    h.send_json(200, {"cleared": cleared})
+
+
+def shipped_file(name: str) -> bytes:
+    """A file installed next to ocp.py (the dashboard, the connect script); 404 when missing."""
+    try:
+        with open(os.path.join(HERE, name), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ApiError(404, f"{name} is not installed next to ocp.py.", code="file_missing") from None
+
+
+# Every other route: (method, pattern) → function(handler, *path arguments); "*" matches one segment.
+ROUTES = {
+    ("GET", "/health"): handle_health,
+    ("GET", "/v1/models"): handle_models,
+    ("GET", "/v1/models/*"): handle_model,
+    ("GET", "/api/keys"): handle_keys_list,
+    ("POST", "/api/keys"): handle_keys_add,
+    ("DELETE", "/api/keys/*"): handle_key_revoke,
+    ("GET", "/api/keys/*/quota"): handle_quota_get,
+    ("PATCH", "/api/keys/*/quota"): handle_quota_set,
+    ("GET", "/api/usage"): handle_usage,
+    ("GET", "/cache/stats"): handle_cache_stats,
+    ("GET", "/usage"): handle_plan_usage,
+    ("GET", "/status"): handle_status,
+    ("GET", "/settings"): handle_settings,
+    ("PATCH", "/settings"): handle_settings_change,
+    ("GET", "/logs"): handle_logs,
+    ("GET", "/metrics"): handle_metrics,
+    ("GET", "/sessions"): handle_sessions,
+    ("DELETE", "/sessions"): handle_sessions_clear,
+    ("DELETE", "/sessions/*"): handle_session_cancel,
+    ("GET", "/dashboard"): handle_dashboard,
+    ("GET", "/connect.py"): handle_connect_script,
+    ("POST", "/dashboard/login"): handle_dashboard_login,
+    ("POST", "/dashboard/logout"): handle_dashboard_logout,
+    ("GET", "/dashboard/data"): handle_dashboard_data,
+    ("GET", "/dashboard/me"): handle_dashboard_me,
+    ("DELETE", "/cache"): handle_cache_clear,
+}
+PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me", "/connect.py")
+
+
+###############################################################################
 # HTTP ########################################################################
 ###############################################################################
 
-REPLAY_PIECE_CHARS = 24  # a cached or shared answer streams in pieces this size
 MAX_JSON_DEPTH = 64  # deeper request JSON is refused before anything walks it
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 ROUTE_ALIASES = {"/models": "/v1/models", "/chat/completions": "/v1/chat/completions"}
-COMPLETION_ROUTES = ("/v1/chat/completions",)  # refusals of a known caller are recorded per key
 MAX_BODY_READ_S = 120  # a body sent slower than this is cut off
 
 
@@ -3354,6 +4384,102 @@ class Deadlines:
                 self._cond.wait(None if not pending else max(0.0, self._wake_at - now))
 
 
+HANGUP = getattr(select, "POLLRDHUP", 0)  # Linux: a peer's close is seen even behind unread bytes
+
+
+def peer_closed(sock: Optional[socket.socket]) -> bool:
+    """Return True when the client at the other end of `sock` has hung up.
+
+    A client may have sent more after its body (a pipelined request, a stray
+    CRLF): POLLRDHUP still sees it leave. Without it (macOS) only a close with
+    nothing unread is seen here; the next write to the client finds the rest.
+    """
+    if sock is None:
+        return False
+    if HANGUP:
+        try:
+            poller = select.poll()
+            poller.register(sock, HANGUP)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+    try:
+        ready = select.select([sock], [], [], 0)[0]
+        if not ready:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+class Hangups:
+    """One thread that watches the sockets of requests being answered and calls back when a
+    client hangs up, so the request can cancel its turn (the runner never sees a socket).
+
+    With POLLRDHUP (Linux) a close is seen even behind unread bytes (a pipelined
+    request, a stray CRLF). Elsewhere a readable socket is peeked: a close with
+    nothing unread is seen, anything else stops the watch (the next write to the
+    client finds a later close). Thread-safe.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watched: Dict[int, Tuple[socket.socket, Callable[[], None]]] = {}
+        self._wake: Optional[Tuple[int, int]] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @contextlib.contextmanager
+    def watch(self, sock: socket.socket, on_hangup: Callable[[], None]) -> Iterator[None]:
+        """Call `on_hangup()` (from the watcher's thread) if the client leaves inside the block."""
+        fd = sock.fileno()
+        with self._lock:
+            if self._thread is None:
+                self._wake = os.pipe()
+                self._thread = threading.Thread(target=self._work, name="ocp-hangups", daemon=True)
+                self._thread.start()
+            self._watched[fd] = (sock, on_hangup)
+        self._poke()
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._watched.get(fd, (None,))[0] is sock:
+                    del self._watched[fd]
+            self._poke()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake[1], b"x")
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                watched = dict(self._watched)
+            for fd in self._ready(watched):
+                with self._lock:
+                    entry = self._watched.get(fd)
+                    if entry is None or entry[0] is not watched[fd][0]:
+                        continue
+                    del self._watched[fd]  # one call, or (data, no close) no more watching
+                if peer_closed(entry[0]):
+                    entry[1]()
+
+    def _ready(self, watched: Dict[int, Any]) -> List[int]:
+        """Wait for a hang-up or a change of the watch list; return the fds that fired."""
+        wake = self._wake[0]
+        if HANGUP:
+            poller = select.poll()
+            poller.register(wake, select.POLLIN)
+            for fd in watched:
+                poller.register(fd, HANGUP)
+            fired = [fd for fd, _ in poller.poll()]
+        else:
+            fired = select.select([wake] + list(watched), [], [])[0]
+        if wake in fired:
+            os.read(wake, 4096)
+        return [fd for fd in fired if fd != wake]
+
+
 class Server(ThreadingHTTPServer):
     """The daemon: owns config, models, runner and plan state; handlers reach it as self.server."""
 
@@ -3376,6 +4502,9 @@ class Server(ThreadingHTTPServer):
         self.wall = wall
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
+        self.ledger = Ledger(self)
+        self.hangups = Hangups()
+        self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()
         self.logins = LoginThrottle()
         self.deadlines = Deadlines()
@@ -3508,42 +4637,13 @@ class Server(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One connection. Routes through ROUTES; every failure leaves as OpenAI-shaped JSON."""
+    """One connection: reads the request, finds its route (TURN_ROUTES, ROUTES), and answers
+    every failure as JSON in the route's error shape (OpenAI's unless the route says)."""
 
     protocol_version = "HTTP/1.1"
     server_version = "ocp/" + __version__
     server: Server
 
-    ROUTES = {
-        ("GET", "/health"): "handle_health",
-        ("GET", "/v1/models"): "handle_models",
-        ("GET", "/v1/models/*"): "handle_model",
-        ("POST", "/v1/chat/completions"): "handle_chat_completions",
-        ("GET", "/api/keys"): "handle_keys_list",
-        ("POST", "/api/keys"): "handle_keys_add",
-        ("DELETE", "/api/keys/*"): "handle_key_revoke",
-        ("GET", "/api/keys/*/quota"): "handle_quota_get",
-        ("PATCH", "/api/keys/*/quota"): "handle_quota_set",
-        ("GET", "/api/usage"): "handle_usage",
-        ("GET", "/cache/stats"): "handle_cache_stats",
-        ("GET", "/usage"): "handle_plan_usage",
-        ("GET", "/status"): "handle_status",
-        ("GET", "/settings"): "handle_settings",
-        ("PATCH", "/settings"): "handle_settings_change",
-        ("GET", "/logs"): "handle_logs",
-        ("GET", "/metrics"): "handle_metrics",
-        ("GET", "/sessions"): "handle_sessions",
-        ("DELETE", "/sessions"): "handle_sessions_clear",
-        ("DELETE", "/sessions/*"): "handle_session_cancel",
-        ("GET", "/dashboard"): "handle_dashboard",
-        ("GET", "/connect.py"): "handle_connect_script",
-        ("POST", "/dashboard/login"): "handle_dashboard_login",
-        ("POST", "/dashboard/logout"): "handle_dashboard_logout",
-        ("GET", "/dashboard/data"): "handle_dashboard_data",
-        ("GET", "/dashboard/me"): "handle_dashboard_me",
-        ("DELETE", "/cache"): "handle_cache_clear",
-    }
-    PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me", "/connect.py")
 
     def setup(self) -> None:
         self.timeout = self.server.config.socket_timeout_s  # idle or slow clients can't pin a thread
@@ -3553,6 +4653,7 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request_id = ""
         self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
+        self.error_body = ApiError.body
         self.caller: Optional[Caller] = None
         self.body_read = False
         self.head_watch: Optional[int] = None
@@ -3567,8 +4668,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.deadlines.done(self.head_watch)
 
-    def route(self) -> Tuple[Optional[str], str, List[str]]:
-        """Return (handler name, route pattern, path arguments) for this request."""
+    def route(self) -> Tuple[Optional[Callable[..., None]], str, List[Any]]:
+        """Return (route function, route pattern, its arguments) for this request."""
         path = self.path.split("?", 1)[0].split("#", 1)[0]
         if "://" in path:  # absolute-form request target
             path = "/" + path.split("://", 1)[1].partition("/")[2]
@@ -3578,13 +4679,23 @@ class Handler(BaseHTTPRequestHandler):
         path = ROUTE_ALIASES.get(path, path)
         if path.startswith("/models/"):
             path = "/v1" + path
+        turn_route = self.server.turn_routes.get(path)
+        if turn_route is not None:
+            self.error_body = turn_route.json.error_body
+            return (answer_turn if self.command == "POST" else None), path, [turn_route]
         parts = path.split("/")
-        for _, pattern in self.ROUTES:
+        for _, pattern in ROUTES:
             shape = pattern.split("/")
             if len(shape) == len(parts) and all(s in ("*", p) for s, p in zip(shape, parts)):
                 args = [urllib.parse.unquote(p) for s, p in zip(shape, parts) if s == "*"]
-                return self.ROUTES.get((self.command, pattern)), pattern, args
+                return ROUTES.get((self.command, pattern)), pattern, args
         return None, path, []
+
+    def methods(self, pattern: str) -> List[str]:
+        """The methods a route pattern answers (405's Allow, CORS preflight)."""
+        if pattern in self.server.turn_routes:
+            return ["POST"]
+        return sorted(m for m, p in ROUTES if p == pattern)
 
     def dispatch(self) -> None:
         self.server.request_started()
@@ -3598,32 +4709,32 @@ class Handler(BaseHTTPRequestHandler):
         self.response_headers = {}
         self.caller = None  # per request: one connection may carry several
         self.body_read = False
-        self.admitted = False  # an Admission holds this request's usage row
+        self.admitted = False  # a Ticket holds this request's usage row
         self.refused_model = "-"
+        self.error_body = ApiError.body  # the route's error shape (OpenAI's unless it says)
         started = time.monotonic()
         self.status_sent = 0
-        name, key, args = self.route()
+        func, key, args = self.route()
         try:
             if self.server.deadlines.done(self.head_watch):
                 self.close_connection = True
                 raise ApiError(408, "The request headers arrived too slowly.", code="request_timeout")
             self.check_browser_safety()
-            if self.command == "OPTIONS" and any(p == key for _, p in self.ROUTES):
-                return self.answer_preflight(key)
-            if name is None:
-                allowed = sorted(m for (m, p) in self.ROUTES if p == key)
+            allowed = self.methods(key)
+            if self.command == "OPTIONS" and allowed:
+                return self.answer_preflight(allowed)
+            if func is None:
                 self.discard_body()
                 if allowed:
                     raise ApiError(405, f"{self.command} is not allowed on {key}", code="method_not_allowed",
                                    headers={"Allow": ", ".join(allowed)})
                 raise ApiError(404, f"Unknown route: {self.command} {key[:200]}", code="unknown_route")
             self.caller = self.authenticate(key)
-            getattr(self, name)(*args)
+            func(self, *args)
         except ApiError as e:
-            if key in COMPLETION_ROUTES and self.caller is not None and not self.admitted:
+            if key in self.server.turn_routes and self.caller is not None and not self.admitted:
                 # Before the answer leaves, as every usage row: a client that asks at once sees it.
-                self.server.store.record_refusal(self.caller.key, self.caller.name, self.refused_model,
-                                                 self.request_id, e.status, self.server.wall())
+                self.server.ledger.refused(self.caller, self.refused_model, self.request_id, e.status)
             self.send_api_error(e)
         except (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
@@ -3634,7 +4745,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
-        self.server.metrics.respond(key if name else "(unknown)", self.command if name else "-", self.status_sent)
+        self.server.metrics.respond(key if func else "(unknown)", self.command if func else "-", self.status_sent)
         log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
                  extra={"request_id": self.request_id, "method": self.command, "route": key,
                         "status": self.status_sent, "ms": int((time.monotonic() - started) * 1000),
@@ -3645,7 +4756,7 @@ class Handler(BaseHTTPRequestHandler):
         if error.status >= 500 or error.status == 429:
             log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
         try:
-            self.send_json(error.status, error.body(), error.headers)
+            self.send_json(error.status, self.error_body(error), error.headers)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
 
@@ -3660,7 +4771,7 @@ class Handler(BaseHTTPRequestHandler):
             caller = server.sessions.resolve(token, server.store, server.wall())
             if caller is not None:
                 return caller
-        if route in self.PUBLIC_ROUTES:
+        if route in PUBLIC_ROUTES:
             return identify(given, server.config, server.admin_key, server.store) or Caller("public")
         try:
             return authenticate(given, server.config, server.admin_key, server.store)
@@ -3683,8 +4794,7 @@ class Handler(BaseHTTPRequestHandler):
         if origin:
             self.response_headers.update({"Access-Control-Allow-Origin": origin, "Vary": "Origin"})
 
-    def answer_preflight(self, route: str) -> None:
-        methods = sorted(m for m, p in self.ROUTES if p == route)
+    def answer_preflight(self, methods: List[str]) -> None:
         self.discard_body()
         self.send_response(204)
         self.status_sent = 204
@@ -3740,11 +4850,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")  # the stream ends when the connection does
         self.end_headers()
         self.close_connection = True
-
-    def send_event(self, data: Any) -> None:
-        payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-        self.wfile.write(f"data: {payload}\n\n".encode("utf-8"))
-        self.wfile.flush()
 
     def read_body(self) -> bytes:
         """Return the whole request body; 413 (and close) past the cap, 400 when malformed.
@@ -3857,677 +4962,8 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
 
-    # -- routes ----------------------------------------------------------------
-
-    def handle_health(self) -> None:
-        """200 while OCP can serve (ok or degraded), 503 when it cannot: monitors read the status."""
-        body = self.server.health(admin=self.caller.admin)
-        self.send_json(503 if body["status"] == "down" else 200, body)
-
-    def handle_models(self) -> None:
-        """The models this caller may use: a key with an allowlist sees only those."""
-        models = [model_object(m) for m in self.server.models.models if model_allowed(self.caller, m)]
-        self.send_json(200, {"object": "list", "data": models})
-
-    def handle_model(self, name: str) -> None:
-        model = self.server.models.find(urllib.parse.unquote(name))
-        if model is None:
-            raise ApiError(404, f"The model {name[:100]!r} does not exist.", code="model_not_found",
-                           param="model")
-        self.send_json(200, model_object(model))
-
-    def handle_chat_completions(self) -> None:
-        server = self.server
-        body = self.read_json()
-        request = parse_chat_request(body, server.models, server.config)
-        self.refused_model = request.model.id
-        check_model_allowed(self.caller, request.model)
-        system, blocks = messages_to_input(request, server.config, server.turn_secret,
-                                           fetch_image if server.config.allow_image_urls else None)
-        check_prompt_budget(system, blocks, request, server.config)
-        if request.user:
-            log.info("%s user=%s model=%s", self.request_id, request.user[:64], request.model.id)
-        job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, self.request_id,
-                  self.caller.name)
-        turn = (ChatStream if request.stream else ChatTurn)(self, request, job)
-        owner = str(self.caller.key.id) if self.caller.key else self.caller.name
-        key = cache_key(owner, request, body) if server.config.cache_ttl_ms and not cache_bypass(body) else ""
-        if key and self.answer_from_cache(turn, key):
-            return
-        with Admission(self, request.model.id, turn) as admission:
-            self.response_headers.update(admission.headers)
-            server.plan.check(server.wall(), server.config.plan_only)
-            if key:
-                self.response_headers["x-ocp-cache"] = "miss"
-                turn.run_shared(key, owner)
-            else:
-                turn.respond()
-
-    def answer_from_cache(self, turn: ChatTurn, key: str) -> bool:
-        """Replay a cached answer (free of quota, logged as cached); False on a miss."""
-        server = self.server
-        answer = server.store.cache_get(key, server.wall())
-        server.flights.count("hits" if answer else "misses")
-        if answer is None:
-            return False
-        server.store.record_cached(self.caller.key, self.caller.name, turn.request.model.id, self.request_id,
-                                   answer["usage"], int((time.monotonic() - turn.started) * 1000),
-                                   server.wall())
-        server.metrics.record("cached", turn.request.model.id, self.caller.name, time.monotonic() - turn.started, None)
-        turn.replay(answer, "hit")
-        return True
-
-    # -- keys, quotas, usage -----------------------------------------------------
-
-    def handle_keys_list(self) -> None:
-        require_admin(self.caller)
-        self.send_json(200, {"object": "list", "data": [k.public() for k in self.server.store.keys()]})
-
-    def handle_keys_add(self) -> None:
-        require_admin(self.caller)
-        body = self.read_json()
-        if not isinstance(body, dict):
-            raise bad_request("The body must be a JSON object with a 'name'", None, "invalid_json")
-        name = check_key_name(body.get("name"))
-        quota, models = parse_quota(body, {f: None for f in QUOTA_FIELDS}, None, self.server.models)
-        key, secret = self.server.store.add_key(name, quota, models, self.server.wall())
-        self.audit("key.add", name, json.dumps({"quota": quota, "models": models}))
-        self.send_json(201, dict(key.public(), key=secret))
-
-    def handle_key_revoke(self, ref: str) -> None:
-        require_admin(self.caller)
-        key = self.server.store.find_key(ref)
-        revoked = self.server.store.revoke_key(key, self.server.wall())
-        self.audit("key.revoke", key.name, "")
-        self.send_json(200, dict(self.server.store.find_key(str(key.id)).public(), revoked=revoked))
-
-    def handle_quota_get(self, ref: str) -> None:
-        require_admin(self.caller)
-        self.send_json(200, quota_report(self.server.store, self.server.store.find_key(ref),
-                                         self.server.wall(), self.server.config.tzinfo))
-
-    def handle_quota_set(self, ref: str) -> None:
-        require_admin(self.caller)
-        key = self.server.store.find_key(ref)
-        body = self.read_json()
-        if not isinstance(body, dict):
-            raise bad_request("The body must be a JSON object of quota fields", None, "invalid_json")
-        quota, models = parse_quota(body, key.quota, key.models, self.server.models)
-        key = self.server.store.set_quota(key, quota, models)
-        self.audit("key.quota", key.name, json.dumps(body, sort_keys=True))
-        self.send_json(200, quota_report(self.server.store, key, self.server.wall(), self.server.config.tzinfo))
-
-    def handle_usage(self) -> None:
-        query = urllib.parse.parse_qs(self.path.partition("?")[2])
-        since, until, limit, everyone = parse_usage_query(query, self.server.wall())
-        caller = self.caller
-        if everyone:
-            require_admin(caller)
-            self.audit("usage.all", "*", self.path.partition("?")[2][:200])
-        rows = self.server.store.usage_rows(None if everyone else (caller.key.id if caller.key else None),
-                                            None if everyone else caller.name, since, until, limit)
-        self.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
-
-    def handle_plan_usage(self) -> None:
-        """Plan windows, the proxy's counters and per-model stats (admin)."""
-        require_admin(self.caller)
-        server = self.server
-        query = urllib.parse.parse_qs(self.path.partition("?")[2])
-        hours = (query.get("hours") or ["24"])[-1]
-        if not (digits(hours) and 1 <= int(hours) <= 24 * 366):
-            raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
-        since = int(server.wall()) - int(hours) * 3600
-        self.send_json(200, {"plan": plan_report(server.plan, server.wall()),
-                             "proxy": {"since": int(server.started_at),
-                                       "requests": server.store.status_counts(int(server.started_at)),
-                                       "cache": server.flights.snapshot()},
-                             "models": {"since": since, "data": server.store.model_stats(since)}})
-
-    def handle_status(self) -> None:
-        require_admin(self.caller)
-        server = self.server
-        self.send_json(200, {"health": server.health(admin=True),
-                             "requests": dict(server.metrics.counts_by_status(), **server.runner.slots.snapshot()),
-                             "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall())})
-
-    def handle_settings(self) -> None:
-        require_admin(self.caller)
-        self.send_json(200, settings_view(self.server.config))
-
-    def handle_settings_change(self) -> None:
-        require_admin(self.caller)
-        body = self.read_json()
-        if not isinstance(body, dict) or not body:
-            raise bad_request("Send a JSON object of settings, e.g. {\"maxConcurrent\": 4}", None, "invalid_json")
-        result = self.server.apply_settings(body)
-        self.audit("settings", ",".join(sorted(body)), json.dumps(body, sort_keys=True))
-        self.send_json(200, result)
-
-    def handle_logs(self) -> None:
-        require_admin(self.caller)
-        query = urllib.parse.parse_qs(self.path.partition("?")[2])
-        n, level = (query.get("n") or ["100"])[-1], (query.get("level") or ["DEBUG"])[-1].upper()
-        if not (digits(n) and 1 <= int(n) <= 1000):
-            raise bad_request("'n' must be a whole number from 1 to 1000", "n")
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise bad_request("'level' must be debug, info, warning or error", "level")
-        self.send_json(200, {"object": "list", "data": self.server.ring.tail(int(n), level)})
-
-    def handle_metrics(self) -> None:
-        require_admin(self.caller)
-        text = self.server.metrics.render(self.server.gauges())
-        self.send_body(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def handle_sessions(self) -> None:
-        require_admin(self.caller)
-        self.send_json(200, {"object": "list", "data": self.server.runner.live()})
-
-    def handle_sessions_clear(self) -> None:
-        require_admin(self.caller)
-        cancelled = self.server.runner.cancel_all()
-        self.audit("sessions.clear", "*", str(cancelled))
-        self.send_json(200, {"cancelled": cancelled})
-
-    def handle_session_cancel(self, run_id: str) -> None:
-        require_admin(self.caller)
-        if not self.server.runner.cancel(run_id):
-            raise ApiError(404, f"No running session {run_id[:64]!r}.", code="session_not_found")
-        self.audit("sessions.cancel", run_id, "")
-        self.send_json(200, {"cancelled": 1})
-
-    def handle_dashboard(self) -> None:
-        """The page itself is public and holds no data; everything it shows needs a login."""
-        page = shipped_file("dashboard.html")
-        scripts = re.findall(rb"<script>(.*?)</script>", page, re.S)
-        hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s).digest()).decode() + "'" for s in scripts)
-        self.send_body(200, page, "text/html; charset=utf-8", {
-            "Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
-                                       "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
-                                       "form-action 'none'; base-uri 'none'",
-            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
-
-    def handle_connect_script(self) -> None:
-        """The client setup script: `curl -fsSL http://SERVER:3456/connect.py | python3 - SERVER`."""
-        self.send_body(200, shipped_file("ocp_connect.py"), "text/x-python; charset=utf-8", {"Cache-Control": "no-store"})
-
-    def handle_dashboard_login(self) -> None:
-        server, address = self.server, self.client_address[0]
-        wait = server.logins.wait_s(address, server.wall())
-        if wait:
-            self.discard_body()
-            raise ApiError(429, f"Too many failed logins from this address; try again in {wait} s.",
-                           "rate_limit_error", "too_many_logins", headers={"Retry-After": str(wait)})
-        body = self.read_json()
-        given = body.get("key") if isinstance(body, dict) else None
-        caller = identify(given, server.config, server.admin_key, server.store) if isinstance(given, str) else None
-        if caller is None or not (caller.admin or caller.key):
-            server.logins.failed(address, server.wall())
-            self.audit("dashboard.login_failed", "-", "")
-            raise ApiError(401, "That key does not open the dashboard: use the admin key or your own key.",
-                           "invalid_request_error", "invalid_api_key")
-        token = server.sessions.create(caller, server.wall())
-        self.send_json(200, {"role": "admin" if caller.admin else "member", "name": caller.name},
-                       {"Set-Cookie": f"{SESSION_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; "
-                                      f"Max-Age={SESSION_TTL_S}"})
-
-    def handle_dashboard_logout(self) -> None:
-        self.discard_body()
-        token = cookie_value(self.headers.get("Cookie", ""), SESSION_COOKIE)
-        if token:
-            self.server.sessions.drop(token)
-        self.send_json(200, {"logged_out": True},
-                       {"Set-Cookie": f"{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"})
-
-    def handle_dashboard_me(self) -> None:
-        """Who the browser's session is: 200 either way, so the page's first look logs no error."""
-        caller = self.caller
-        role = "admin" if caller.admin else ("member" if caller.key else None)
-        self.send_json(200, {"role": role, "name": caller.name if role else None})
-
-    def handle_dashboard_data(self) -> None:
-        """Everything the dashboard shows, scoped to who is logged in: a member sees only its own."""
-        caller, server = self.caller, self.server
-        if not (caller.admin or caller.key):
-            raise ApiError(401, "Log in with the admin key or your own key.", code="login_required")
-        now = server.wall()
-        bucket, buckets = 3600, 24
-        since = int(now // bucket * bucket) - (buckets - 1) * bucket
-        keys = server.store.keys() if caller.admin else [caller.key]
-        mine = None if caller.admin else caller.key.id
-        usage = server.store.usage_by_key(int(now) - 30 * 86400, int(now) + 1)
-        recent = server.store.usage_rows(mine, None if caller.admin else caller.name, 0, int(now) + 1, 25)
-        self.send_json(200, {
-            "role": "admin" if caller.admin else "member", "name": caller.name, "now": int(now),
-            "health": server.health(admin=caller.admin), "plan": plan_report(server.plan, now),
-            "series": {"bucket_s": bucket, "points": server.store.usage_series(since, bucket, buckets, mine)},
-            "keys": [quota_report(server.store, k, now, server.config.tzinfo) for k in keys],
-            "usage_by_key": usage if caller.admin else [u for u in usage if u["key_name"] == caller.name],
-            "recent": recent})
-
-    def handle_cache_stats(self) -> None:
-        require_admin(self.caller)
-        server = self.server
-        self.send_json(200, dict(server.store.cache_totals(server.wall()), **server.flights.snapshot(),
-                                 enabled=bool(server.config.cache_ttl_ms), ttl_ms=server.config.cache_ttl_ms,
-                                 max_entries=server.config.cache_max_entries,
-                                 max_bytes=server.config.cache_max_bytes))
-
-    def handle_cache_clear(self) -> None:
-        require_admin(self.caller)
-        cleared = self.server.store.cache_clear()
-        self.audit("cache.clear", "*", str(cleared))
-        self.send_json(200, {"cleared": cleared})
-
     def audit(self, action: str, target: str, detail: str) -> None:
         self.server.store.audit(f"http:{self.client_address[0]}", action, target, detail, self.server.wall())
-
-
-def shared_cancelled() -> ApiError:
-    return ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
-                    "shared_request_cancelled", headers={"Retry-After": "1"})
-
-
-def shipped_file(name: str) -> bytes:
-    """A file installed next to ocp.py (the dashboard, the connect script); 404 when missing."""
-    try:
-        with open(os.path.join(HERE, name), "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise ApiError(404, f"{name} is not installed next to ocp.py.", code="file_missing") from None
-
-
-class ChatTurn:
-    """Runs a chat request through the CLI and builds its answer (the non-streaming recipe)."""
-
-    def __init__(self, handler: Handler, request: ChatRequest, job: Job):
-        self.handler, self.server = handler, handler.server
-        self.request, self.job = request, job
-        self.completion_id = "chatcmpl-" + secrets.token_hex(12)
-        self.created = int(self.server.wall())
-        self.started = time.monotonic()
-        self.ttft_ms: Optional[int] = None
-        self.cost_usd = 0.0
-        self.outcome: Optional[Dict[str, Any]] = None
-        self.failure: Optional[ApiError] = None  # an error already sent in-band
-        self.keep_going: Callable[[], bool] = lambda: False  # followers still want the answer
-        self.detached = False  # our client left; the run goes on for followers
-        self.overage = False  # this answer was paid from extra usage
-        self.delivered = False  # some of the answer was written to the client
-        self.answers: List[Answer] = []  # every CLI run of this turn, for usage when it is cut short
-        self.settle: Callable[..., None] = lambda *outcome: None  # Admission.settle once admitted
-
-    @property
-    def usage(self) -> Optional[Dict[str, Any]]:
-        """The answer's usage; for a turn cut short, what its model calls reported so far."""
-        if self.outcome:
-            return self.outcome["usage"]
-        usage = None
-        for answer in self.answers:
-            usage = merge_usage(usage, answer.usage()) if usage else answer.usage()
-        if usage and not usage["completion_tokens"]:  # cut off before the CLI counted its output
-            estimate = -(-sum(len(a.text) + len("".join(a.reasoning)) for a in self.answers) // CHARS_PER_TOKEN)
-            usage = dict(usage, completion_tokens=estimate, total_tokens=usage["prompt_tokens"] + estimate)
-        return usage
-
-    def log_exchange(self, status: str) -> None:
-        """Only with OCP_LOG_PROMPTS=1: the operator asked to see what was said."""
-        prompt = "\n".join(b.get("text", "[image]") for b in self.job.blocks)
-        log.info("%s exchange", self.handler.request_id, extra={
-            "request_id": self.handler.request_id, "status": status, "system": self.job.system_prompt,
-            "prompt": prompt, "answer": (self.outcome or {}).get("content")})
-
-    def respond(self) -> None:
-        body = self.complete()
-        self.settle("ok", 200)
-        self.handler.send_json(200, body, {"x-ocp-plan-overage": "true"} if self.overage else None)
-
-    def replay(self, outcome: Dict[str, Any], source: str) -> None:
-        """Answer with a finished answer (a cache hit, or a run shared with others)."""
-        self.outcome = outcome
-        self.settle("ok", 200)
-        self.handler.send_json(200, chat_completion(self.completion_id, self.created,
-                                                    self.request.model.id, outcome),
-                               {"x-ocp-cache": source})
-
-    def wait_heartbeat(self) -> None:
-        """Nothing to send while a non-streaming follower waits."""
-
-    def await_flight(self, flight: Flight) -> Dict[str, Any]:
-        """Wait for the shared run's answer; raise its error, 504 at the timeout, ClientGone."""
-        config = self.server.config
-        deadline = time.monotonic() + config.timeout_ms / 1000
-        beat = config.heartbeat_ms / 1000
-        next_beat = time.monotonic() + beat
-        while not flight.done.wait(0.1):
-            now = time.monotonic()
-            if peer_closed(self.handler.connection):
-                raise ClientGone()
-            if now >= deadline:
-                raise timeout_error()
-            if beat and now >= next_beat:
-                self.wait_heartbeat()
-                next_beat = now + beat
-        if flight.error is not None:
-            raise flight.error
-        if flight.answer is None:
-            raise shared_cancelled()
-        return flight.answer
-
-    def run_shared(self, key: str, owner: str) -> None:
-        """Lead the CLI run for identical concurrent requests, or follow one and replay its answer."""
-        server = self.server
-        flight, leader = server.flights.join(key)
-        if not leader:
-            try:
-                outcome = self.await_flight(flight)
-            finally:
-                server.flights.leave(flight)
-            return self.replay(outcome, "shared")
-        self.keep_going = lambda: flight.followers > 0
-        settle, landed = self.settle, False
-
-        def publish(answer: Optional[Dict[str, Any]], error: Optional[ApiError]) -> None:
-            nonlocal landed
-            if landed:
-                return
-            landed = True
-            if answer and answer["finish_reason"] == "stop" and not answer["refusal"]:
-                server.store.cache_put(key, owner, self.request.model.id, answer, server.wall(),
-                                       server.config.cache_ttl_ms / 1000, server.config.cache_max_entries,
-                                       server.config.cache_max_bytes)
-            server.flights.land(key, flight, answer, error)
-
-        def publish_then_settle(status: str, code: int, error: Optional[ApiError] = None) -> None:
-            # Before our own client's last bytes: one that repeats the question at once gets a hit.
-            answered = error is None and self.failure is None  # also when our own client left
-            publish(self.outcome if answered else None, error or self.failure)
-            settle(status, code, error)
-
-        self.settle = publish_then_settle
-        try:
-            self.respond()
-        except ApiError as e:
-            publish(None, e)
-            raise
-        except BaseException:
-            publish(None, shared_cancelled())
-            raise
-        publish(self.outcome if self.failure is None else None, self.failure)
-
-    def run_cli(self, job: Job, on_delta: Callable[[str, str], bool],
-                on_heartbeat: Callable[[], None] = lambda: None) -> Answer:
-        """Run one CLI job; `on_delta` returns False to end the turn early (stop sequence)."""
-        answer = Answer()
-        self.answers.append(answer)
-        events = self.server.runner.run(job, self.handler.connection, self.keep_going)
-        try:
-            for event in events:
-                if event is HEARTBEAT:
-                    on_heartbeat()
-                    continue
-                if event.get("type") == "rate_limit_event" and \
-                        self.server.plan.observe(event.get("rate_limit_info") or {}):
-                    self.overage = True
-                    log.warning("%s was paid from the subscription's extra usage", self.handler.request_id)
-                for kind, text in answer.feed(event):
-                    if self.ttft_ms is None:
-                        self.ttft_ms = int((time.monotonic() - self.started) * 1000)
-                    if on_delta(kind, text) is False:
-                        return answer
-                if job.max_tokens and answer.hit_max_tokens():
-                    # The CLI would ask Anthropic to continue (even with --max-turns 1),
-                    # spending the plan on text the client said it does not want.
-                    return answer
-        finally:
-            events.close()
-            self.cost_usd += float((answer.result or {}).get("total_cost_usd") or 0)
-        now = self.server.wall()
-        answer.failure = answer.error(now)
-        if answer.failure is not None and answer.failure.code == "usage_limit_reached":
-            resets_at = plan_reset(answer.api_error or {}, answer.rate_limits) or int(now + 3600)
-            self.server.plan.hold(resets_at, answer.failure.message)
-        return answer
-
-    def complete(self) -> Dict[str, Any]:
-        scanner = StopScanner(self.request.stop)
-        parts: List[str] = []
-
-        def collect(kind: str, text: str) -> bool:
-            if kind == "content":
-                parts.append(scanner.feed(text))
-                return not scanner.stopped
-            return True
-
-        answer = self.run_cli(self.job, collect)
-        raise_failure(answer)
-        content = "".join(parts) + scanner.flush()
-        finish = "stop" if scanner.stopped else answer.finish_reason()
-        if self.request.response_format != "text":
-            self.outcome = self.structured(answer, content)
-        else:
-            self.outcome = outcome_of(answer, content, finish)
-        return chat_completion(self.completion_id, self.created, self.request.model.id, self.outcome)
-
-    def structured(self, answer: Answer, content: str,
-                   on_heartbeat: Callable[[], None] = lambda: None) -> Dict[str, Any]:
-        """Validate a JSON answer (an outcome); retry once with the problem, else a refusal."""
-        problem = json_problem(content, self.request)
-        usage = answer.usage()
-        if problem:
-            retry = self.retry_job(content, problem)
-            second = self.run_cli(retry, lambda kind, text: True, on_heartbeat)
-            raise_failure(second)
-            usage = merge_usage(usage, second.usage())
-            content, answer = second.text, second
-            problem = json_problem(content, self.request)
-        if problem:
-            refusal = f"The model did not produce the requested JSON: {problem}"
-            return outcome_of(answer, None, "stop", refusal, usage)
-        return outcome_of(answer, normalize_json(content), answer.finish_reason(), None, usage)
-
-    def retry_job(self, reply: str, problem: str) -> Job:
-        messages = self.request.messages + (
-            {"role": "assistant", "content": reply},
-            {"role": "user", "content": f"That reply was not accepted: {problem}. Reply again "
-                                        "with only the corrected JSON."})
-        retried = dataclasses.replace(self.request, messages=messages)
-        system, blocks = messages_to_input(retried, self.server.config, self.server.turn_secret)
-        return dataclasses.replace(self.job, system_prompt=system, blocks=blocks)
-
-
-def raise_failure(answer: Answer) -> None:
-    if answer.failure is not None:
-        raise answer.failure
-
-
-class Admission:
-    """One request's quota reservation and usage row: reserved on entry, recorded on exit.
-
-    The exit records ok, error (with its status) or cancelled, whatever ended
-    the request; error and cancelled rows release the reservation.
-    """
-
-    def __init__(self, handler: Handler, model_id: str, turn: "ChatTurn"):
-        self.store, self.turn = handler.server.store, turn
-        now = handler.server.wall()
-        bounds = period_bounds(now, handler.server.config.tzinfo)
-        caller = handler.caller
-        try:
-            self.row, counts = self.store.reserve(caller.key, caller.name, model_id, handler.request_id,
-                                                  now, bounds)
-        except QuotaExceeded as e:
-            raise quota_error(e.breach, now) from None
-        self.headers = ratelimit_headers(caller.key, counts, bounds, now)
-        self.settled = False
-        handler.admitted = True
-        turn.settle = self.settle
-
-    def __enter__(self) -> "Admission":
-        return self
-
-    def settle(self, status: str, code: int, error: Optional[ApiError] = None) -> None:
-        """Record how the request ended, once: called just before its last bytes leave, so a
-        client that then asks /api/usage or /metrics already sees it."""
-        if self.settled:
-            return
-        self.settled = True
-        turn = self.turn
-        self.store.finish(self.row, status, code, turn.usage if status in ("ok", "partial") else None, turn.cost_usd,
-                          turn.ttft_ms, int((time.monotonic() - turn.started) * 1000))
-        turn.server.record_outcome(status, error)
-        turn.server.metrics.record(status, turn.request.model.id, turn.handler.caller.name,
-                                   time.monotonic() - turn.started,
-                                   turn.ttft_ms / 1000 if turn.ttft_ms is not None else None)
-        if status in ("ok", "partial"):
-            turn.server.metrics.count_tokens(turn.request.model.id, turn.handler.caller.name, turn.usage)
-        if turn.server.config.log_prompts:
-            turn.log_exchange(status)
-
-    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
-        turn = self.turn
-        if error is None and turn.failure is not None:
-            status, code = "error", turn.failure.status
-        elif error is None and turn.detached:
-            status, code = left_early(turn)  # our client left; the run went on for others
-        elif error is None:
-            status, code = "ok", 200
-        elif isinstance(error, ApiError):
-            status, code = "error", error.status
-        elif isinstance(error, (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout)):
-            status, code = left_early(turn)
-        else:
-            status, code = "error", 500
-        self.settle(status, code, error if isinstance(error, ApiError) else turn.failure)
-
-
-def left_early(turn: "ChatTurn") -> Tuple[str, int]:
-    """A client that left after part of its answer reached it has used the request: only one
-    that got nothing gives its quota back."""
-    return ("partial", 499) if turn.delivered else ("cancelled", 499)
-
-
-class ChatStream(ChatTurn):
-    """The streaming recipe: SSE headers on the first chunk or heartbeat, deltas as they come."""
-
-    def __init__(self, handler: Handler, request: ChatRequest, job: Job):
-        super().__init__(handler, request, job)
-        self.streaming = False
-
-    def start(self) -> None:
-        if not self.streaming:
-            self.streaming = True
-            if self.server.plan.in_overage(self.server.wall()):
-                self.handler.response_headers["x-ocp-plan-overage"] = "true"
-            self.handler.send_event_stream()
-            self.send({"role": "assistant", "content": ""})
-
-    def send(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
-        self.emit(chat_chunk(self.completion_id, self.created, self.request.model.id,
-                             delta, finish, self.request.include_usage))
-        if not self.detached and (delta.get("content") or delta.get("reasoning_content") or delta.get("refusal")):
-            self.delivered = True
-
-    def emit(self, payload: Any) -> None:
-        """Write one SSE event; a client that left is dropped, unless followers keep the run going."""
-        if self.detached:
-            if not self.keep_going():
-                raise ClientGone()  # the followers left too: the run is for nobody now
-            return
-        try:
-            self.handler.send_event(payload)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            if not self.keep_going():
-                raise ClientGone() from None
-            self.detached = True
-
-    def heartbeat(self) -> None:
-        self.start()
-        self.emit_comment(b": keepalive\n\n")
-
-    def emit_comment(self, line: bytes) -> None:
-        if self.detached:
-            if not self.keep_going():
-                raise ClientGone()
-            return
-        try:
-            self.handler.wfile.write(line)
-            self.handler.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            if not self.keep_going():
-                raise ClientGone() from None
-            self.detached = True
-
-    wait_heartbeat = heartbeat
-
-    def respond(self) -> None:
-        self.run()
-
-    def replay(self, outcome: Dict[str, Any], source: Optional[str]) -> None:
-        self.outcome = outcome
-        if source and not self.streaming:
-            self.handler.response_headers["x-ocp-cache"] = source
-        self.start()
-        if outcome["reasoning"]:
-            self.send({"reasoning_content": outcome["reasoning"]})
-        if outcome["content"] is None:
-            self.send({"refusal": outcome["refusal"]})
-        for start in range(0, len(outcome["content"] or ""), REPLAY_PIECE_CHARS):
-            self.send({"content": outcome["content"][start:start + REPLAY_PIECE_CHARS]})
-        self.finish(outcome["finish_reason"], outcome["usage"])
-
-    def run(self) -> None:
-        try:
-            if self.request.response_format != "text":
-                self.run_structured()
-            else:
-                self.run_text()
-        except ApiError as error:
-            if not self.streaming:
-                raise
-            self.failure = error
-            self.settle("error", error.status, error)
-            self.emit(error.body())
-            self.emit("[DONE]")
-
-    def run_text(self) -> None:
-        scanner = StopScanner(self.request.stop)
-
-        sent_content: List[str] = []
-
-        def forward(kind: str, text: str) -> bool:
-            if kind == "content":
-                text = scanner.feed(text)
-                sent_content.append(text)
-            self.start()
-            if text:
-                self.send({"content": text} if kind == "content" else {"reasoning_content": text})
-            return not scanner.stopped
-
-        answer = self.run_cli(self.job, forward, self.heartbeat)
-        raise_failure(answer)
-        self.start()
-        rest = scanner.flush()
-        if rest:
-            self.send({"content": rest})
-            sent_content.append(rest)
-        self.outcome = outcome_of(answer, "".join(sent_content),
-                                  "stop" if scanner.stopped else answer.finish_reason())
-        self.finish(self.outcome["finish_reason"], self.outcome["usage"])
-
-    def run_structured(self) -> None:
-        answer = self.run_cli(self.job, lambda kind, text: True, self.heartbeat)
-        raise_failure(answer)
-        outcome = self.structured(answer, answer.text, self.heartbeat)
-        self.replay(outcome, None)
-
-    def finish(self, finish_reason: str, usage: Dict[str, Any]) -> None:
-        if self.overage and "x-ocp-plan-overage" not in self.handler.response_headers:
-            self.emit_comment(b": x-ocp-plan-overage: true\n\n")  # learnt after the headers left
-        self.send({}, finish_reason)
-        if self.request.include_usage:
-            self.emit(usage_chunk(self.completion_id, self.created, self.request.model.id, usage))
-        self.settle(*(left_early(self) if self.detached else ("ok", 200)))
-        self.emit("[DONE]")
 
 
 ###############################################################################
@@ -5063,15 +5499,20 @@ def live_request(runner: Runner) -> str:
     job = Job("haiku", "Reply with the single word OK.", ({"type": "text", "text": "ping"},), max_tokens=16,
               request_id="doctor", owner="doctor")
     answer = Answer()
-    events = runner.run(job)
+    lease = runner.lease(job)
     try:
-        for event in events:
+        for _ in lease.acquire():
+            pass
+        for event in lease.exchange(job.blocks):
             if event is not HEARTBEAT:
                 answer.feed(event)
     except ApiError as e:
         return e.message
     finally:
-        events.close()
+        if answer.result is not None:
+            lease.release()
+        else:
+            lease.kill()
     error = answer.error(time.time())
     return error.message if error and not answer.hit_max_tokens() else ""
 

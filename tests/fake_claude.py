@@ -17,7 +17,11 @@ garbage (unparsable lines between events), usage ({input, output,
 cache_read, cache_creation}), overage (the answer is paid from extra usage),
 ignore_term (survive SIGTERM), grandchild (leave a sleeping child in the
 group), stderr (text for stderr), tail_ms (pause between the answer's last
-event and the result).
+event and the result), control (send a control_request of that subtype first).
+
+With --input-format stream-json each stdin line is one user turn, answered up
+to its `result` before the next line is read, as the real CLI does: stdin may
+stay open between turns (a leased process). The directive is read per turn.
 
 CLAUDE_CODE_MAX_OUTPUT_TOKENS cuts the answer at 4 characters a token with
 stop_reason max_tokens; then, as the real CLI does even with --max-turns 1, it
@@ -344,11 +348,16 @@ def split(text, count):
 
 
 def read_input(opts):
-    """Return the user content blocks, as the real CLI reads them."""
+    """Yield each user turn's content blocks as the real CLI reads them: with
+    --input-format stream-json one turn per stdin line, answered before the next
+    is read (stdin may stay open: a warm process); otherwise the one prompt."""
     if opts["input"] != "stream-json":
-        return [{"type": "text", "text": opts["prompt"] or sys.stdin.read()}]
-    blocks = []
-    for line in sys.stdin:
+        yield [{"type": "text", "text": opts["prompt"] or sys.stdin.read()}]
+        return
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            return
         if not line.strip():
             continue
         try:
@@ -356,9 +365,18 @@ def read_input(opts):
         except ValueError:
             fail_usage(f"Error parsing streaming input line (type=unknown, {len(line.strip())} "
                        "chars): SyntaxError")
+        if message.get("type") == "control_response":
+            record_control(message)
+            continue
         content = message["message"]["content"]
-        blocks += [{"type": "text", "text": content}] if isinstance(content, str) else content
-    return blocks
+        yield [{"type": "text", "text": content}] if isinstance(content, str) else content
+
+
+CONTROL_RESPONSES = []
+
+
+def record_control(message):
+    CONTROL_RESPONSES.append(message)
 
 
 def main():
@@ -391,10 +409,25 @@ def main():
     else:
         record["system_prompt"] = opts["system"]
     log_run(record)
-    blocks = read_input(opts)
-    record["stdin_blocks"] = blocks
+    record["stdin_blocks"], record["turns"] = [], 0
+    code = 0
+    for blocks in read_input(opts):
+        record["stdin_blocks"] += blocks
+        record["turns"] += 1
+        code = one_turn(opts, blocks, directive, record)
+        if "crash" in directive:
+            return code
+    record["ended"] = f"exit {code}"
+    record["control_responses"] = CONTROL_RESPONSES
+    log_run(record)
+    return code
+
+
+def one_turn(opts, blocks, directive, record):
+    """Answer one user turn, steered by the directive in its text; return the exit code so far."""
     texts = [b.get("text", "") for b in blocks if b.get("type") == "text"]
     match = DIRECTIVE.search("\n".join(texts))
+    directive.clear()
     directive.update(json.loads(match.group(1)) if match else {})
     log_run(record)
     if directive.get("grandchild"):
@@ -403,6 +436,8 @@ def main():
     if directive.get("stderr"):
         sys.stderr.write(directive["stderr"] + "\n")
     time.sleep(directive.get("slow_start_ms", 0) / 1000)
+    if directive.get("control"):  # ask OCP something on the control channel first
+        out({"type": "control_request", "request_id": "req_fake_1", "request": {"subtype": directive["control"]}})
     run = Run(opts, blocks, directive)
     run.init()
     if directive.get("hang"):
@@ -421,12 +456,8 @@ def main():
         last = DIRECTIVE.sub("", texts[-1] if texts else "").strip()
         text = "Echo: " + last
     if directive.get("error") and directive["error"] != "mid_stream":
-        code = synthetic_error(run, directive["error"])
-    else:
-        code = answer(run, text)
-    record["ended"] = f"exit {code}"
-    log_run(record)
-    return code
+        return synthetic_error(run, directive["error"])
+    return answer(run, text)
 
 
 if __name__ == "__main__":

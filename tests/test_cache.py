@@ -18,7 +18,7 @@ class CacheKeys(unittest.TestCase):
         body.setdefault("model", "sonnet")
         body.setdefault("messages", [{"role": "user", "content": "hi"}])
         request = ocp.parse_chat_request(body, self.MODELS, ocp.Config())
-        return ocp.cache_key(owner, request, body)
+        return ocp.cache_key(ocp.dataclasses.replace(request, owner=owner))
 
     def test_same_question_same_key(self):
         self.assertEqual(self.key(), self.key(stream=True, stream_options={"include_usage": True}, user="x"))

@@ -122,7 +122,7 @@ class KeyStore(TempHome):
         self.store.finish(second, "error", 502)
         third, _ = self.store.reserve(key, key.name, "m", "r4", 5000, bounds)
         self.store.finish(third, "cancelled", 499)
-        self.store.finish(first, "ok", 200, {"prompt_tokens": 10, "completion_tokens": 5})
+        self.store.finish(first, "ok", 200, ocp.Usage(input=10, output=5))
         self.store.reserve(key, key.name, "m", "r5", 5000, bounds)
         with self.assertRaises(ocp.QuotaExceeded):
             self.store.reserve(key, key.name, "m", "r6", 5000, bounds)
@@ -131,7 +131,7 @@ class KeyStore(TempHome):
         key, _ = self.store.add_key("kid", {"tokens_daily": 100}, None, 1000)
         bounds = ocp.period_bounds(5000, UTC)
         row, _ = self.store.reserve(key, key.name, "m", "r1", 5000, bounds)
-        self.store.finish(row, "ok", 200, {"prompt_tokens": 90, "completion_tokens": 20})
+        self.store.finish(row, "ok", 200, ocp.Usage(input=90, output=20))
         with self.assertRaises(ocp.QuotaExceeded) as caught:
             self.store.reserve(key, key.name, "m", "r2", 5000, bounds)
         self.assertEqual(caught.exception.breach["unit"], "tokens")
@@ -191,7 +191,7 @@ class Retention(KeyStore):
         for age_days, status, tokens in ((500, "ok", 10), (500, "ok", 20), (450, "error", 0), (10, "ok", 5)):
             row, _ = self.store.reserve(key, key.name, "m", "r", now - age_days * self.DAY,
                                         ocp.period_bounds(now - age_days * self.DAY, datetime.timezone.utc))
-            self.store.finish(row, status, 200, {"prompt_tokens": tokens, "completion_tokens": 1})
+            self.store.finish(row, status, 200, ocp.Usage(input=tokens, output=1))
             self.store.audit("test", "x", "y", "", now - age_days * self.DAY)
         before = self.store.usage_by_key(0, now + 1)
         self.assertEqual(self.store.prune(now, 400, 30), (3, 3))

@@ -331,8 +331,8 @@ class EveryFixtureFile(unittest.TestCase):
         answer, deltas = replay("partial_messages")
         self.assertEqual(deltas, [("content", t) for t in
                                   ["Stream", "ing in", " sever", "al sma", "ll pie", "ces."]])
-        self.assertEqual(answer.finish_reason(), "stop")
-        self.assertEqual(answer.usage(), {"prompt_tokens": 4408, "completion_tokens": 16,
+        self.assertEqual(ocp.OPENAI_FINISH[answer.finish()], "stop")
+        self.assertEqual(ocp.openai_usage(answer.usage()), {"prompt_tokens": 4408, "completion_tokens": 16,
                                           "total_tokens": 4424, "prompt_tokens_details": {"cached_tokens": 0}})
 
     def test_thinking_becomes_reasoning(self):
@@ -357,12 +357,12 @@ class EveryFixtureFile(unittest.TestCase):
         answer.feed({"type": "result", "is_error": False, "usage": {
             "input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100,
             "cache_creation_input_tokens": 20}})
-        self.assertEqual(answer.usage(), {"prompt_tokens": 130, "completion_tokens": 5, "total_tokens": 135,
+        self.assertEqual(ocp.openai_usage(answer.usage()), {"prompt_tokens": 130, "completion_tokens": 5, "total_tokens": 135,
                                           "prompt_tokens_details": {"cached_tokens": 100}})
 
     def test_a_killed_run_uses_the_streamed_usage(self):
         answer, _ = replay("sigterm_mid_stream")
-        self.assertEqual(answer.usage()["prompt_tokens"], 4412)
+        self.assertEqual(answer.usage().prompt, 4412)
 
 
 class CliErrorsBecomeHttpErrors(unittest.TestCase):
@@ -411,7 +411,7 @@ class CliErrorsBecomeHttpErrors(unittest.TestCase):
                        "api_error": "max_output_tokens", "stop_reason": "stop_sequence"}]:
             answer.feed(event)
         self.assertIsNone(answer.error(NOW))
-        self.assertEqual((answer.text, answer.finish_reason()), ("partial", "length"))
+        self.assertEqual((answer.text, ocp.OPENAI_FINISH[answer.finish()]), ("partial", "length"))
 
 
 class StopSequences(unittest.TestCase):
