@@ -4333,6 +4333,68 @@ def is_encodable(text: str) -> bool:
     return True
 
 
+def read_exactly(rfile: Any, length: int) -> bytes:
+    """Read `length` body bytes; ClientGone if the client stops short."""
+    parts = []
+    while length > 0:
+        chunk = rfile.read1(min(length, 1 << 16))
+        if not chunk:
+            raise ClientGone()
+        parts.append(chunk)
+        length -= len(chunk)
+    return b"".join(parts)
+
+
+def read_chunked(rfile: Any, cap: int) -> bytes:
+    """Read a chunked body strictly: 1-8 hex digit sizes, the cap checked before each chunk,
+    bounded trailers. The caller closes the connection after it."""
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(1024)
+        if not line:
+            raise ClientGone()
+        match = re.fullmatch(rb"([0-9A-Fa-f]{1,8})(;[^\r\n]*)?\r?\n", line)
+        if match is None:
+            raise bad_request("Malformed chunked body (bad chunk size line)", None, "bad_request")
+        size = int(match.group(1), 16)
+        total += size
+        if total > cap:
+            raise ApiError(413, f"The request body is over the limit of {cap} bytes.",
+                           "invalid_request_error", "request_too_large")
+        if size == 0:
+            for _ in range(100):  # trailers, up to the blank line
+                trailer = rfile.readline(1024)
+                if not trailer:
+                    raise ClientGone()
+                if not trailer.strip():
+                    return b"".join(parts)
+            raise bad_request("Malformed chunked body (too many trailers)", None, "bad_request")
+        parts.append(read_exactly(rfile, size))
+        if rfile.readline(3) not in (b"\r\n", b"\n"):
+            raise bad_request("Malformed chunked body (chunk longer than its size)", None, "bad_request")
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request body as JSON; 400 naming the problem (empty, invalid, too deep, lone surrogate)."""
+    if not body.strip():
+        raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
+    try:
+        value = json.loads(body)
+        problem = json_problem_at(value)
+    except RecursionError:  # nested past the parser's own limit
+        problem = ("", "too_deep")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"The request body is not valid JSON: {str(e)[:120]}", None, "invalid_json")
+    if problem:
+        path, kind = problem
+        if kind == "too_deep":
+            raise bad_request(f"The request JSON is nested more than {MAX_JSON_DEPTH} levels deep",
+                              path or None, "invalid_json")
+        raise bad_request(f"{path or 'The request body'} holds a lone UTF-16 surrogate (\\ud800-\\udfff); "
+                          "send valid Unicode text", path or None, "invalid_unicode")
+    return value
+
+
 class Deadlines:
     """One thread that cuts off a socket whose request head or body is not in by its deadline.
 
@@ -4877,13 +4939,13 @@ class Handler(BaseHTTPRequestHandler):
         watch = self.server.deadlines.watch(self.connection, self.server.body_timeout_s)
         try:
             if encoding is not None:
-                return self.read_chunked(cap)
+                return read_chunked(self.rfile, cap)
             length = int(next(iter(lengths)))
             if length > cap:
                 self.close_connection = True
                 raise ApiError(413, f"The request body is {length} bytes; the limit is {cap}.",
                                "invalid_request_error", "request_too_large")
-            return self.read_exactly(length)
+            return read_exactly(self.rfile, length)
         except ClientGone:
             if self.server.deadlines.done(watch):
                 self.close_connection = True
@@ -4891,46 +4953,6 @@ class Handler(BaseHTTPRequestHandler):
             raise
         finally:
             self.server.deadlines.done(watch)
-
-    def read_exactly(self, length: int) -> bytes:
-        parts = []
-        while length > 0:
-            chunk = self.rfile.read1(min(length, 1 << 16))
-            if not chunk:
-                raise ClientGone()
-            parts.append(chunk)
-            length -= len(chunk)
-        return b"".join(parts)
-
-    def read_chunked(self, cap: int) -> bytes:
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            if not line:
-                raise ClientGone()
-            match = re.fullmatch(rb"([0-9A-Fa-f]{1,8})(;[^\r\n]*)?\r?\n", line)
-            if match is None:
-                self.close_connection = True
-                raise bad_request("Malformed chunked body (bad chunk size line)", None, "bad_request")
-            size = int(match.group(1), 16)
-            total += size
-            if total > cap:
-                self.close_connection = True
-                raise ApiError(413, f"The request body is over the limit of {cap} bytes.",
-                               "invalid_request_error", "request_too_large")
-            if size == 0:
-                for _ in range(100):  # trailers, up to the blank line
-                    trailer = self.rfile.readline(1024)
-                    if not trailer:
-                        raise ClientGone()
-                    if not trailer.strip():
-                        return b"".join(parts)
-                self.close_connection = True
-                raise bad_request("Malformed chunked body (too many trailers)", None, "bad_request")
-            parts.append(self.read_exactly(size))
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                self.close_connection = True
-                raise bad_request("Malformed chunked body (chunk longer than its size)", None, "bad_request")
 
     def discard_body(self) -> None:
         """Consume a body we won't use so it isn't parsed as the next request."""
@@ -4940,24 +4962,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def read_json(self) -> Any:
-        body = self.read_body()
-        if not body.strip():
-            raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
-        try:
-            value = json.loads(body)
-            problem = json_problem_at(value)
-        except RecursionError:  # nested past the parser's own limit
-            problem = ("", "too_deep")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad_request(f"The request body is not valid JSON: {str(e)[:120]}", None, "invalid_json")
-        if problem:
-            path, kind = problem
-            if kind == "too_deep":
-                raise bad_request(f"The request JSON is nested more than {MAX_JSON_DEPTH} levels deep",
-                                  path or None, "invalid_json")
-            raise bad_request(f"{path or 'The request body'} holds a lone UTF-16 surrogate (\\ud800-\\udfff); "
-                              "send valid Unicode text", path or None, "invalid_unicode")
-        return value
+        return parse_json_body(self.read_body())
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)

@@ -1,0 +1,177 @@
+"""The seams of the turn layer: CLI leases that outlive one exchange, and wire formats plugged
+into a route without touching the Turn or the runner."""
+
+import json
+import threading
+import time
+
+import ocp
+from helpers import ServerTest, directive, pid_alive, wait_until
+
+
+def drain(iterator):
+    """Run a generator that yields while it waits (a slot, a heartbeat) to its end."""
+    return [item for item in iterator]
+
+
+class Leases(ServerTest):
+    env = {"CLAUDE_MAX_CONCURRENT": "1"}
+
+    def lease(self, request_id="lease-test", cancelled=lambda: False):
+        job = ocp.Job("claude-sonnet-5-5", "sys", (), request_id=request_id, owner="tests")
+        return self.server.runner.lease(job, cancelled)
+
+    def exchange(self, lease, text):
+        """One exchange; return its events (heartbeats left out)."""
+        return [e for e in lease.exchange(({"type": "text", "text": text},)) if e is not ocp.HEARTBEAT]
+
+    def test_one_process_carries_two_exchanges_each_read_until_its_result(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        first = self.exchange(lease, "first")
+        self.assertEqual(first[-1]["type"], "result")  # it stops at the result: the CLI still runs
+        self.assertEqual(first[-1]["result"], "Echo: first")
+        self.assertTrue(pid_alive(lease.proc.pid))
+        self.assertIsNone(lease.proc.popen.poll())
+        second = self.exchange(lease, "second")
+        self.assertEqual(second[-1]["result"], "Echo: second")
+        self.assertEqual([e["type"] for e in second].count("result"), 1)
+        pid = lease.proc.pid
+        self.assertTrue(lease.release())
+        self.assertFalse(lease.release())  # exactly once
+        self.assertFalse(lease.kill())
+        self.assertEqual(lease.proc.popen.returncode, 0)  # stdin closed: it exited by itself
+        run = self.runs()[-1]
+        self.assertEqual((run["pid"], run["turns"], run["ended"]), (pid, 2, "exit 0"))
+        self.assertEqual(self.server.runner.live(), [])
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+
+    def test_a_parked_process_gives_its_slot_to_the_next_request(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        self.exchange(lease, "round one")
+        lease.park()
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+        status, _, body = self.chat("meanwhile")  # the only slot serves someone else
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "Echo: meanwhile"))
+        drain(lease.resume())
+        self.assertEqual(self.exchange(lease, "round two")[-1]["result"], "Echo: round two")
+        lease.release()
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+
+    def test_control_requests_are_answered_on_stdin(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        events = self.exchange(lease, "x " + directive(control="can_use_tool"))
+        self.assertNotIn("control_request", [e["type"] for e in events])  # routed, not forwarded
+        lease.release()
+        responses = self.runs()[-1]["control_responses"]
+        self.assertEqual(responses, [{"type": "control_response", "response": {
+            "subtype": "error", "request_id": "req_fake_1", "error": "unsupported"}}])
+
+    def test_a_custom_control_handler_gets_them(self):
+        seen = []
+
+        def handler(proc, event):
+            seen.append(event["request"]["subtype"])
+            proc.send(ocp.control_response(event["request_id"], {"ok": True}))
+
+        job = ocp.Job("claude-sonnet-5-5", "sys", (), request_id="ctl", owner="tests")
+        lease = self.server.runner.lease(job, on_control=handler)
+        drain(lease.acquire())
+        self.exchange(lease, "x " + directive(control="mcp_message"))
+        lease.release()
+        self.assertEqual(seen, ["mcp_message"])
+        self.assertEqual(self.runs()[-1]["control_responses"][0]["response"]["response"], {"ok": True})
+
+    def test_a_cancelled_lease_raises_and_its_process_is_killed(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        threading.Timer(0.3, lease.cancel, args=("client",)).start()
+        with self.assertRaises(ocp.ClientGone):
+            self.exchange(lease, "x " + directive(hang=True, ignore_term=True))
+        self.server.runner.kill_grace_s = lease.proc.grace_s = 0.2
+        pid = lease.proc.pid
+        self.assertTrue(lease.kill())
+        self.assertFalse(pid_alive(pid))
+
+    def test_a_lease_given_up_while_queued_ends_once_without_a_process(self):
+        holder = self.lease("holder")
+        drain(holder.acquire())
+        gone = threading.Event()
+        waiter = self.lease("waiter", cancelled=gone.is_set)
+        threading.Timer(0.3, gone.set).start()
+        with self.assertRaises(ocp.ClientGone):
+            drain(waiter.acquire())
+        self.assertIsNone(waiter.proc)
+        self.assertTrue(waiter.kill())
+        holder.release()
+        runner = self.server.runner
+        self.assertEqual((runner.leases_made, runner.leases_ended), (2, 2))
+        self.assertEqual(runner.slots.snapshot(), {"running": 0, "queued": 0, "limit": 1})
+
+    def test_every_lease_of_every_kind_of_request_ends_exactly_once(self):
+        cases = [directive(text="ok"), directive(error="overloaded"), directive(crash=3),
+                 directive(text="abcdef", deltas=3), directive(error="plan_limit")]
+        for text in cases[:4]:
+            self.chat("x " + text)
+        self.chat("x " + directive(text="cut here STOP and not this"), stop=["STOP"])
+        self.chat("x " + directive(text="a" * 400), max_tokens=5)
+        self.stream("x " + directive(text="streamed", deltas=4))
+        self.chat('x ' + directive(texts=["nope", '{"a": 1}']), response_format={"type": "json_object"})
+        sock = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]})
+        wait_until(lambda: self.server.runner.live())
+        sock.close()
+        runner = self.server.runner
+        wait_until(lambda: runner.leases_made == runner.leases_ended and not runner.live())
+        self.assertEqual(runner.leases_made, 10)
+        self.assertEqual(runner.slots.snapshot()["running"], 0)
+
+
+class PlainText(ocp.Encoder):
+    """A wire format of the test's own: the answer as text/plain, errors as 'error: …' lines."""
+
+    @staticmethod
+    def error_body(error):
+        return {"plain_error": error.message}
+
+    def write(self, kind, value):
+        if kind == ocp.TEXT:
+            self.parts = getattr(self, "parts", []) + [value]
+        elif kind == ocp.DONE:
+            if value.error is not None:
+                raise value.error
+            self.settle(value)
+            text = "".join(getattr(self, "parts", [])) + f"\n[{value.finish}, {value.usage.output} tokens]"
+            self.out.send_body(200, text.encode(), "text/plain; charset=utf-8")
+
+
+def parse_plain(body, models, config):
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        raise ocp.bad_request("send {\"prompt\": \"...\"}", "prompt")
+    return ocp.TurnRequest(model=models.resolve(body.get("model", "sonnet"), config.default_model),
+                           turns=({"role": "user", "content": [{"type": "text", "text": body["prompt"]}]},))
+
+
+class PluggedEncoder(ServerTest):
+    def setUp(self):
+        super().setUp()
+        self.server.turn_routes["/v1/plain"] = ocp.TurnRoute(parse_plain, PlainText, PlainText)
+
+    def test_a_wire_format_plugs_into_a_route(self):
+        status, headers, body = self.request("POST", "/v1/plain",
+                                             {"prompt": "hi " + directive(text="Hello there", deltas=3)})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+        self.assertEqual(body, "Hello there\n[end_turn, 2 tokens]")
+        rows = self.server.store.usage_rows(None, None, 0, int(time.time()) + 10, 10)
+        self.assertEqual([(r["status"], r["completion_tokens"]) for r in rows], [("ok", 2)])
+
+    def test_its_errors_come_in_its_own_shape(self):
+        status, _, body = self.request("POST", "/v1/plain", {"nothing": 1})
+        self.assertEqual((status, body), (400, {"plain_error": 'send {"prompt": "..."}'}))
+        status, _, body = self.request("POST", "/v1/plain", {"prompt": "x " + directive(error="overloaded")})
+        self.assertEqual(status, 502)
+        self.assertIn("overloaded", body["plain_error"])
+        status, headers, _ = self.request("GET", "/v1/plain")
+        self.assertEqual((status, headers["Allow"]), (405, "POST"))
