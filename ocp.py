@@ -11,16 +11,20 @@ OpenAI's chat completions and the CLI's stream-json events.
     python3 ocp.py settings | logs | sessions | lan | restart | health | models | version
 
 Contents (`grep -n '^# [A-Z].*#$' ocp.py` prints the map):
-    Config · Errors · Models · Store · Auth & quotas · Cache & singleflight ·
-    Claude runner · Translation (OpenAI ⇄ CLI) · Plan limits · Metrics & logs ·
-    HTTP · Admin CLI · Main
+    Config · Errors · Models · Store · Auth & quotas · Claude runner ·
+    Requests (wire formats → TurnRequest) · Cache & singleflight ·
+    CLI translation (TurnRequest → CLI → events) · Plan limits · Metrics & logs ·
+    Turns · Encoders · Accounting · Routes · HTTP · Admin CLI · Main
 
-A request's path: Handler.dispatch (Host/Origin checks, authenticate) →
-Handler.handle_chat_completions → parse_chat_request → messages_to_input →
-cache_key / Store.cache_get → Admission (quota reservation) → ChatTurn or
-ChatStream → Runner.run (slot, claude_argv, child_env, stdin_line, follow) →
-Answer.feed (events → deltas) → chat_completion / chat_chunk → send_json /
-send_event_stream → Admission records the usage row and metrics.
+A request's path: Handler.dispatch_request (Host/Origin checks, authenticate) →
+answer_turn, the one recipe of every model route (TURN_ROUTES): its parser
+(parse_chat_request) builds a TurnRequest → messages_to_input → cache_key /
+Ledger.lookup → Ledger.admit (quota reservation: a Ticket) → Turn.events
+(Runner.lease → Lease.acquire, exchange: the CLI's events until `result` →
+Answer.feed → TEXT / REASONING / PING … DONE with an Outcome) → the route's
+Encoder (ChatJSON / ChatSSE) writes the bytes; the Ticket records the usage row,
+metrics and cache just before the last ones leave. Hangups tells the Turn when
+the client leaves.
 
 Standard library only, Python 3.9+. Importing this module has no side effects.
 """
@@ -698,6 +702,7 @@ class Usage:
 
     @property
     def prompt(self) -> int:
+        """Every prompt token, cached or not (OpenAI's prompt_tokens)."""
         return self.input + self.cache_read + self.cache_write
 
     def __add__(self, other: "Usage") -> "Usage":
@@ -705,6 +710,7 @@ class Usage:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Usage":
+        """Usage from `dataclasses.asdict` (the cache); missing fields are 0."""
         return cls(**{f.name: data.get(f.name) or 0 for f in dataclasses.fields(cls)})
 
 
@@ -1603,7 +1609,11 @@ class Slots:
 
     def waiting(self, deadline: float, cancelled: Callable[[], bool],
                 clock: Callable[[], float] = time.monotonic, tick_s: float = 0) -> Iterator[None]:
-        """Take a slot, yielding after each `tick_s` spent in the line (for heartbeats)."""
+        """Take a slot, yielding after each `tick_s` spent in the line (for heartbeats).
+
+        However the wait ends — given up, refused, or the generator closed while it
+        waits — the place in the line is left, or a slot handed over meanwhile is passed on.
+        """
         with self._lock:
             if self.closed:
                 raise shutting_down()
@@ -1614,24 +1624,34 @@ class Slots:
                 raise queue_full("all CLI slots are busy and the queue is full")
             turn = SlotTurn()
             self._waiting.append(turn)
-        next_tick = clock() + tick_s
-        while not turn.wait(min(0.25, tick_s or 0.25, max(0.0, deadline - clock()))):
-            if tick_s and clock() >= next_tick:
-                next_tick = clock() + tick_s
-                yield
-            if cancelled() or clock() >= deadline:
-                with self._lock:
-                    if turn.refused:
-                        raise shutting_down()
-                    if not turn.is_set():
-                        self._waiting.remove(turn)
-                        if cancelled():
-                            raise ClientGone()
-                        raise queue_full("waited too long for a free CLI slot")
-                self.release()  # handed a slot while giving up: pass it on
-                raise ClientGone() if cancelled() else queue_full("waited too long for a slot")
-        if turn.refused:
-            raise shutting_down()
+        taken = False
+        try:
+            next_tick = clock() + tick_s
+            while not turn.wait(min(0.25, tick_s or 0.25, max(0.0, deadline - clock()))):
+                if tick_s and clock() >= next_tick:
+                    next_tick = clock() + tick_s
+                    yield
+                if turn.is_set():
+                    break
+                if cancelled():
+                    raise ClientGone()
+                if clock() >= deadline:
+                    raise queue_full("waited too long for a free CLI slot")
+            if turn.refused:
+                raise shutting_down()
+            taken = True
+        finally:
+            if not taken:
+                self._give_up(turn)
+
+    def _give_up(self, turn: SlotTurn) -> None:
+        with self._lock:
+            if turn.refused:
+                return  # shutdown emptied the line: no slot was handed over
+            if not turn.is_set():
+                self._waiting.remove(turn)
+                return
+        self.release()  # handed a slot while giving up: pass it on
 
     def release(self) -> None:
         with self._lock:
@@ -1672,12 +1692,26 @@ def parse_event(line: bytes) -> Optional[Dict[str, Any]]:
     return event if isinstance(event, dict) else None
 
 
+def control_response(request_id: Any, response: Optional[Dict[str, Any]] = None, error: str = "") -> bytes:
+    """One stdin line answering a control_request, echoing its request_id."""
+    if error:
+        body = {"subtype": "error", "request_id": request_id, "error": error}
+    else:
+        body = {"subtype": "success", "request_id": request_id, "response": response or {}}
+    return json.dumps({"type": "control_response", "response": body}).encode("utf-8") + b"\n"
+
+
+def refuse_control(proc: ClaudeProcess, event: Dict[str, Any]) -> None:
+    """Answer a control_request nobody handles (AGENTS-SPEC §1.3): the CLI must not wait for ever."""
+    proc.send(control_response(event.get("request_id"), error="unsupported"))
+
+
 class ClaudeProcess:
     """One running CLI: its own process group, stdin kept open, stdout read by its own thread.
 
     `send` writes a stdin line under one writer lock (a malformed or interleaved
     line would kill the CLI). The reader thread turns stdout lines into events on
-    `events`, ending with EOF; `control_request` lines go to `on_control` instead,
+    `events` (a list per read), ending with EOF; `control_request` lines go to `on_control` instead,
     which answers them with `send`. `close()` ends it for good (SIGTERM to the
     group, SIGKILL after KILL_GRACE_S) and is safe to call more than once.
     """
@@ -1719,11 +1753,16 @@ class ClaudeProcess:
             except (BrokenPipeError, ValueError, OSError):
                 pass  # the CLI died before reading; its exit status tells why
 
-    def close_stdin(self) -> None:
-        """No more input: the CLI finishes what it was asked and exits."""
-        with self._write_lock:
+    def close_stdin(self, wait: bool = True) -> None:
+        """No more input: the CLI finishes what it was asked and exits. With `wait=False` a
+        write still under way (a CLI that does not read) is not waited for."""
+        if not self._write_lock.acquire(timeout=-1 if wait else 0):
+            return
+        try:
             with contextlib.suppress(OSError, ValueError):
                 self.popen.stdin.close()
+        finally:
+            self._write_lock.release()
 
     def _read(self) -> None:
         buffer = b""
@@ -1736,22 +1775,26 @@ class ClaudeProcess:
             if not chunk:
                 break
             *lines, buffer = (buffer + chunk).split(b"\n")
-            for line in lines:
-                self._route(line)
-        self._route(buffer)
+            self._route(lines)
+        self._route([buffer])
         self.events.put(EOF)
 
-    def _route(self, line: bytes) -> None:
-        event = parse_event(line)
-        if event is None:
-            return
-        if event.get("type") == "control_request":
+    def _route(self, lines: List[bytes]) -> None:
+        """Queue the events of one read together (one wake-up for the request, not one per line)."""
+        events = []
+        for line in lines:
+            event = parse_event(line)
+            if event is None:
+                continue
+            if event.get("type") != "control_request":
+                events.append(event)
+                continue
             try:
                 self.on_control(self, event)
             except Exception:  # a handler's bug must not stop the reader: the CLI would block
                 log.exception("control_request handler failed")
-        else:
-            self.events.put(event)
+        if events:
+            self.events.put(events)
 
     def stderr_tail(self, limit: int = 2000) -> str:
         try:
@@ -1780,16 +1823,33 @@ class ClaudeProcess:
             self.signal_group(signal.SIGTERM)
             self.events.put(EOF)  # whoever reads stops now, even if the CLI ignores SIGTERM
 
+    def wait(self, timeout_s: float) -> int:
+        """Popen.wait, but woken by the exit itself where Linux offers a pidfd (Popen's own
+        wait polls with sleeps of up to 50 ms). Raises subprocess.TimeoutExpired."""
+        fd = -1
+        if self.popen.poll() is None and hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                fd = os.pidfd_open(self.pid)
+        if fd < 0:
+            return self.popen.wait(timeout=timeout_s)
+        try:
+            exited = select.select([fd], [], [], timeout_s)[0]
+        finally:
+            os.close(fd)
+        if not exited:
+            raise subprocess.TimeoutExpired(self.popen.args, timeout_s)
+        return self.popen.wait()
+
     def close(self) -> Optional[int]:
         """Make sure the process group is gone and reaped; return the exit code."""
-        self.close_stdin()
+        self.close_stdin(wait=False)
         if self.popen.poll() is None:
             try:
-                self.popen.wait(timeout=2 if not self.cancelled else self.grace_s)
+                self.wait(2 if not self.cancelled else self.grace_s)
             except subprocess.TimeoutExpired:
                 self.signal_group(signal.SIGTERM)
                 try:
-                    self.popen.wait(timeout=self.grace_s)
+                    self.wait(self.grace_s)
                 except subprocess.TimeoutExpired:
                     pass
         if self.popen.poll() is None:
@@ -1798,26 +1858,13 @@ class ClaudeProcess:
         # Anything the CLI left in its group goes too; the group id stays reserved while a
         # member lives, so this cannot reach an unrelated process.
         self.signal_group(signal.SIGKILL)
+        self.close_stdin()  # a blocked writer fails now that no one reads
         self._reader.join(timeout=5)
         streams = [self.stderr] + ([self.popen.stdout] if not self._reader.is_alive() else [])
         for stream in streams:  # (a reader still blocked by an escaped grandchild keeps its fd)
             with contextlib.suppress(OSError, ValueError):
                 stream.close()
         return self.popen.returncode
-
-
-def refuse_control(proc: ClaudeProcess, event: Dict[str, Any]) -> None:
-    """Answer a control_request nobody handles (AGENTS-SPEC §1.3): the CLI must not wait for ever."""
-    proc.send(control_response(event.get("request_id"), error="unsupported"))
-
-
-def control_response(request_id: Any, response: Optional[Dict[str, Any]] = None, error: str = "") -> bytes:
-    """One stdin line answering a control_request, echoing its request_id."""
-    if error:
-        body = {"subtype": "error", "request_id": request_id, "error": error}
-    else:
-        body = {"subtype": "success", "request_id": request_id, "response": response or {}}
-    return json.dumps({"type": "control_response", "response": body}).encode("utf-8") + b"\n"
 
 
 class Sweeper:
@@ -1966,6 +2013,16 @@ def end_leftover(run_dir: str) -> bool:
     return False
 
 
+def claude_missing() -> ApiError:
+    return ApiError(503, "The claude CLI is not installed on the OCP server. Install it with "
+                    "`npm i -g @anthropic-ai/claude-code`, then run `claude setup-token` (or "
+                    "`claude auth login`) and restart OCP.", "proxy_error", "claude_not_installed")
+
+
+def timeout_error() -> ApiError:
+    return ApiError(504, "The claude CLI did not finish within CLAUDE_TIMEOUT.", "timeout", "timeout")
+
+
 class Lease:
     """A CLI process lent to one request, which may carry it through several exchanges.
 
@@ -1986,6 +2043,7 @@ class Lease:
         self.deadline = 0.0
         self.has_slot = False
         self.has_refresh_lock = False
+        self.held: List[Dict[str, Any]] = []  # events read after a `result`, for the next exchange
         self.ended = ""  # "released" | "killed" once it is over
 
     def acquire(self) -> Iterator[None]:
@@ -2046,13 +2104,13 @@ class Lease:
             if heartbeat_s:
                 wait = min(wait, max(0.0, last + heartbeat_s - now))
             try:
-                event = proc.events.get(timeout=wait)
+                events, self.held = (self.held, []) if self.held else (proc.events.get(timeout=wait), [])
             except queue.Empty:
                 if heartbeat_s and clock() - last >= heartbeat_s:
                     last = clock()
                     yield HEARTBEAT
                 continue
-            if event is EOF:
+            if events is EOF:
                 proc.events.put(EOF)  # a later exchange sees the end too
                 if proc.stop_reason == "client":
                     raise ClientGone()
@@ -2060,9 +2118,11 @@ class Lease:
                     raise stopped(proc.stop_reason)
                 return
             last = clock()
-            yield event
-            if event.get("type") == "result":
-                return
+            for index, event in enumerate(events):
+                yield event
+                if event.get("type") == "result":
+                    self.held = events[index + 1:]  # what follows belongs to the next exchange
+                    return
 
     def cancel(self, reason: str) -> None:
         """Ask the running CLI to end (another thread may call this); the exchange then raises."""
@@ -2248,16 +2308,6 @@ class Runner:
         return ("--system-prompt-file", path)
 
 
-def claude_missing() -> ApiError:
-    return ApiError(503, "The claude CLI is not installed on the OCP server. Install it with "
-                    "`npm i -g @anthropic-ai/claude-code`, then run `claude setup-token` (or "
-                    "`claude auth login`) and restart OCP.", "proxy_error", "claude_not_installed")
-
-
-def timeout_error() -> ApiError:
-    return ApiError(504, "The claude CLI did not finish within CLAUDE_TIMEOUT.", "timeout", "timeout")
-
-
 ###############################################################################
 # Requests (wire formats → TurnRequest) #######################################
 ###############################################################################
@@ -2335,6 +2385,11 @@ def parse_chat_request(body: Any, models: Models, config: Config) -> TurnRequest
         sampling=tuple((f, body.get(f)) for f in SAMPLING_FIELDS), no_cache=cache_bypass(body))
 
 
+def image_url(part: Dict[str, Any]) -> str:
+    image = part["image_url"]
+    return image["url"] if isinstance(image, dict) else image
+
+
 def part_text(content: Any) -> str:
     """Return the text of an OpenAI message's content (string or parts), images left out."""
     if isinstance(content, str):
@@ -2364,11 +2419,6 @@ def chat_turn(message: Dict[str, Any]) -> Dict[str, Any]:
         blocks.append({"type": "tool_call", "id": call.get("id", ""), "name": function["name"],
                        "arguments": function.get("arguments", "")})
     return {"role": role, "content": blocks}
-
-
-def image_url(part: Dict[str, Any]) -> str:
-    image = part["image_url"]
-    return image["url"] if isinstance(image, dict) else image
 
 
 SESSION_FIELDS = ("session_id", "conversation_id", "thread_id", "previous_response_id")
@@ -3367,9 +3417,11 @@ class Outcome:
     overage: bool = False  # paid from the subscription's extra usage
 
     def cacheable(self) -> bool:
+        """Only a complete, error-free answer may be kept and replayed."""
         return self.error is None and self.refusal is None and self.finish in ("end_turn", "stop_sequence")
 
     def to_cache(self) -> Dict[str, Any]:
+        """The outcome as the cache stores it (JSON); `from_cache` reads it back."""
         return {"content": self.content, "reasoning": self.reasoning, "refusal": self.refusal,
                 "finish": self.finish, "usage": dataclasses.asdict(self.usage)}
 
@@ -3393,6 +3445,11 @@ def outcome_events(outcome: Outcome) -> Iterator[Tuple[str, Any]]:
     for start in range(0, len(content), REPLAY_PIECE_CHARS):
         yield TEXT, content[start:start + REPLAY_PIECE_CHARS]
     yield DONE, outcome
+
+
+def raise_failure(answer: Answer) -> None:
+    if answer.failure is not None:
+        raise answer.failure
 
 
 class Turn:
@@ -3485,6 +3542,7 @@ class Turn:
                             usage=usage)
 
     def retry_job(self, reply: str, problem: str) -> Job:
+        """The JSON retry: the rejected reply and why, then a request for the corrected JSON."""
         turns = self.request.turns + (
             {"role": "assistant", "content": [{"type": "text", "text": reply}]},
             {"role": "user", "content": [{"type": "text", "text": f"That reply was not accepted: {problem}. "
@@ -3542,11 +3600,6 @@ class Turn:
             self.plan.hold(resets_at, answer.failure.message)
 
 
-def raise_failure(answer: Answer) -> None:
-    if answer.failure is not None:
-        raise answer.failure
-
-
 ###############################################################################
 # Encoders ####################################################################
 ###############################################################################
@@ -3576,9 +3629,11 @@ class Encoder:
 
     @staticmethod
     def error_body(error: ApiError) -> Dict[str, Any]:
+        """This API's error JSON for `error` (OpenAI's shape here; a subclass may have its own)."""
         return error.body()
 
     def write(self, kind: str, value: Any) -> None:
+        """Take one event of the turn, in order; DONE (with the Outcome) comes last."""
         raise NotImplementedError
 
 
@@ -3594,6 +3649,7 @@ class EventStream(Encoder):
         self.started = False
 
     def start(self) -> None:
+        """Send the headers and the opening frames, once, at the first write."""
         if not self.started:
             self.started = True
             if self.overage_hint():
@@ -3605,6 +3661,7 @@ class EventStream(Encoder):
         """The first frames of the stream (subclasses)."""
 
     def frame(self, data: Any, event: str = "") -> None:
+        """One SSE event: `event: NAME` when named, then `data:` (JSON unless a string)."""
         payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
         self.raw((f"event: {event}\n" if event else "") + f"data: {payload}\n\n")
 
@@ -3623,6 +3680,7 @@ class EventStream(Encoder):
             self.detached = True
 
     def heartbeat(self) -> None:
+        """Nothing new for a while: tell the client (and its proxies) we are still here."""
         self.start()
         self.raw(self.heartbeat_frame)
 
@@ -3634,6 +3692,7 @@ class EventStream(Encoder):
         self.error_frames(outcome.error)
 
     def error_frames(self, error: ApiError) -> None:
+        """The in-band error of a stream that had started (subclasses may name it)."""
         self.frame(self.error_body(error))
 
 
@@ -3706,6 +3765,7 @@ class ChatSSE(EventStream):
         self.chunk({"role": "assistant", "content": ""})
 
     def chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> None:
+        """One chat.completion.chunk with this delta."""
         self.frame(chat_chunk(self.response_id, self.created, self.request.model.id, delta, finish,
                               self.request.include_usage))
 
@@ -3720,6 +3780,7 @@ class ChatSSE(EventStream):
             self.done(value)
 
     def done(self, outcome: Outcome) -> None:
+        """The finish chunk, the usage chunk when asked, then `[DONE]` (or the error in-band)."""
         if outcome.error is not None:
             self.fail(outcome)
         else:
@@ -3736,6 +3797,19 @@ class ChatSSE(EventStream):
 ###############################################################################
 # Accounting ##################################################################
 ###############################################################################
+
+
+def log_exchange(request_id: str, job: Job, status: str, outcome: Optional[Outcome]) -> None:
+    """Only with OCP_LOG_PROMPTS=1: the operator asked to see what was said."""
+    prompt = "\n".join(b.get("text", "[image]") for b in job.blocks)
+    log.info("%s exchange", request_id, extra={
+        "request_id": request_id, "status": status, "system": job.system_prompt, "prompt": prompt,
+        "answer": outcome.content if outcome is not None else None})
+
+
+def shared_cancelled() -> ApiError:
+    return ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
+                    "shared_request_cancelled", headers={"Retry-After": "1"})
 
 
 class Ticket:
@@ -3763,6 +3837,7 @@ class Ticket:
         return self
 
     def settle_outcome(self, outcome: Outcome) -> None:
+        """The encoder's hook, just before the last bytes: ok (or partial/error) with this outcome."""
         self.outcome = outcome
         if outcome.error is not None:
             self.settle("error", outcome.error.status, outcome.error)
@@ -3788,6 +3863,7 @@ class Ticket:
         self.ledger.record_row(self, status, code, error, counted, ttft_ms)
 
     def usage(self) -> Usage:
+        """The outcome's usage, else what the run reported before it was cut short."""
         if self.outcome is not None:
             return self.outcome.usage
         return self.turn.usage_so_far() if self.turn is not None else Usage()
@@ -3854,6 +3930,7 @@ class Ledger:
         server.metrics.record("cached", model_id, caller.name, duration_s, None)
 
     def keep(self, key: str, caller: Caller, model_id: str, outcome: Outcome) -> None:
+        """Store a good answer in the response cache (bounded, LRU, with its TTL)."""
         server, config = self.server, self.server.config
         owner = str(caller.key.id) if caller.key else caller.name
         server.store.cache_put(key, owner, model_id, outcome.to_cache(), server.wall(), config.cache_ttl_ms / 1000,
@@ -3861,6 +3938,7 @@ class Ledger:
 
     def record_row(self, ticket: Ticket, status: str, code: int, error: Optional[ApiError], usage: Usage,
                    ttft_ms: Optional[int]) -> None:
+        """The usage row, health evidence, metrics and (if asked) the exchange in the log."""
         server = self.server
         duration_s = time.monotonic() - ticket.started
         server.store.finish(ticket.row, status, code, usage, ttft_ms, int(duration_s * 1000))
@@ -3871,19 +3949,6 @@ class Ledger:
             server.metrics.count_tokens(ticket.model_id, ticket.caller.name, usage)
         if server.config.log_prompts and ticket.job is not None:
             log_exchange(ticket.request_id, ticket.job, status, ticket.outcome)
-
-
-def log_exchange(request_id: str, job: Job, status: str, outcome: Optional[Outcome]) -> None:
-    """Only with OCP_LOG_PROMPTS=1: the operator asked to see what was said."""
-    prompt = "\n".join(b.get("text", "[image]") for b in job.blocks)
-    log.info("%s exchange", request_id, extra={
-        "request_id": request_id, "status": status, "system": job.system_prompt, "prompt": prompt,
-        "answer": outcome.content if outcome is not None else None})
-
-
-def shared_cancelled() -> ApiError:
-    return ApiError(503, "The request this one shared ended without an answer; retry.", "proxy_error",
-                    "shared_request_cancelled", headers={"Retry-After": "1"})
 
 
 ###############################################################################
@@ -3902,10 +3967,71 @@ class TurnRoute:
     sse: type
 
     def encoder(self, request: TurnRequest) -> type:
+        """The encoder class for this request: SSE when it asked to stream."""
         return self.sse if request.stream else self.json
 
 
 TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE)}
+
+
+def play(events: Iterator[Tuple[str, Any]], encoder: Encoder) -> None:
+    for kind, value in events:
+        encoder.write(kind, value)
+
+
+def replayed(outcome: Outcome) -> Outcome:
+    """Someone else's answer for this request: its own timings, no overage notice."""
+    return dataclasses.replace(outcome, ttft_ms=None, overage=False, error=None)
+
+
+def hung_up(flights: Flights, ticket: Ticket, turn: Turn) -> None:
+    """The request's client left (Hangups' thread): end the turn, unless it leads a run that
+    others still want — then it goes on for them, and the last to leave ends it."""
+    if ticket.flight is not None and flights.leader_left(ticket.flight[1]):
+        return
+    turn.cancel("client")
+
+
+def await_flight(turn: Turn, flight: Flight, config: Config) -> Iterator[Tuple[str, Any]]:
+    """Wait for the shared run's answer (PING meanwhile); its error, 504 at the timeout, ClientGone."""
+    deadline = time.monotonic() + config.timeout_ms / 1000
+    beat = config.heartbeat_ms / 1000
+    next_beat = time.monotonic() + beat
+    while not flight.done.wait(0.1):
+        now = time.monotonic()
+        if turn.cancelled:
+            raise ClientGone()
+        if now >= deadline:
+            raise timeout_error()
+        if beat and now >= next_beat:
+            yield PING, None
+            next_beat = now + beat
+    if flight.error is not None:
+        raise flight.error
+    if flight.answer is None:
+        raise shared_cancelled()
+    return flight.answer
+
+
+def shared_events(h: Any, ticket: Ticket, turn: Turn, key: str) -> Iterator[Tuple[str, Any]]:
+    """Lead the CLI run for identical concurrent requests, or follow one and replay its answer."""
+    flights = h.server.flights
+    flight, leader = flights.join(key)
+    if leader:
+        ticket.flight = (key, flight)
+        flight.cancel = lambda: turn.cancel("client")
+        ticket.encoder.keep_going = lambda: flights.wanted(flight)
+        return (yield from turn.events())
+    ticket.turn = None
+    try:
+        outcome = yield from await_flight(turn, flight, h.server.config)
+    except ApiError as error:
+        yield DONE, Outcome(error=error)
+        return
+    finally:
+        flights.leave(flight)
+    h.response_headers["x-ocp-cache"] = "shared"
+    yield from outcome_events(replayed(outcome))
 
 
 def answer_turn(h: Any, route: TurnRoute) -> None:
@@ -3942,66 +4068,6 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
             events = turn.events()
         with server.hangups.watch(h.connection, lambda: hung_up(server.flights, ticket, turn)):
             play(events, encoder)
-
-
-def play(events: Iterator[Tuple[str, Any]], encoder: Encoder) -> None:
-    for kind, value in events:
-        encoder.write(kind, value)
-
-
-def replayed(outcome: Outcome) -> Outcome:
-    """Someone else's answer for this request: its own timings, no overage notice."""
-    return dataclasses.replace(outcome, ttft_ms=None, overage=False, error=None)
-
-
-def hung_up(flights: Flights, ticket: Ticket, turn: Turn) -> None:
-    """The request's client left (Hangups' thread): end the turn, unless it leads a run that
-    others still want — then it goes on for them, and the last to leave ends it."""
-    if ticket.flight is not None and flights.leader_left(ticket.flight[1]):
-        return
-    turn.cancel("client")
-
-
-def shared_events(h: Any, ticket: Ticket, turn: Turn, key: str) -> Iterator[Tuple[str, Any]]:
-    """Lead the CLI run for identical concurrent requests, or follow one and replay its answer."""
-    flights = h.server.flights
-    flight, leader = flights.join(key)
-    if leader:
-        ticket.flight = (key, flight)
-        flight.cancel = lambda: turn.cancel("client")
-        ticket.encoder.keep_going = lambda: flights.wanted(flight)
-        return (yield from turn.events())
-    ticket.turn = None
-    try:
-        outcome = yield from await_flight(turn, flight, h.server.config)
-    except ApiError as error:
-        yield DONE, Outcome(error=error)
-        return
-    finally:
-        flights.leave(flight)
-    h.response_headers["x-ocp-cache"] = "shared"
-    yield from outcome_events(replayed(outcome))
-
-
-def await_flight(turn: Turn, flight: Flight, config: Config) -> Iterator[Tuple[str, Any]]:
-    """Wait for the shared run's answer (PING meanwhile); its error, 504 at the timeout, ClientGone."""
-    deadline = time.monotonic() + config.timeout_ms / 1000
-    beat = config.heartbeat_ms / 1000
-    next_beat = time.monotonic() + beat
-    while not flight.done.wait(0.1):
-        now = time.monotonic()
-        if turn.cancelled:
-            raise ClientGone()
-        if now >= deadline:
-            raise timeout_error()
-        if beat and now >= next_beat:
-            yield PING, None
-            next_beat = now + beat
-    if flight.error is not None:
-        raise flight.error
-    if flight.answer is None:
-        raise shared_cancelled()
-    return flight.answer
 
 
 # -- models, keys, quotas, usage ---------------------------------------------------------

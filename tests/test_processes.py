@@ -203,6 +203,30 @@ class SlotsAtShutdown(unittest.TestCase):
                 pass
 
 
+class SlotsWhenAWaiterStops(unittest.TestCase):
+    def test_a_waiter_closed_while_it_waits_leaves_the_line(self):
+        slots = ocp.Slots(1, 5)
+        for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+            pass
+        waiter = slots.waiting(time.monotonic() + 5, lambda: False, tick_s=0.05)
+        next(waiter)  # in line, between two heartbeats
+        self.assertEqual(slots.snapshot()["queued"], 1)
+        waiter.close()  # its request left while a heartbeat was being written
+        self.assertEqual(slots.snapshot(), {"running": 1, "queued": 0, "limit": 1})
+        slots.release()
+        self.assertEqual(slots.snapshot()["running"], 0)  # not handed to the one that left
+
+    def test_a_slot_handed_to_a_waiter_that_stops_is_passed_on(self):
+        slots = ocp.Slots(1, 5)
+        for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+            pass
+        waiter = slots.waiting(time.monotonic() + 5, lambda: False, tick_s=0.05)
+        next(waiter)
+        slots.release()  # handed over to the waiter while it is suspended
+        waiter.close()
+        self.assertEqual(slots.snapshot(), {"running": 0, "queued": 0, "limit": 1})
+
+
 class LeftoversFromADeadDaemon(TempHome):
     """A run directory a dead daemon left names its CLI; a restart ends that process only."""
 

@@ -146,17 +146,43 @@ class PlainText(ocp.Encoder):
             self.out.send_body(200, text.encode(), "text/plain; charset=utf-8")
 
 
+class NamedEvents(ocp.EventStream):
+    """A streamed format of the test's own, with named SSE events and its own heartbeat."""
+
+    heartbeat_frame = b"event: ping\ndata: {}\n\n"
+    error_body = staticmethod(PlainText.error_body)
+
+    def opening(self):
+        self.frame({"model": self.request.model.id}, "start")
+
+    def write(self, kind, value):
+        if kind == ocp.TEXT:
+            self.start()
+            self.frame({"text": value}, "delta")
+        elif kind == ocp.PING:
+            self.heartbeat()
+        elif kind == ocp.DONE:
+            if value.error is not None:
+                return self.fail(value)
+            self.settle(value)
+            self.frame({"finish": value.finish}, "done")
+
+    def error_frames(self, error):
+        self.frame(self.error_body(error), "error")
+
+
 def parse_plain(body, models, config):
     if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
         raise ocp.bad_request("send {\"prompt\": \"...\"}", "prompt")
     return ocp.TurnRequest(model=models.resolve(body.get("model", "sonnet"), config.default_model),
-                           turns=({"role": "user", "content": [{"type": "text", "text": body["prompt"]}]},))
+                           turns=({"role": "user", "content": [{"type": "text", "text": body["prompt"]}]},),
+                           stream=body.get("stream") is True)
 
 
 class PluggedEncoder(ServerTest):
     def setUp(self):
         super().setUp()
-        self.server.turn_routes["/v1/plain"] = ocp.TurnRoute(parse_plain, PlainText, PlainText)
+        self.server.turn_routes["/v1/plain"] = ocp.TurnRoute(parse_plain, PlainText, NamedEvents)
 
     def test_a_wire_format_plugs_into_a_route(self):
         status, headers, body = self.request("POST", "/v1/plain",
@@ -175,3 +201,21 @@ class PluggedEncoder(ServerTest):
         self.assertIn("overloaded", body["plain_error"])
         status, headers, _ = self.request("GET", "/v1/plain")
         self.assertEqual((status, headers["Allow"]), (405, "POST"))
+
+    def test_a_streamed_format_names_its_events(self):
+        status, headers, body = self.request("POST", "/v1/plain", {"stream": True, "prompt": "hi " + directive(
+            text="abcdef", deltas=2, pace_ms=150)}, )
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/event-stream; charset=utf-8"))
+        self.assertEqual(body, 'event: start\ndata: {"model": "claude-sonnet-5-5"}\n\n'
+                               'event: delta\ndata: {"text": "abc"}\n\n'
+                               'event: delta\ndata: {"text": "def"}\n\n'
+                               'event: done\ndata: {"finish": "end_turn"}\n\n')
+
+    def test_its_heartbeat_and_in_band_error(self):
+        self.server.config = ocp.dataclasses.replace(self.server.config, heartbeat_ms=100)
+        self.server.runner.apply(self.server.config)
+        status, _, body = self.request("POST", "/v1/plain", {"stream": True, "prompt": "hi " + directive(
+            slow_start_ms=350, error="overloaded")})
+        self.assertEqual(status, 200)
+        self.assertIn("event: ping\ndata: {}\n\n", body)
+        self.assertTrue(body.endswith('"}\n\n') and "event: error\ndata: {\"plain_error\": " in body, body)
