@@ -138,6 +138,10 @@ class Config:
     log_prompts: bool = False
     usage_retention_days: int = 400
     audit_retention_days: int = 400
+    client_tools: bool = True
+    tool_park_ttl_ms: int = 600_000
+    tool_park_max: int = 0  # 0: as many as max_concurrent
+    tool_result_max_chars: int = 100_000
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
@@ -203,6 +207,10 @@ SETTINGS = (
     ("log_prompts", "OCP_LOG_PROMPTS", "--log-prompts", "bool", None),
     ("usage_retention_days", "OCP_USAGE_RETENTION_DAYS", "--usage-retention-days", "int", (1, 36500)),
     ("audit_retention_days", "OCP_AUDIT_RETENTION_DAYS", "--audit-retention-days", "int", (1, 36500)),
+    ("client_tools", "OCP_CLIENT_TOOLS", "--client-tools", "bool", None),
+    ("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int", (1000, 24 * 3600 * 1000)),
+    ("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", (0, 1024)),
+    ("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int", (1000, 1 << 26)),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -230,6 +238,10 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
     "cache_max_bytes": "bytes of cached answers kept", "plan_only": "refuse requests paid from extra usage",
     "log_prompts": "log prompts and answers", "usage_retention_days": "days usage rows are kept one by one",
     "audit_retention_days": "days audit rows are kept",
+    "client_tools": "let clients' function tools reach the model (0: tools ignored, text only)",
+    "tool_park_ttl_ms": "milliseconds a CLI waits parked for a client's tool results",
+    "tool_park_max": "parked CLIs kept at most (0 = CLAUDE_MAX_CONCURRENT); the oldest goes first",
+    "tool_result_max_chars": "characters of one tool result passed to the model (longer: cut, marked)",
 }
 
 
@@ -1440,6 +1452,7 @@ class Job:
     max_tokens: int = 0
     request_id: str = ""
     owner: str = ""  # who asked (a key name): shown by GET /sessions
+    tools: Tuple[Dict[str, Any], ...] = ()  # the client's function tools: served as MCP server "ocp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1471,12 +1484,21 @@ def find_claude(config: Config) -> Optional[str]:
     return None
 
 
+MCP_SERVER_CONFIG = '{"mcpServers":{"ocp":{"type":"sdk","name":"ocp"}}}'  # served on the CLI's own pipes
+
+
 def claude_argv(binary: str, job: Job, system_arg: Tuple[str, str], tools: str = "") -> List[str]:
-    """Return the argv for one headless stream-json run (no shell, prompt on stdin)."""
+    """Return the argv for one headless stream-json run (no shell, prompt on stdin).
+
+    A job with client tools gets them from OCP's MCP server "ocp" over stdin/stdout
+    (AGENTS-SPEC §1.2) and no tool of its own: `--tools ""` whatever CLAUDE_ALLOWED_TOOLS says.
+    """
     argv = [binary, "-p", "--output-format", "stream-json", "--verbose",
             "--include-partial-messages", "--input-format", "stream-json",
-            "--model", job.model, "--tools", tools, "--no-session-persistence",
+            "--model", job.model, "--tools", "" if job.tools else tools, "--no-session-persistence",
             system_arg[0], system_arg[1]]
+    if job.tools:
+        argv += ["--mcp-config", MCP_SERVER_CONFIG, "--strict-mcp-config", "--allowedTools", "mcp__ocp__*"]
     if job.effort:
         argv += ["--effort", job.effort]
     return argv
@@ -1867,6 +1889,84 @@ class ClaudeProcess:
         return self.popen.returncode
 
 
+def exposed_name(name: str) -> str:
+    """The name OCP's MCP server gives a client tool: as it is, or for one over 54 characters
+    (over 64 once the CLI prefixes mcp__ocp__) the first 45 and 8 hex of its SHA-256."""
+    if len(name) <= 54:
+        return name
+    return name[:45] + "_" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+
+
+def rpc_result(rpc_id: Any, result: Dict[str, Any]) -> Dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": rpc_id, "result": result}
+
+
+class ToolBridge:
+    """OCP's MCP server "ocp" for one CLI, spoken on the CLI's own stdin/stdout (the `sdk`
+    transport, AGENTS-SPEC §1.3). Used as the lease's control_request handler.
+
+    It answers the handshake and `tools/list` with the client's tools, and holds each
+    `tools/call` until the client's result arrives (`answer`, from the request's
+    thread; a result that comes before its call waits for it). Thread-safe.
+    """
+
+    def __init__(self, tools: Tuple[Dict[str, Any], ...]):
+        self.tools = tools
+        self.client_names = {"mcp__ocp__" + exposed_name(t["name"]): t["name"] for t in tools}
+        self._lock = threading.Lock()
+        self._held: Dict[str, Tuple[Any, Any]] = {}  # tool_use id -> (control request_id, JSON-RPC id)
+        self._early: Dict[str, Dict[str, Any]] = {}  # tool_use id -> a result that came first
+        self.proc: Optional[ClaudeProcess] = None
+
+    def __call__(self, proc: ClaudeProcess, event: Dict[str, Any]) -> None:
+        self.proc = proc
+        request = event.get("request") or {}
+        if request.get("subtype") != "mcp_message" or request.get("server_name") != "ocp":
+            return refuse_control(proc, event)
+        message = request.get("message") or {}
+        reply = self.reply(event.get("request_id"), message)
+        if reply is not None:
+            proc.send(control_response(event.get("request_id"), {"mcp_response": reply}))
+
+    def reply(self, request_id: Any, message: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The JSON-RPC answer to one MCP message; None for a call held for the client."""
+        method, rpc_id = message.get("method"), message.get("id")
+        params = message.get("params") or {}
+        if method == "initialize":
+            return rpc_result(rpc_id, {"protocolVersion": params.get("protocolVersion"),
+                                       "capabilities": {"tools": {"listChanged": False}},
+                                       "serverInfo": {"name": "ocp", "version": __version__}})
+        if rpc_id is None:  # a notification: answered all the same, or the CLI waits
+            return {"jsonrpc": "2.0", "result": {}, "id": 0}
+        if method == "tools/list":
+            return rpc_result(rpc_id, {"tools": [
+                {"name": exposed_name(t["name"]), "description": t["description"], "inputSchema": t["parameters"],
+                 "annotations": {"readOnlyHint": True}} for t in self.tools]})
+        if method == "tools/call":
+            return self.hold(request_id, rpc_id, params)
+        if method == "ping":
+            return rpc_result(rpc_id, {})
+        return {"jsonrpc": "2.0", "id": rpc_id, "error": {"code": -32601, "message": "Method not found"}}
+
+    def hold(self, request_id: Any, rpc_id: Any, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        tool_use_id = str((params.get("_meta") or {}).get("claudecode/toolUseId") or "")
+        with self._lock:
+            early = self._early.pop(tool_use_id, None)
+            if early is None:
+                self._held[tool_use_id] = (request_id, rpc_id)
+                return None
+        return rpc_result(rpc_id, early)
+
+    def answer(self, tool_use_id: str, result: Dict[str, Any]) -> None:
+        """The client's result for one call: to the CLI now, or when its tools/call arrives."""
+        with self._lock:
+            held = self._held.pop(tool_use_id, None)
+            if held is None:
+                self._early[tool_use_id] = result
+                return
+        self.proc.send(control_response(held[0], {"mcp_response": rpc_result(held[1], result)}))
+
+
 class Sweeper:
     """Removes finished runs' scratch directories on its own thread, off the request's path.
 
@@ -2204,7 +2304,8 @@ class Runner:
         now = time.monotonic()
         with self.live_lock:
             return [{"id": rid, "pid": lease.proc.pid, "key": lease.job.owner, "model": lease.job.model,
-                     "age_s": round(now - lease.proc.started, 1)} for rid, lease in self._live.items()]
+                     "age_s": round(now - lease.proc.started, 1), "parked": not lease.has_slot}
+                    for rid, lease in self._live.items()]
 
     def cancel(self, run_id: str, reason: str = "operator") -> bool:
         with self.live_lock:
@@ -2251,6 +2352,8 @@ class Runner:
             scratch = {"home": home, "config": os.path.join(home, ".claude")}
         env = child_env(self.config.environ, self.config, creds, scratch, job.max_tokens)
         env["TMPDIR"] = os.path.join(run_dir, "tmp")
+        if job.tools:  # OCP cuts results itself; the CLI's own limit would hide them in a file
+            env["MAX_MCP_OUTPUT_TOKENS"] = "500000"
         argv = claude_argv(self.claude, job, self._system_arg(job, run_dir), self.config.allowed_tools)
         # One working directory for every child: the CLI tells the model its cwd, and a
         # per-request path would make that text differ on every request.
@@ -2343,6 +2446,9 @@ class TurnRequest:
     owner: str = ""  # whose request (a key id or name): set once the caller is known
     sampling: Tuple[Tuple[str, Any], ...] = ()  # answer-affecting knobs the CLI has no flag for
     no_cache: str = ""  # why it must not be cached or shared, "" when it may be
+    tool_choice: str = "auto"  # auto | none
+    parallel_tool_calls: bool = True
+    tools_ignored: bool = False  # the client sent tools, the operator turned client tools off
 
 
 def check_type(body: Mapping[str, Any], name: str, kinds: Tuple[type, ...], what: str) -> Any:
@@ -2375,6 +2481,8 @@ def parse_chat_request(body: Any, models: Models, config: Config) -> TurnRequest
     options = check_type(body, "stream_options", (dict,), "an object") or {}
     check_unsupported(body)
     format_type, schema = parse_response_format(body.get("response_format"))
+    tools = parse_tools(body.get("tools"))
+    parallel = check_type(body, "parallel_tool_calls", (bool,), "a boolean")
     return TurnRequest(
         model=model, turns=tuple(chat_turn(m) for m in messages if m["role"] not in ("system", "developer")),
         system=tuple(part_text(m.get("content")) for m in messages if m["role"] in ("system", "developer")),
@@ -2382,7 +2490,40 @@ def parse_chat_request(body: Any, models: Models, config: Config) -> TurnRequest
         stop=parse_stop(body.get("stop")), max_tokens=parse_max_tokens(body, model),
         effort=parse_effort(body.get("reasoning_effort")), response_format=format_type,
         json_schema=schema, user=str(check_type(body, "user", (str,), "a string") or ""),
-        sampling=tuple((f, body.get(f)) for f in SAMPLING_FIELDS), no_cache=cache_bypass(body))
+        sampling=tuple((f, body.get(f)) for f in SAMPLING_FIELDS), no_cache=cache_bypass(body),
+        tools=tools if config.client_tools else (), tool_choice=body.get("tool_choice") or "auto",
+        parallel_tool_calls=parallel is not False, tools_ignored=bool(tools) and not config.client_tools)
+
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def parse_tools(tools: Any) -> Tuple[Dict[str, Any], ...]:
+    """The client's function tools as {name, description, parameters}; other kinds are dropped.
+    Names must be 1-64 of [A-Za-z0-9_-] and distinct (400 naming the tool)."""
+    parsed: List[Dict[str, Any]] = []
+    for index, tool in enumerate(tools or []):
+        param = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise bad_request(f"{param} must be an object", param, "invalid_type")
+        if tool.get("type") != "function":
+            log.info("a %s tool was dropped: only function tools reach the model", str(tool.get("type"))[:40])
+            continue
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise bad_request(f"{param}.function.name must be 1-64 letters, digits, '_' or '-'",
+                              f"{param}.function.name", "invalid_tool_name")
+        if any(t["name"] == name for t in parsed):
+            raise bad_request(f"Two tools are named {name!r}", f"{param}.function.name", "duplicate_tool_name")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise bad_request(f"{param}.function.parameters must be a JSON Schema object",
+                              f"{param}.function.parameters", "invalid_type")
+        description = function.get("description")
+        parsed.append({"name": name, "description": description if isinstance(description, str) else "",
+                       "parameters": parameters or {"type": "object", "properties": {}}})
+    return tuple(parsed)
 
 
 def image_url(part: Dict[str, Any]) -> str:
@@ -2661,6 +2802,8 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 CHARS_PER_TOKEN = 4  # the prompt budget guess when CLAUDE_MAX_PROMPT_CHARS is not set
 DATA_URL = re.compile(r"data:([\w/+.-]+);base64,(.*)", re.S)
+FALLBACK_SENTENCE = ("Earlier tool calls and their results are shown as text; they are final. "
+                     "Call a tool again only if you need more.")
 
 
 
@@ -2787,6 +2930,11 @@ def compose_system(system: List[str], tag: str, request: TurnRequest, config: Co
                      f"</{tag}>, oldest first; after them comes the current user message, if "
                      "any. Answer as the assistant in the next turn. Only those exact markers "
                      "delimit turns.")
+    if request.tools and request.tool_choice != "none":
+        if any(b["type"] in ("tool_call", "tool_result") for t in request.turns for b in t["content"]):
+            parts.append(FALLBACK_SENTENCE)
+        if not request.parallel_tool_calls:
+            parts.append("Call at most one tool per message.")
     if request.response_format == "json_object":
         parts.append("Reply with one JSON object only: no prose, no code fences.")
     elif request.response_format == "json_schema":
@@ -2813,13 +2961,18 @@ def check_prompt_budget(system: str, blocks, request: TurnRequest, config: Confi
 class Answer:
     """Builds one answer from the CLI's events; `feed` returns the new deltas.
 
-    Deltas are ("content" | "reasoning", text). The text comes from stream
+    Deltas are ("content" | "reasoning", text), or for a client tool call
+    ("tool_call", {index, id, name}) and ("tool_args", {index, arguments}). The text comes from stream
     deltas as they arrive, or from finished `assistant` blocks when a message
     was not streamed. After a dropped connection the CLI repeats the abandoned
     text in its retry; that repeat is swallowed so the client sees it once.
     """
 
-    def __init__(self):
+    def __init__(self, tool_names: Optional[Mapping[str, str]] = None):
+        self.tool_names = tool_names or {}  # the CLI's name of a client tool -> the client's
+        self.tool_calls: List[Dict[str, Any]] = []  # {"index", "id", "name", "arguments"}
+        self._calls: Dict[Tuple[str, int], Dict[str, Any]] = {}
+        self.round_done = False  # a model call ended asking for client tools: the answer stops here
         self.content: List[str] = []
         self.reasoning: List[str] = []
         self.result: Optional[Dict[str, Any]] = None
@@ -2863,6 +3016,8 @@ class Answer:
                 self.stream_usage[name] += int(usage.get(name) or 0)
         elif kind == "content_block_start":
             block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                return self._tool_call(block, message_id, event.get("index", 0))
             block_kind = {"text": "content", "thinking": "reasoning"}.get(block.get("type"))
             self._blocks[(message_id, event.get("index", 0))] = [block_kind, ""]
         elif kind == "content_block_delta":
@@ -2871,11 +3026,32 @@ class Answer:
             reason = (event.get("delta") or {}).get("stop_reason")
             if reason:
                 self.stop_reasons.append(reason)
+            if reason == "tool_use" and any(c["message"] == message_id for c in self.tool_calls):
+                self.round_done = True
             self.stream_usage["output_tokens"] += int((event.get("usage") or {}).get("output_tokens") or 0)
         return []
 
-    def _delta(self, event: Dict[str, Any], message_id: str) -> List[Tuple[str, str]]:
+    def _tool_call(self, block: Dict[str, Any], message_id: str, index: int) -> List[Tuple[str, Any]]:
+        """A client tool call starts (the CLI's own tools are not the client's business)."""
+        self._streamed.add(message_id)
+        name = self.tool_names.get(str(block.get("name")))
+        if name is None:
+            return []
+        call = {"index": len(self.tool_calls), "id": str(block.get("id") or ""), "name": name,
+                "arguments": "", "message": message_id}
+        self.tool_calls.append(call)
+        self._calls[(message_id, index)] = call
+        return [("tool_call", {"index": call["index"], "id": call["id"], "name": name})]
+
+    def _delta(self, event: Dict[str, Any], message_id: str) -> List[Tuple[str, Any]]:
         delta = event.get("delta") or {}
+        if delta.get("type") == "input_json_delta":
+            call = self._calls.get((message_id, event.get("index", 0)))
+            piece = delta.get("partial_json") or ""
+            if call is None or not piece:
+                return []
+            call["arguments"] += piece
+            return [("tool_args", {"index": call["index"], "arguments": piece})]
         if delta.get("type") == "text_delta":
             kind, text = "content", delta.get("text") or ""
         elif delta.get("type") == "thinking_delta":
@@ -2939,8 +3115,11 @@ class Answer:
         return "max_tokens" if self.stop_reasons[-1:] == ["max_tokens"] else "end_turn"
 
     def usage(self) -> Usage:
-        """This run's usage: the result's, or what the model calls reported when no result came."""
-        usage = (self.result or {}).get("usage") or self.stream_usage
+        """This run's usage: the result's, or what the model calls reported when no result came.
+        A run with client tools counts its own model calls only: a parked CLI's result sums the
+        calls of every request it served."""
+        usage = (self.result or {}).get("usage") if not self.tool_names else None
+        usage = usage or self.stream_usage
         return Usage(input=int(usage.get("input_tokens") or 0), output=int(usage.get("output_tokens") or 0),
                      cache_read=int(usage.get("cache_read_input_tokens") or 0),
                      cache_write=int(usage.get("cache_creation_input_tokens") or 0),
@@ -3415,6 +3594,7 @@ class Outcome:
     ttft_ms: Optional[int] = None
     duration_ms: int = 0
     overage: bool = False  # paid from the subscription's extra usage
+    tool_calls: Tuple[Dict[str, Any], ...] = ()  # {"id", "name", "arguments"} when finish is tool_use
 
     def cacheable(self) -> bool:
         """Only a complete, error-free answer may be kept and replayed."""
@@ -3447,9 +3627,161 @@ def outcome_events(outcome: Outcome) -> Iterator[Tuple[str, Any]]:
     yield DONE, outcome
 
 
+def check_tool_server(init: Dict[str, Any]) -> None:
+    """A tool spawn whose MCP server did not connect must not answer as if there were no tools."""
+    servers = [m for m in init.get("mcp_servers") or [] if isinstance(m, dict) and m.get("name") == "ocp"]
+    if not servers or servers[0].get("status") != "connected":
+        raise ApiError(502, "The claude CLI could not reach OCP's tool server, so the model cannot call "
+                       "the request's tools; retry, or see the OCP log.", "proxy_error", "tool_server_failed")
+
+
 def raise_failure(answer: Answer) -> None:
     if answer.failure is not None:
         raise answer.failure
+
+
+# -- client tool rounds: parked CLIs -------------------------------------------------------
+
+@dataclasses.dataclass
+class Park:
+    """A CLI waiting on its client's tool calls (AGENTS-SPEC §1.6), found by the calls' ids."""
+
+    owner: str  # the key it belongs to: no one else may continue it
+    lease: Lease
+    bridge: ToolBridge
+    ids: Tuple[str, ...]  # the calls the client was given
+    undelivered: Tuple[str, ...]  # further calls held back (parallel_tool_calls false)
+    prefix: str  # canonical hash of the conversation that made the round
+    shape: str  # hash of model, system texts, tools, tool_choice, parallel_tool_calls
+    expires_at: float
+
+
+def canonical_hash(value: Any) -> str:
+    """SHA-256 of canonical JSON; tool-call arguments compare as parsed JSON (AGENTS-SPEC §1.7)."""
+    def canon(item: Any) -> Any:
+        if isinstance(item, dict):
+            if item.get("type") == "tool_call":
+                try:
+                    arguments = json.loads(item.get("arguments") or "{}")
+                except ValueError:
+                    arguments = item.get("arguments")
+                return {"type": "tool_call", "id": item.get("id"), "name": item.get("name"), "arguments": arguments}
+            return {k: canon(v) for k, v in item.items() if v not in ("", None, [])}
+        if isinstance(item, (list, tuple)):
+            return [canon(v) for v in item]
+        return item
+    text = json.dumps(canon(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tool_shape(request: TurnRequest) -> str:
+    return canonical_hash([request.model.id, request.system, request.tools, request.tool_choice,
+                           request.parallel_tool_calls])
+
+
+class Parks:
+    """The parked CLIs, by tool-call id. A TTL and a cap (the oldest goes first) bound them;
+    a reaper thread ends expired ones and forgets those whose CLI exited. Thread-safe."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._parks: List[Park] = []  # oldest first
+        self._thread: Optional[threading.Thread] = None
+        self.counters = {"parked": 0, "resumed": 0, "fallback": 0, "expired": 0, "evicted": 0, "exited": 0}
+
+    def put(self, park: Park, limit: int) -> None:
+        """Park a CLI; past `limit` the oldest parked one is ended."""
+        park.lease.park()
+        with self._cond:
+            self._parks.append(park)
+            self.counters["parked"] += 1
+            evicted = self._parks[:-limit] if len(self._parks) > limit else []
+            del self._parks[:len(evicted)]
+            self.counters["evicted"] += len(evicted)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._reap, name="ocp-parks", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        for old in evicted:
+            log.info("a parked CLI was ended to make room (OCP_TOOL_PARK_MAX)")
+            old.lease.kill("evicted")
+
+    def claim(self, ids: List[str], owner: str) -> Optional[Park]:
+        """Take the park that emitted any of `ids`, if `owner` owns it (once: a retry falls back)."""
+        with self._cond:
+            for park in self._parks:
+                if set(ids) & set(park.ids) and park.owner == owner:
+                    self._parks.remove(park)
+                    return park
+        return None
+
+    def count(self, name: str) -> None:
+        with self._cond:
+            self.counters[name] += 1
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._cond:
+            return dict(self.counters, parked_now=len(self._parks))
+
+    def close(self) -> int:
+        """Shutdown: end every parked CLI."""
+        with self._cond:
+            parks, self._parks = self._parks, []
+        for park in parks:
+            park.lease.kill("shutdown")
+        return len(parks)
+
+    def _reap(self) -> None:
+        while True:
+            with self._cond:
+                now = self.clock()
+                gone = [p for p in self._parks if p.expires_at <= now or p.lease.proc.popen.poll() is not None]
+                for park in gone:
+                    self._parks.remove(park)
+                    self.counters["expired" if park.expires_at <= now else "exited"] += 1
+                wait = min((p.expires_at for p in self._parks), default=now + 5) - now
+            for park in gone:
+                log.info("a parked CLI was ended: its client's tool results did not come in time (OCP_TOOL_PARK_TTL)")
+                park.lease.kill("expired")
+            with self._cond:
+                self._cond.wait(min(max(wait, 0.05), 1.0))
+
+
+def tool_followup(request: TurnRequest, parks: Parks) -> Optional[Park]:
+    """The parked CLI this request continues (AGENTS-SPEC §1.7), or None for a fresh spawn."""
+    turns = list(request.turns)
+    results: List[Dict[str, Any]] = []
+    while turns and turns[-1]["role"] == "tool":
+        results = [b for b in turns.pop()["content"] if b["type"] == "tool_result"] + results
+    if not results:
+        return None
+    park = parks.claim([r["id"] for r in results], request.owner)
+    if park is None:
+        parks.count("fallback")
+        log.info("tool results for no parked CLI (expired, evicted or another key's): the history goes as text")
+        return None
+    assistant = turns.pop() if turns and turns[-1]["role"] == "assistant" else {"content": []}
+    calls = {b["id"] for b in assistant["content"] if b["type"] == "tool_call"}
+    if not ({r["id"] for r in results} == calls == set(park.ids) and canonical_hash(turns) == park.prefix
+            and tool_shape(request) == park.shape):
+        park.lease.kill("mismatch")
+        parks.count("fallback")
+        log.info("tool results that do not continue their parked CLI's conversation: it was ended, "
+                 "the history goes as text")
+        return None
+    parks.count("resumed")
+    return park
+
+
+def tool_result(text: str, limit: int, is_error: bool = False) -> Dict[str, Any]:
+    """A client's tool result as MCP's tools/call result; cut past `limit` characters, marked."""
+    if len(text) > limit:
+        text = text[:limit] + f"\n[OCP: result cut from {len(text)} to {limit} characters]"
+    result: Dict[str, Any] = {"content": [{"type": "text", "text": text}]}
+    if is_error:
+        result["isError"] = True
+    return result
 
 
 class Turn:
@@ -3462,9 +3794,12 @@ class Turn:
     """
 
     def __init__(self, request: TurnRequest, job: Job, runner: Runner, plan: PlanLimits,
-                 config: Config, secret: bytes, wall: Callable[[], float] = time.time):
+                 config: Config, secret: bytes, wall: Callable[[], float] = time.time,
+                 parks: Optional[Parks] = None, resume: Optional[Park] = None):
         self.request, self.job, self.runner, self.plan = request, job, runner, plan
         self.config, self.secret, self.wall = config, secret, wall
+        self.parks, self.resume = parks, resume  # client tools: where rounds park, the one this continues
+        self.bridge = resume.bridge if resume else (ToolBridge(job.tools) if job.tools else None)
         self.started = time.monotonic()
         self.ttft_ms: Optional[int] = None
         self.overage = False
@@ -3515,9 +3850,21 @@ class Turn:
         if rest:
             sent.append(rest)
             yield TEXT, rest
-        return self.outcome(content="".join(sent), reasoning="".join(answer.reasoning),
-                            finish="stop_sequence" if scanner.stopped else answer.finish(),
-                            usage=answer.usage())
+        calls = self.delivered_calls(answer)
+        for call in calls:
+            if not call["arguments"]:  # a call without input still needs JSON arguments
+                call["arguments"] = "{}"
+                yield TOOL_ARGS, {"index": call["index"], "arguments": "{}"}
+        finish = "tool_use" if answer.round_done else ("stop_sequence" if scanner.stopped else answer.finish())
+        return self.outcome(content="".join(sent), reasoning="".join(answer.reasoning), finish=finish,
+                            usage=answer.usage(), tool_calls=tuple(
+                                {"id": c["id"], "name": c["name"], "arguments": c["arguments"]} for c in calls))
+
+    def delivered_calls(self, answer: Answer) -> List[Dict[str, Any]]:
+        """The round's calls the client gets: all, or the first when parallel_tool_calls is false."""
+        if not answer.round_done:
+            return []
+        return answer.tool_calls if self.request.parallel_tool_calls else answer.tool_calls[:1]
 
     def _structured(self) -> Iterator[Tuple[str, Any]]:
         """A JSON answer is checked before anything is sent; one retry names the problem."""
@@ -3554,35 +3901,71 @@ class Turn:
     def _run(self, job: Job, scanner: StopScanner, collected: List[str], forward: bool) -> Iterator[Tuple[str, Any]]:
         """One CLI run on a lease; returns its Answer. Text goes through `scanner` into
         `collected` (and out as events when `forward`); the run ends early at a stop
-        sequence or max_tokens (the CLI would go on: it is killed)."""
-        answer = Answer()
+        sequence or max_tokens (the CLI would go on: it is killed), or parks at a round
+        of client tool calls."""
+        answer = Answer(self.bridge.client_names if self.bridge else None)
         self.answers.append(answer)
-        lease = self._lease = self.runner.lease(job, lambda: self.cancelled)
-        finished = False
+        ending = "kill"
+        lease = self._lease = self.resume.lease if self.resume else self.runner.lease(
+            job, lambda: self.cancelled, self.bridge)
         try:
-            for _ in lease.acquire():
-                yield PING, None  # a streaming client hears from us while it waits in line
-            for event in lease.exchange(job.blocks):
+            blocks = yield from self._start(lease, job)
+            for event in lease.exchange(blocks):
                 for kind, value in self._feed(answer, event):
                     if kind == TEXT:
                         value = scanner.feed(value)
                         collected.append(value)
+                    if kind in (TOOL_CALL, TOOL_ARGS) and value["index"] and not self.request.parallel_tool_calls:
+                        continue  # only the first call reaches the client
                     if kind not in (TEXT, REASONING) or (forward and value):
                         yield kind, value
+                if answer.round_done:
+                    ending = "park"
+                    return answer
                 if scanner.stopped or (job.max_tokens and answer.hit_max_tokens()):
                     return answer
-            finished = True
+            ending = "release" if answer.result is not None else "kill"
         finally:
-            if finished and answer.result is not None:
-                lease.release()
-            else:
-                lease.kill()
+            self._end(lease, answer, ending)
         self._settle(answer)
         return answer
+
+    def _start(self, lease: Lease, job: Job) -> Iterator[Tuple[str, Any]]:
+        """Get the lease going; return the user turn to send (None: a parked CLI continues)."""
+        if self.resume is None:
+            for _ in lease.acquire():
+                yield PING, None  # a streaming client hears from us while it waits in line
+            return job.blocks
+        for _ in lease.resume():
+            yield PING, None
+        limit = self.config.tool_result_max_chars
+        for turn in self.request.turns:
+            for block in turn["content"]:
+                if block["type"] == "tool_result" and block["id"] in self.resume.ids:
+                    self.bridge.answer(block["id"], tool_result(block["content"], limit))
+        for call_id in self.resume.undelivered:
+            self.bridge.answer(call_id, tool_result("Not run: one tool call at a time.", limit, True))
+        return None
+
+    def _end(self, lease: Lease, answer: Answer, ending: str) -> None:
+        if ending == "release":
+            lease.release()
+        elif ending == "kill" or self.parks is None:
+            lease.kill()
+        else:
+            delivered = [c["id"] for c in self.delivered_calls(answer)]
+            request = self.request
+            self.parks.put(Park(request.owner, lease, self.bridge, tuple(delivered),
+                                tuple(c["id"] for c in answer.tool_calls if c["id"] not in delivered),
+                                canonical_hash(list(request.turns)), tool_shape(request),
+                                self.parks.clock() + self.config.tool_park_ttl_ms / 1000),
+                           self.config.tool_park_max or self.config.max_concurrent)
 
     def _feed(self, answer: Answer, event: Any) -> List[Tuple[str, Any]]:
         if event is HEARTBEAT:
             return [(PING, None)]
+        if self.bridge and event.get("type") == "system" and event.get("subtype") == "init":
+            check_tool_server(event)
         if event.get("type") == "rate_limit_event" and self.plan.observe(event.get("rate_limit_info") or {}):
             self.overage = True
             log.warning("%s was paid from the subscription's extra usage", self.job.request_id)
@@ -3590,7 +3973,8 @@ class Turn:
         deltas = answer.feed(event)
         if deltas and self.ttft_ms is None:
             self.ttft_ms = int((time.monotonic() - self.started) * 1000)
-        return [(TEXT if kind == "content" else REASONING, text) for kind, text in deltas]
+        kinds = {"content": TEXT, "reasoning": REASONING, "tool_call": TOOL_CALL, "tool_args": TOOL_ARGS}
+        return [(kinds[kind], value) for kind, value in deltas]
 
     def _settle(self, answer: Answer) -> None:
         now = self.wall()
@@ -3712,6 +4096,11 @@ def chat_completion(completion_id: str, created: int, model: str, outcome: Outco
     message: Dict[str, Any] = {"role": "assistant", "content": outcome.content, "refusal": outcome.refusal}
     if outcome.reasoning:
         message["reasoning_content"] = outcome.reasoning
+    if outcome.tool_calls:
+        message["content"] = outcome.content or None
+        message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                  "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                 for c in outcome.tool_calls]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": OPENAI_FINISH[outcome.finish]}],
@@ -3774,6 +4163,13 @@ class ChatSSE(EventStream):
             self.start()
             self.chunk({self.DELTA_FIELDS[kind]: value})
             self.delivered = self.delivered or not self.detached
+        elif kind == TOOL_CALL:  # index and id first, then the arguments as they come
+            self.start()
+            self.chunk({"tool_calls": [{"index": value["index"], "id": value["id"], "type": "function",
+                                        "function": {"name": value["name"], "arguments": ""}}]})
+            self.delivered = self.delivered or not self.detached
+        elif kind == TOOL_ARGS:
+            self.chunk({"tool_calls": [{"index": value["index"], "function": {"arguments": value["arguments"]}}]})
         elif kind == PING:
             self.heartbeat()
         elif kind == DONE:
@@ -4046,7 +4442,10 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
     check_prompt_budget(system, blocks, request, server.config)
     if request.user:
         log.info("%s user=%s model=%s", h.request_id, request.user[:64], request.model.id)
-    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name)
+    tools = request.tools if request.tool_choice != "none" else ()
+    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name, tools)
+    if request.tools_ignored:
+        h.response_headers["x-ocp-tools-ignored"] = "true"
     encoder = route.encoder(request)(h, request, int(server.wall()), lambda: server.plan.in_overage(server.wall()))
     key = cache_key(request) if server.config.cache_ttl_ms and not request.no_cache else ""
     hit = server.ledger.lookup(key) if key else None
@@ -4058,8 +4457,9 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         h.admitted = True
         h.response_headers.update(ticket.headers)
         server.plan.check(server.wall(), server.config.plan_only)
+        resume = tool_followup(request, server.parks) if tools else None
         turn = ticket.turn = Turn(request, job, server.runner, server.plan, server.config, server.turn_secret,
-                                  server.wall)
+                                  server.wall, server.parks, resume)
         ticket.job = job
         if key:
             h.response_headers["x-ocp-cache"] = "miss"
@@ -4631,6 +5031,7 @@ class Server(ThreadingHTTPServer):
         self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
         self.ledger = Ledger(self)
+        self.parks = Parks()
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()
@@ -4713,6 +5114,11 @@ class Server(ThreadingHTTPServer):
                                {"window": name}, window["utilization"]))
                 gauges.append(("ocp_plan_resets_at", "gauge", "When a plan window resets (epoch seconds).",
                                {"window": name}, window["resets_at"]))
+        parks = self.parks.snapshot()
+        gauges.append(("ocp_tools_parked", "gauge", "CLIs parked on their clients' tool calls.", {}, parks.pop("parked_now")))
+        for name, n in parks.items():
+            gauges.append(("ocp_tool_rounds_total", "counter", "Client tool rounds: parked, resumed, fell back, "
+                           "expired, evicted, exited while parked.", {"event": name}, n))
         for name, n in self.flights.snapshot().items():
             gauges.append(("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.",
                            {"event": name}, n))
@@ -5106,6 +5512,7 @@ def install_shutdown(server: Server) -> threading.Event:
     def shut_down() -> None:
         refused = server.runner.stop()  # the queue is refused (503) and nothing new starts
         server.shutdown()
+        server.parks.close()  # a parked CLI waits for a client that would find no daemon
         server.wait_for(lambda: not server.runner.live(), 3)
         cancelled = server.runner.cancel_all("shutdown")
         server.wait_for(lambda: not server.runner.live(), KILL_GRACE_S + 1)

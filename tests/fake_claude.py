@@ -17,7 +17,11 @@ garbage (unparsable lines between events), usage ({input, output,
 cache_read, cache_creation}), overage (the answer is paid from extra usage),
 ignore_term (survive SIGTERM), grandchild (leave a sleeping child in the
 group), stderr (text for stderr), tail_ms (pause between the answer's last
-event and the result), control (send a control_request of that subtype first).
+event and the result), control (send a control_request of that subtype first),
+calls (with --mcp-config's sdk server "ocp": a list of tool rounds, each a list of
+{"name", "arguments"[, "id"]}: the model calls them, OCP answers the tools/call
+requests, the next round follows), final (the answer after the last round;
+default "Done: " and the results), mcp_fail (the server "ocp" reports failed).
 
 With --input-format stream-json each stdin line is one user turn, answered up
 to its `result` before the next line is read, as the real CLI does: stdin may
@@ -67,7 +71,8 @@ def fail_usage(message):
 
 
 def parse_args(argv):
-    opts = {"model": "claude-opus-5-5", "tools": None, "max_turns": 0, "system": None,
+    opts = {"model": "claude-opus-5-5", "tools": None, "max_turns": 0, "system": None, "mcp_config": None,
+            "allowed_tools": None,
             "system_file": None, "effort": None, "prompt": None}
     flags = set()
     i = 0
@@ -76,7 +81,8 @@ def parse_args(argv):
         takes_value = {"--model": "model", "--tools": "tools", "--max-turns": "max_turns",
                        "--system-prompt": "system", "--system-prompt-file": "system_file",
                        "--effort": "effort", "--output-format": "output",
-                       "--input-format": "input"}
+                       "--input-format": "input", "--mcp-config": "mcp_config",
+                       "--allowedTools": "allowed_tools"}
         if arg in takes_value:
             opts[takes_value[arg]] = argv[i + 1]
             i += 2
@@ -107,8 +113,10 @@ class Run:
         fields.update(session_id=self.session, uuid=str(uuid.uuid4()))
         return fields
 
-    def init(self):
-        out(self.base(type="system", subtype="init", cwd=os.getcwd(), tools=[], mcp_servers=[],
+    def init(self, mcp=None):
+        servers = [{"name": "ocp", "status": mcp.status, "source": "sdk"}] if mcp and mcp.enabled else []
+        out(self.base(type="system", subtype="init", cwd=os.getcwd(), tools=mcp.names() if mcp else [],
+                      mcp_servers=servers,
                       model=self.model, permissionMode="default", slash_commands=[],
                       apiKeySource="none" if self.oauth else "ANTHROPIC_API_KEY",
                       claude_code_version=VERSION, output_style="default", agents=[],
@@ -312,6 +320,59 @@ def answer(run, text):
     return 0
 
 
+def tool_rounds(run, mcp, rounds, final, texts):
+    """The model calls the client's tools round by round (OCP answers each tools/call), then
+    answers `final` (default: the results it got). A fallback spawn sees the earlier rounds as
+    text: it goes on from the round after them."""
+    done = "\n".join(texts).count('role="assistant"')
+    results = []
+    for number, calls in enumerate(rounds[done:], start=done + 1):
+        message_id = "msg_fake" + uuid.uuid4().hex[:20]
+        run.turns += 1
+        out(run.base(type="system", subtype="status", status="requesting"))
+        run.stream({"type": "message_start", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": run.model, "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": run.usage()}}, message_id)
+        pending, blocks = [], []
+        for index, call in enumerate(calls):
+            tool_use_id = call.get("id") or f"toolu_{number}_{index}_{uuid.uuid4().hex[:8]}"
+            arguments = call.get("arguments", {})
+            run.stream({"type": "content_block_start", "index": index, "content_block": {
+                "type": "tool_use", "id": tool_use_id, "name": "mcp__ocp__" + call["name"], "input": {}}},
+                message_id)
+            text = json.dumps(arguments)
+            for piece in split(text, 2) if arguments else []:
+                run.stream({"type": "content_block_delta", "index": index, "delta": {
+                    "type": "input_json_delta", "partial_json": piece}}, message_id)
+                run.pause()
+            run.assistant(message_id, {"type": "tool_use", "id": tool_use_id, "name": "mcp__ocp__" + call["name"],
+                                       "input": arguments})
+            run.stream({"type": "content_block_stop", "index": index}, message_id)
+            blocks.append((tool_use_id, call["name"]))
+            if call["name"] in [t["name"] for t in mcp.tools]:
+                pending.append((tool_use_id, mcp.call(call["name"], arguments, tool_use_id)))
+        run.stream({"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                    "usage": {"output_tokens": 20}}, message_id)
+        run.stream({"type": "message_stop"}, message_id)
+        answered = {}
+        for tool_use_id, request_id in pending:
+            response = STDIN.response(request_id)
+            if response is None:
+                return 143  # stdin closed while the call waited: OCP let the process go
+            answered[tool_use_id] = (response.get("response") or {}).get("mcp_response") or {}
+        content = []
+        for tool_use_id, name in blocks:
+            result = answered.get(tool_use_id, {}).get("result") or {}
+            parts = result.get("content") or [{"type": "text", "text": f"No such tool available: {name}"}]
+            content.append({"tool_use_id": tool_use_id, "type": "tool_result", "content": parts,
+                            "is_error": bool(result.get("isError")) or tool_use_id not in answered})
+            results.append(" ".join(p.get("text", "[" + p.get("type", "?") + "]") for p in parts))
+        out(run.base(type="user", parent_tool_use_id=None, message={"role": "user", "content": content}))
+    if final is None:
+        final = "Done: " + " | ".join(results) if results else f"Done after {done} round(s), from the history"
+    return answer(run, final)
+
+
 def over_the_limit(run, text, limit):
     """As 2.1.330 does, --max-turns or not: continue up to 3 times, then fail."""
     thinking = run.d.get("thinking")
@@ -347,6 +408,49 @@ def split(text, count):
     return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
+class Stdin:
+    """The CLI's stdin in stream-json mode: user turns, and control_responses (MCP answers),
+    which may arrive while a turn waits for one."""
+
+    def __init__(self):
+        self.turns = []
+        self.responses = {}
+        self.closed = False
+
+    def _read_one(self):
+        line = sys.stdin.readline()
+        if not line:
+            self.closed = True
+            return
+        if not line.strip():
+            return
+        try:
+            message = json.loads(line)
+        except ValueError:
+            fail_usage(f"Error parsing streaming input line (type=unknown, {len(line.strip())} "
+                       "chars): SyntaxError")
+        if message.get("type") == "control_response":
+            CONTROL_RESPONSES.append(message)
+            self.responses[message["response"].get("request_id")] = message["response"]
+            return
+        content = message["message"]["content"]
+        self.turns.append([{"type": "text", "text": content}] if isinstance(content, str) else content)
+
+    def next_turn(self):
+        while not self.turns and not self.closed:
+            self._read_one()
+        return self.turns.pop(0) if self.turns else None
+
+    def response(self, request_id):
+        """Wait for the control_response to `request_id`; None when stdin closes first."""
+        while request_id not in self.responses and not self.closed:
+            self._read_one()
+        return self.responses.pop(request_id, None)
+
+
+STDIN = Stdin()
+
+
 def read_input(opts):
     """Yield each user turn's content blocks as the real CLI reads them: with
     --input-format stream-json one turn per stdin line, answered before the next
@@ -355,28 +459,63 @@ def read_input(opts):
         yield [{"type": "text", "text": opts["prompt"] or sys.stdin.read()}]
         return
     while True:
-        line = sys.stdin.readline()
-        if not line:
+        blocks = STDIN.next_turn()
+        if blocks is None:
             return
-        if not line.strip():
-            continue
-        try:
-            message = json.loads(line)
-        except ValueError:
-            fail_usage(f"Error parsing streaming input line (type=unknown, {len(line.strip())} "
-                       "chars): SyntaxError")
-        if message.get("type") == "control_response":
-            record_control(message)
-            continue
-        content = message["message"]["content"]
-        yield [{"type": "text", "text": content}] if isinstance(content, str) else content
+        yield blocks
 
 
 CONTROL_RESPONSES = []
+MCP = None
 
 
-def record_control(message):
-    CONTROL_RESPONSES.append(message)
+class Mcp:
+    """The `sdk` MCP server "ocp" on the control channel, as 2.1.330 drives it (AGENTS-SPEC §1.3)."""
+
+    def __init__(self, opts):
+        config = json.loads(opts["mcp_config"]) if opts["mcp_config"] else {}
+        if opts["mcp_config"] and not opts["mcp_config"].lstrip().startswith("{"):
+            with open(opts["mcp_config"]) as f:
+                config = json.load(f)
+        server = (config.get("mcpServers") or {}).get("ocp") or {}
+        self.enabled = server.get("type") == "sdk"
+        self.allowed = opts["allowed_tools"] == "mcp__ocp__*"
+        self.tools, self.status, self.next_id, self.log = [], "failed", 0, []
+
+    def ask(self, message):
+        """Send one MCP message to OCP; return its mcp_response (None if stdin closed)."""
+        request_id = str(uuid.uuid4())
+        out({"type": "control_request", "request_id": request_id, "request": {
+            "subtype": "mcp_message", "server_name": "ocp", "message": message}})
+        response = STDIN.response(request_id)
+        return ((response or {}).get("response") or {}).get("mcp_response") if response else None
+
+    def handshake(self):
+        if not self.enabled or self.status == "connected":
+            return
+        init = self.ask({"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+                         "clientInfo": {"name": "claude-code", "version": VERSION}}, "jsonrpc": "2.0", "id": 0})
+        if not init or "result" not in init:
+            return
+        self.ask({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        listed = self.ask({"method": "tools/list", "jsonrpc": "2.0", "id": 1}) or {}
+        self.tools = (listed.get("result") or {}).get("tools") or []
+        self.status = "connected"
+        self.next_id = 2
+
+    def names(self):
+        return ["mcp__ocp__" + re.sub(r"[^A-Za-z0-9_-]", "_", t["name"]) for t in self.tools]
+
+    def call(self, name, arguments, tool_use_id):
+        """Send tools/call; return the request id to wait on."""
+        request_id = str(uuid.uuid4())
+        self.next_id += 1
+        out({"type": "control_request", "request_id": request_id, "request": {
+            "subtype": "mcp_message", "server_name": "ocp", "message": {
+                "method": "tools/call", "params": {"name": name, "arguments": arguments, "_meta": {
+                    "claudecode/toolUseId": tool_use_id, "progressToken": self.next_id}},
+                "jsonrpc": "2.0", "id": self.next_id}}})
+        return request_id
 
 
 def main():
@@ -409,6 +548,8 @@ def main():
     else:
         record["system_prompt"] = opts["system"]
     log_run(record)
+    global MCP
+    MCP = Mcp(opts)
     record["stdin_blocks"], record["turns"] = [], 0
     code = 0
     for blocks in read_input(opts):
@@ -439,7 +580,12 @@ def one_turn(opts, blocks, directive, record):
     if directive.get("control"):  # ask OCP something on the control channel first
         out({"type": "control_request", "request_id": "req_fake_1", "request": {"subtype": directive["control"]}})
     run = Run(opts, blocks, directive)
-    run.init()
+    mcp = MCP
+    if opts["input"] == "stream-json":
+        mcp.handshake()
+    if directive.get("mcp_fail"):  # the server did not come up
+        mcp.status, mcp.tools = "failed", []
+    run.init(mcp)
     if directive.get("hang"):
         while True:
             time.sleep(1)
@@ -457,6 +603,10 @@ def one_turn(opts, blocks, directive, record):
         text = "Echo: " + last
     if directive.get("error") and directive["error"] != "mid_stream":
         return synthetic_error(run, directive["error"])
+    if "calls" in directive and mcp.status == "connected" and mcp.allowed:
+        code = tool_rounds(run, mcp, directive["calls"], directive.get("final"), texts)
+        record["tool_results"] = [r for r in CONTROL_RESPONSES]
+        return code
     return answer(run, text)
 
 

@@ -94,7 +94,7 @@ class AcceptedChatRequests(unittest.TestCase):
 
     def test_ignored_sampling_parameters_and_cache_control(self):
         parsed = request(temperature=0.2, top_p=1, seed=3, presence_penalty=0, frequency_penalty=0,
-                         n=1, tool_choice="auto", tools=[{"type": "function"}],
+                         n=1, tool_choice="auto", tools=[{"type": "function", "function": {"name": "f"}}],
                          messages=[{"role": "user", "content": [
                              {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}],
                              "cache_control": {"type": "ephemeral"}}])

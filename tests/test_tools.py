@@ -1,0 +1,259 @@
+"""Client tool calling (AGENTS-SPEC §1): the client's tools served to the CLI over its own pipes,
+tool rounds answered as OpenAI tool_calls, the CLI parked until the results come back."""
+
+import json
+import time
+
+import ocp
+from helpers import ServerTest, directive, pid_alive, wait_until
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string"}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+def call(name, **arguments):
+    return {"name": name, "arguments": arguments}
+
+
+class ToolTest(ServerTest):
+    def ask(self, rounds, final=None, tools=(WEATHER, TIME), **params):
+        steer = {"calls": rounds}
+        if final is not None:
+            steer["final"] = final
+        messages = [{"role": "user", "content": "weather? " + directive(**steer)}]
+        return messages, self.chat(messages=messages, tools=list(tools), **params)
+
+    def follow_up(self, messages, reply, results, tools=(WEATHER, TIME), **params):
+        """Send the tool results for `reply`'s calls; return (messages, response)."""
+        message = reply["choices"][0]["message"]
+        messages = messages + [{"role": "assistant", "content": message["content"],
+                                "tool_calls": message["tool_calls"]}]
+        messages += [{"role": "tool", "tool_call_id": c["id"], "content": results[i]}
+                     for i, c in enumerate(message["tool_calls"])]
+        return messages, self.chat(messages=messages, tools=list(tools), **params)
+
+    def parked(self):
+        return [s for s in self.server.runner.live() if s["parked"]]
+
+
+class ToolRounds(ToolTest):
+    def test_a_tool_round_then_the_answer_in_one_cli_process(self):
+        messages, (status, _, body) = self.ask([[call("get_weather", city="Paris")]])
+        self.assertEqual(status, 200)
+        choice = body["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertIsNone(choice["message"]["content"])
+        (tool_call,) = choice["message"]["tool_calls"]
+        self.assertEqual((tool_call["type"], tool_call["function"]), ("function", {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}))
+        self.assertTrue(tool_call["id"].startswith("toolu_"))
+        self.assertEqual(len(self.parked()), 1)
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0, "a parked CLI holds no slot")
+        _, (status, _, body) = self.follow_up(messages, body, ["Sunny, 21C"])
+        self.assertEqual(status, 200)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Done: Sunny, 21C")
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+        runs = self.runs()
+        self.assertEqual(len(runs), 1, "the parked CLI continued: no second spawn")
+        argv = runs[0]["argv"]
+        self.assertEqual(argv[argv.index("--tools") + 1], "")
+        self.assertIn("--strict-mcp-config", argv)
+        self.assertEqual(argv[argv.index("--allowedTools") + 1], "mcp__ocp__*")
+        self.assertEqual(runs[0]["env"]["MAX_MCP_OUTPUT_TOKENS"], "500000")
+        wait_until(lambda: self.server.runner.live() == [])
+        rows = self.server.store.usage_rows(None, None, 0, 2 ** 40, 10)
+        self.assertEqual([r["status"] for r in rows], ["ok", "ok"], "each HTTP request is one usage row")
+
+    def test_three_rounds_streamed_in_one_process(self):
+        rounds = [[call("get_weather", city="Oslo")], [call("get_time")], [call("get_weather", city="Rome")]]
+        messages = [{"role": "user", "content": "plan " + directive(calls=rounds)}]
+        results = ["rain", "noon", "sun"]
+        for number in range(3):
+            status, _, events = self.stream(messages=messages, tools=[WEATHER, TIME])
+            self.assertEqual(status, 200)
+            chunks = [e for _, e in events if isinstance(e, dict)]
+            self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "tool_calls")
+            deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+            first = [d["tool_calls"][0] for d in deltas if "tool_calls" in d][0]
+            self.assertEqual((first["index"], first["type"]), (0, "function"))
+            arguments = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas if "tool_calls" in d)
+            json.loads(arguments)
+            messages = messages + [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": first["id"], "type": "function", "function": {"name": first["function"]["name"],
+                                                                     "arguments": arguments}}]},
+                {"role": "tool", "tool_call_id": first["id"], "content": results[number]}]
+        status, _, events = self.stream(messages=messages, tools=[WEATHER, TIME])
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for _, e in events
+                       if isinstance(e, dict) and e["choices"])
+        self.assertEqual(text, "Done: rain | noon | sun")
+        self.assertEqual(len(self.runs()), 1)
+
+    def test_two_parallel_calls_reach_the_client_in_one_response(self):
+        messages, (_, _, body) = self.ask([[call("get_weather", city="Paris"), call("get_weather", city="Lima")]])
+        calls = body["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([json.loads(c["function"]["arguments"])["city"] for c in calls], ["Paris", "Lima"])
+        _, (_, _, body) = self.follow_up(messages, body, ["warm", "cold"])
+        self.assertEqual(body["choices"][0]["message"]["content"], "Done: warm | cold")
+
+    def test_streamed_parallel_calls_have_index_0_and_1(self):
+        messages = [{"role": "user", "content": directive(calls=[[call("get_weather", city="A"), call("get_time")]])}]
+        _, _, events = self.stream(messages=messages, tools=[WEATHER, TIME])
+        starts = [e["choices"][0]["delta"]["tool_calls"][0] for _, e in events if isinstance(e, dict)
+                  and e["choices"] and "id" in (e["choices"][0]["delta"].get("tool_calls") or [{}])[0]]
+        self.assertEqual([(s["index"], s["function"]["name"]) for s in starts], [(0, "get_weather"), (1, "get_time")])
+        no_input = [e["choices"][0]["delta"]["tool_calls"][0] for _, e in events if isinstance(e, dict)
+                    and e["choices"] and (e["choices"][0]["delta"].get("tool_calls") or [{}])[0].get("index") == 1]
+        self.assertEqual("".join(d["function"]["arguments"] for d in no_input), "{}", "no input is {}")
+
+    def test_parallel_tool_calls_false_delivers_one_and_tells_the_model_why(self):
+        messages, (_, _, body) = self.ask([[call("get_weather", city="A"), call("get_time")]],
+                                          parallel_tool_calls=False)
+        self.assertEqual(len(body["choices"][0]["message"]["tool_calls"]), 1)
+        self.assertIn("Call at most one tool per message.", self.runs()[0]["system_prompt"])
+        _, (_, _, body) = self.follow_up(messages, body, ["warm"], parallel_tool_calls=False)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Done: warm | Not run: one tool call at a time.")
+
+    def test_a_long_result_is_cut_with_a_marker(self):
+        messages, (_, _, body) = self.ask([[call("get_time")]])
+        _, (_, _, body) = self.follow_up(messages, body, ["x" * 150_000])
+        text = body["choices"][0]["message"]["content"]
+        self.assertTrue(text.endswith("\n[OCP: result cut from 150000 to 100000 characters]"), text[-80:])
+        self.assertEqual(len(text), len("Done: ") + 100_000 + len("\n[OCP: result cut from 150000 to 100000 characters]"))
+
+
+class ToolFallback(ToolTest):
+    env = {"OCP_TOOL_PARK_TTL": "1000"}
+
+    def test_after_the_ttl_the_parked_cli_is_gone_and_the_history_goes_as_text(self):
+        messages, (_, _, body) = self.ask([[call("get_weather", city="Paris")]])
+        pid = self.runs()[0]["pid"]
+        wait_until(lambda: not pid_alive(pid), timeout=5)
+        self.assertEqual(self.server.runner.live(), [])
+        with self.assertLogs("ocp", "INFO") as logs:
+            _, (status, _, body) = self.follow_up(messages, body, ["Sunny"])
+        self.assertEqual(status, 200)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Done after 1 round(s), from the history")
+        self.assertIn("the history goes as text", "\n".join(logs.output))
+        second = self.runs()[1]
+        self.assertIn(ocp.FALLBACK_SENTENCE, second["system_prompt"])
+        rendered = "\n".join(b.get("text", "") for b in second["stdin_blocks"])
+        self.assertIn("[tool call ", rendered)
+        self.assertIn("Sunny", rendered)
+        counters = self.server.parks.snapshot()
+        self.assertEqual((counters["expired"], counters["fallback"]), (1, 1))
+
+    def test_a_changed_history_ends_the_parked_cli_and_falls_back(self):
+        messages, (_, _, body) = self.ask([[call("get_weather", city="Paris")]])
+        pid = self.runs()[0]["pid"]
+        messages[0] = {"role": "user", "content": "edited " + messages[0]["content"]}
+        _, (status, _, _) = self.follow_up(messages, body, ["Sunny"])
+        self.assertEqual(status, 200)
+        self.assertFalse(pid_alive(pid))
+        self.assertEqual(len(self.runs()), 2)
+
+    def test_a_client_that_never_returns_leaves_no_process(self):
+        for _ in range(3):
+            self.ask([[call("get_weather", city="Paris")]])
+        self.assertEqual(len(self.parked()), 3)
+        wait_until(lambda: self.server.runner.live() == [], timeout=5)
+        runner = self.server.runner
+        wait_until(lambda: runner.leases_made == runner.leases_ended)
+        self.assertFalse([r for r in self.runs() if pid_alive(r["pid"])])
+
+
+class ToolParkCap(ToolTest):
+    env = {"OCP_TOOL_PARK_MAX": "1"}
+
+    def test_past_the_cap_the_oldest_parked_cli_goes(self):
+        self.ask([[call("get_weather", city="A")]])
+        first = self.runs()[0]["pid"]
+        self.ask([[call("get_weather", city="B")]])
+        wait_until(lambda: not pid_alive(first))
+        self.assertEqual(len(self.parked()), 1)
+        self.assertEqual(self.server.parks.snapshot()["evicted"], 1)
+
+
+class ToolRequestsChecked(ToolTest):
+    env = {"OCP_ADMIN_KEY": "ocp_admin_key_for_the_tools_tests_0"}
+    def test_bad_tools_are_400_naming_the_tool(self):
+        cases = [([{"type": "function", "function": {"name": "has space"}}], "tools[0].function.name"),
+                 ([WEATHER, WEATHER], "tools[1].function.name"),
+                 ([{"type": "function", "function": {"name": "x", "parameters": "nope"}}], "tools[0].function.parameters"),
+                 (["nope"], "tools[0]")]
+        for tools, param in cases:
+            with self.subTest(param):
+                status, _, body = self.chat("x", tools=tools)
+                self.assertEqual((status, body["error"]["param"]), (400, param))
+
+    def test_forcing_a_call_is_a_clear_400(self):
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            status, _, body = self.chat("x", tools=[WEATHER], tool_choice=choice)
+            self.assertEqual((status, body["error"]["code"]), (400, "unsupported_parameter"))
+
+    def test_tool_choice_none_spawns_without_the_tool_server(self):
+        status, _, body = self.chat("hi", tools=[WEATHER], tool_choice="none")
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "Echo: hi"))
+        self.assertNotIn("--mcp-config", self.runs()[0]["argv"])
+
+    def test_a_tool_server_that_failed_is_a_502_not_a_tool_less_answer(self):
+        status, _, body = self.chat("x " + directive(mcp_fail=True), tools=[WEATHER])
+        self.assertEqual((status, body["error"]["code"]), (502, "tool_server_failed"))
+
+    def test_other_tool_kinds_are_dropped(self):
+        status, _, body = self.chat("hi", tools=[{"type": "web_search"}])
+        self.assertEqual(status, 200)
+        self.assertNotIn("--mcp-config", self.runs()[0]["argv"])
+
+    def test_metrics_count_tool_rounds(self):
+        messages, (_, _, body) = self.ask([[call("get_time")]])
+        self.follow_up(messages, body, ["noon"])
+        status, _, text = self.request("GET", "/metrics", headers={"Authorization": "Bearer ocp_admin_key_for_the_tools_tests_0"})
+        self.assertIn('ocp_tool_rounds_total{event="parked"} 1', text)
+        self.assertIn('ocp_tool_rounds_total{event="resumed"} 1', text)
+        self.assertIn("ocp_tools_parked 0", text)
+
+
+class ToolsOff(ToolTest):
+    env = {"OCP_CLIENT_TOOLS": "0"}
+
+    def test_the_kill_switch_restores_text_only_and_says_so(self):
+        status, headers, body = self.chat("hi", tools=[WEATHER])
+        self.assertEqual((status, headers["x-ocp-tools-ignored"]), (200, "true"))
+        self.assertEqual(body["choices"][0]["message"]["content"], "Echo: hi")
+        self.assertNotIn("--mcp-config", self.runs()[0]["argv"])
+
+
+class ToolOwners(ToolTest):
+    env = {"CLAUDE_AUTH_MODE": "multi", "CLAUDE_CACHE_TTL": "60000"}
+
+    def keyed(self, secret, messages):
+        return self.request("POST", "/v1/chat/completions", {"model": "sonnet", "messages": messages,
+                                                              "tools": [WEATHER]},
+                            headers={"Authorization": f"Bearer {secret}"})
+
+    def test_a_parked_cli_answers_only_its_own_key(self):
+        _, anna = self.server.store.add_key("anna", {}, None, time.time())
+        _, ben = self.server.store.add_key("ben", {}, None, time.time())
+        messages = [{"role": "user", "content": "w " + directive(calls=[[call("get_weather", city="Oslo")]])}]
+        _, _, body = self.keyed(anna, messages)
+        message = body["choices"][0]["message"]
+        follow = messages + [{"role": "assistant", "content": None, "tool_calls": message["tool_calls"]},
+                             {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "cold"}]
+        status, _, body = self.keyed(ben, follow)  # the ids are not secrets: ben gets a fresh CLI
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.runs()), 2)
+        self.assertEqual(len(self.parked()), 1, "anna's parked CLI is untouched")
+        status, _, body = self.keyed(anna, follow)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Done: cold")
+        self.assertEqual(len(self.runs()), 2, "anna's follow-up continued her own CLI")
+
+    def test_tool_requests_are_never_cached(self):
+        _, anna = self.server.store.add_key("anna", {}, None, time.time())
+        messages = [{"role": "user", "content": "hi"}]
+        for _ in range(2):
+            status, headers, _ = self.keyed(anna, messages)
+            self.assertEqual(status, 200)
+            self.assertNotIn("x-ocp-cache", headers)
+        self.assertEqual(len(self.runs()), 2)
