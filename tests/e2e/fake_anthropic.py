@@ -12,6 +12,7 @@ and text, message_delta with usage and stop_reason, message_stop) and is JSON
 otherwise. `status` answers an Anthropic error body with that status and
 `headers`; `drop_after` closes the connection after that many text deltas.
 `unified` adds the subscription's `anthropic-ratelimit-unified-*` headers.
+`tool_uses` makes the model call tools after its text (stop_reason tool_use).
 Any other route answers 404, and is recorded too.
 """
 
@@ -42,6 +43,7 @@ class Reply:
     cache_read: int = 0
     cache_creation: int = 0
     unified: Optional[Dict[str, str]] = None
+    tool_uses: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # {"name", "input"[, "id"]}
 
 
 def unified_headers(status="allowed", claim="five_hour", reset=None, five_hour=0.12, seven_day=0.31,
@@ -153,6 +155,10 @@ class _Handler(BaseHTTPRequestHandler):
         stop_reason = "end_turn"
         if limit and len(text) > limit:
             text, stop_reason = text[:limit], "max_tokens"
+        if reply.tool_uses:
+            stop_reason = "tool_use"
+            for use in reply.tool_uses:
+                use.setdefault("id", "toolu_fake" + uuid.uuid4().hex[:16])
         if body.get("stream"):
             self.stream(body, reply, text, stop_reason, headers)
         else:
@@ -168,7 +174,9 @@ class _Handler(BaseHTTPRequestHandler):
         content = []
         if reply.thinking:
             content.append({"type": "thinking", "thinking": reply.thinking, "signature": "sig"})
-        content.append({"type": "text", "text": text})
+        if text:
+            content.append({"type": "text", "text": text})
+        content += [{"type": "tool_use", "id": u["id"], "name": u["name"], "input": u["input"]} for u in reply.tool_uses]
         return {"id": "msg_fake" + uuid.uuid4().hex[:20], "type": "message", "role": "assistant",
                 "model": body.get("model"), "content": content, "stop_reason": stop_reason,
                 "stop_sequence": None, "usage": self.usage(reply, text)}
@@ -199,17 +207,28 @@ class _Handler(BaseHTTPRequestHandler):
                                                "delta": {"type": "signature_delta", "signature": "sig"}})
             self.event("content_block_stop", {"type": "content_block_stop", "index": 0})
             index = 1
-        self.event("content_block_start", {"type": "content_block_start", "index": index,
-                                           "content_block": {"type": "text", "text": ""}})
-        for number, piece in enumerate(split(text, reply.deltas)):
-            if reply.drop_after is not None and number >= reply.drop_after:
-                self.connection.shutdown(2)  # the connection drops mid-answer
-                return
-            self.event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                               "delta": {"type": "text_delta", "text": piece}})
-            if reply.pace_s:
-                time.sleep(reply.pace_s)
-        self.event("content_block_stop", {"type": "content_block_stop", "index": index})
+        if text or not reply.tool_uses:
+            self.event("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": {"type": "text", "text": ""}})
+            for number, piece in enumerate(split(text, reply.deltas)):
+                if reply.drop_after is not None and number >= reply.drop_after:
+                    self.connection.shutdown(2)  # the connection drops mid-answer
+                    return
+                self.event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "text_delta", "text": piece}})
+                if reply.pace_s:
+                    time.sleep(reply.pace_s)
+            self.event("content_block_stop", {"type": "content_block_stop", "index": index})
+            index += 1
+        for use in reply.tool_uses:
+            self.event("content_block_start", {"type": "content_block_start", "index": index, "content_block": {
+                "type": "tool_use", "id": use["id"], "name": use["name"], "input": {}}})
+            arguments = json.dumps(use["input"])
+            for piece in split(arguments, 2):
+                self.event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "input_json_delta", "partial_json": piece}})
+            self.event("content_block_stop", {"type": "content_block_stop", "index": index})
+            index += 1
         self.event("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop_reason,
                                      "stop_sequence": None}, "usage": {"output_tokens": usage["output_tokens"]}})
         self.event("message_stop", {"type": "message_stop"})

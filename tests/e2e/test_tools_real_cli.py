@@ -1,0 +1,147 @@
+"""Client tool calling with the real claude CLI 2.1.330: the openai SDK drives OCP, the fake
+Anthropic API scripts the model's tool calls (AGENTS-SPEC §1)."""
+
+import json
+import time
+
+from e2e.base import RealCliTest, require
+from e2e.fake_anthropic import Reply
+from helpers import pid_alive, wait_until
+
+try:
+    import openai
+except ImportError:  # checked in setUpClass: skip on a bare machine, fail under OCP_E2E=1
+    openai = None
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time now",
+                                           "parameters": {"type": "object", "properties": {}}}}]
+
+
+def use(name, **arguments):
+    return {"name": "mcp__ocp__" + name, "input": arguments}
+
+
+class ToolsWithTheRealCli(RealCliTest):
+    env = {"OCP_TOOL_PARK_TTL": "4000"}
+
+    @classmethod
+    def setUpClass(cls):
+        require(openai is not None, "the openai package is not installed",
+                "run the suite with a python that has openai, as .ci/run does")
+        super().setUpClass()
+
+    def setUp(self):
+        super().setUp()
+        self.client = openai.OpenAI(api_key="not-needed", base_url=f"http://127.0.0.1:{self.port}/v1",
+                                    max_retries=0, timeout=90)
+        self.addCleanup(self.client.close)
+
+    def posts(self):
+        with self.upstream._lock:
+            return [r for r in self.upstream.requests if r["method"] == "POST" and r["path"].startswith("/v1/messages")]
+
+    def converse(self, stream, results=("rain", "noon", "sun")):
+        """Three tool rounds then an answer; return the final text."""
+        self.upstream.script(Reply(text="Checking.", tool_uses=[use("get_weather", city="Oslo")]),
+                             Reply(text="", tool_uses=[use("get_time")]),
+                             Reply(text="One more.", tool_uses=[use("get_weather", city="Rome")]),
+                             Reply(text="All done: rain, noon, sun."))
+        messages = [{"role": "user", "content": "Plan my day."}]
+        for number in range(4):
+            message, finish = self.complete(messages, stream)
+            if number == 3:
+                self.assertEqual(finish, "stop")
+                return message["content"]
+            self.assertEqual(finish, "tool_calls")
+            messages.append(message)
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": results[number]}
+                         for c in message["tool_calls"]]
+
+    def complete(self, messages, stream):
+        """One request; return (assistant message as a dict, finish_reason)."""
+        if not stream:
+            choice = self.client.chat.completions.create(model="sonnet", messages=messages, tools=TOOLS).choices[0]
+            return choice.message.model_dump(exclude_none=True), choice.finish_reason
+        calls, text, finish = {}, "", None
+        for chunk in self.client.chat.completions.create(model="sonnet", messages=messages, tools=TOOLS, stream=True):
+            if not chunk.choices:
+                continue
+            delta = chunk.choices[0].delta
+            text += delta.content or ""
+            for piece in delta.tool_calls or []:
+                entry = calls.setdefault(piece.index, {"id": "", "type": "function",
+                                                       "function": {"name": "", "arguments": ""}})
+                entry["id"] = piece.id or entry["id"]
+                entry["function"]["name"] = (piece.function.name or "") or entry["function"]["name"]
+                entry["function"]["arguments"] += piece.function.arguments or ""
+            finish = chunk.choices[0].finish_reason or finish
+        message = {"role": "assistant", "content": text or None}
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        return message, finish
+
+    def check_one_process(self):
+        posts = self.posts()
+        self.assertEqual(len(posts), 4)
+        sessions = {p["headers"].get("X-Claude-Code-Session-Id") for p in posts}
+        self.assertEqual(len(sessions), 1, "every round ran in the one parked CLI")
+        for post, result in zip(posts[1:], ("rain", "noon", "sun")):
+            last = post["body"]["messages"][-1]
+            blocks = [b for b in last["content"] if isinstance(b, dict) and b.get("type") == "tool_result"]
+            self.assertEqual(len(blocks), 1, last)
+            self.assertIn(result, json.dumps(blocks[0]["content"]))
+        self.assertEqual(self.server.runner.leases_made, 1)
+
+    def test_three_rounds_in_one_cli_process(self):
+        self.assertEqual(self.converse(stream=False), "All done: rain, noon, sun.")
+        self.check_one_process()
+        tools = {t["name"] for t in self.posts()[0]["body"]["tools"]}
+        self.assertTrue({"mcp__ocp__get_weather", "mcp__ocp__get_time"} <= tools, tools)
+
+    def test_three_rounds_streamed_in_one_cli_process(self):
+        self.assertEqual(self.converse(stream=True), "All done: rain, noon, sun.")
+        self.check_one_process()
+
+    def test_two_parallel_calls_in_one_message(self):
+        self.upstream.script(Reply(text="", tool_uses=[use("get_weather", city="Oslo"), use("get_weather", city="Lima")]),
+                             Reply(text="Oslo is cold, Lima is warm."))
+        messages = [{"role": "user", "content": "Compare."}]
+        message, finish = self.complete(messages, stream=True)
+        self.assertEqual(finish, "tool_calls")
+        self.assertEqual([json.loads(c["function"]["arguments"])["city"] for c in message["tool_calls"]],
+                         ["Oslo", "Lima"])
+        messages += [message] + [{"role": "tool", "tool_call_id": c["id"], "content": r}
+                                 for c, r in zip(message["tool_calls"], ("cold", "warm"))]
+        message, finish = self.complete(messages, stream=False)
+        self.assertEqual((message["content"], finish), ("Oslo is cold, Lima is warm.", "stop"))
+        last = self.posts()[-1]["body"]["messages"][-1]
+        self.assertEqual([b["type"] for b in last["content"] if isinstance(b, dict)][:2], ["tool_result", "tool_result"])
+
+    def test_after_the_ttl_the_conversation_still_finishes_by_text_replay(self):
+        self.upstream.script(Reply(text="", tool_uses=[use("get_weather", city="Oslo")]),
+                             Reply(text="Cold in Oslo."))
+        messages = [{"role": "user", "content": "Weather?"}]
+        message, _ = self.complete(messages, stream=False)
+        pid = self.live_cli_pids()[0]
+        wait_until(lambda: not pid_alive(pid), timeout=15)
+        messages += [message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "cold"}]
+        with self.assertLogs("ocp", "INFO") as logs:
+            message, finish = self.complete(messages, stream=False)
+        self.assertEqual((message["content"], finish), ("Cold in Oslo.", "stop"))
+        self.assertIn("the history goes as text", "\n".join(logs.output))
+        self.assertIn("[tool call ", json.dumps(self.posts()[-1]["body"]["messages"]))
+        self.assertEqual(self.server.runner.leases_made, 2)
+
+    def test_abandoned_conversations_leave_no_process(self):
+        self.upstream.script(Reply(text="", tool_uses=[use("get_time")]))
+        for _ in range(3):
+            self.complete([{"role": "user", "content": "Time?"}], stream=False)
+        self.assertEqual(len(self.live_cli_pids()), 3)
+        wait_until(lambda: not self.live_cli_pids(), timeout=20)
+        runner = self.server.runner
+        wait_until(lambda: runner.leases_made == runner.leases_ended, timeout=10)
+        time.sleep(0.2)
+        self.assertEqual(self.live_cli_pids(), [])
