@@ -2448,6 +2448,7 @@ class TurnRequest:
     no_cache: str = ""  # why it must not be cached or shared, "" when it may be
     tool_choice: str = "auto"  # auto | none
     parallel_tool_calls: bool = True
+    legacy_functions: bool = False  # OpenAI's older functions/function_call form: one call, no ids
     tools_ignored: bool = False  # the client sent tools, the operator turned client tools off
 
 
@@ -2481,8 +2482,11 @@ def parse_chat_request(body: Any, models: Models, config: Config) -> TurnRequest
     options = check_type(body, "stream_options", (dict,), "an object") or {}
     check_unsupported(body)
     format_type, schema = parse_response_format(body.get("response_format"))
-    tools = parse_tools(body.get("tools"))
+    legacy = bool(check_type(body, "functions", (list,), "an array of functions")) and not body.get("tools")
+    tools = parse_tools([{"type": "function", "function": f} for f in body["functions"]] if legacy
+                        else body.get("tools"))
     parallel = check_type(body, "parallel_tool_calls", (bool,), "a boolean")
+    choice = body.get("function_call") if legacy else body.get("tool_choice")
     return TurnRequest(
         model=model, turns=tuple(chat_turn(m) for m in messages if m["role"] not in ("system", "developer")),
         system=tuple(part_text(m.get("content")) for m in messages if m["role"] in ("system", "developer")),
@@ -2491,8 +2495,9 @@ def parse_chat_request(body: Any, models: Models, config: Config) -> TurnRequest
         effort=parse_effort(body.get("reasoning_effort")), response_format=format_type,
         json_schema=schema, user=str(check_type(body, "user", (str,), "a string") or ""),
         sampling=tuple((f, body.get(f)) for f in SAMPLING_FIELDS), no_cache=cache_bypass(body),
-        tools=tools if config.client_tools else (), tool_choice=body.get("tool_choice") or "auto",
-        parallel_tool_calls=parallel is not False, tools_ignored=bool(tools) and not config.client_tools)
+        tools=tools if config.client_tools else (), tool_choice=choice or "auto",
+        parallel_tool_calls=parallel is not False and not legacy, legacy_functions=legacy,
+        tools_ignored=bool(tools) and not config.client_tools)
 
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -2555,7 +2560,8 @@ def chat_turn(message: Dict[str, Any]) -> Dict[str, Any]:
             blocks.append({"type": "image", "url": image_url(part)})
         else:
             blocks.append({"type": "text", "text": part.get("text") or part.get("refusal") or ""})
-    for call in message.get("tool_calls") or []:
+    legacy = [{"id": "", "function": message["function_call"]}] if message.get("function_call") else []
+    for call in (message.get("tool_calls") or []) + legacy:
         function = call["function"]
         blocks.append({"type": "tool_call", "id": call.get("id", ""), "name": function["name"],
                        "arguments": function.get("arguments", "")})
@@ -2588,6 +2594,8 @@ def check_message(message: Any, index: int) -> None:
                           f"{param}.role", "invalid_role")
     if role == "assistant" and message.get("tool_calls") is not None:
         check_tool_calls(message["tool_calls"], f"{param}.tool_calls")
+    if role == "assistant" and message.get("function_call") is not None:  # the legacy form of one call
+        check_tool_calls([{"function": message["function_call"]}], f"{param}.function_call")
     content = message.get("content")
     if content is None and role in ("assistant", "tool", "function"):
         return
@@ -2645,13 +2653,16 @@ def check_unsupported(body: Mapping[str, Any]) -> None:
         raise unsupported("logprobs", "logprobs are not available through the claude CLI.")
     choice = body.get("tool_choice")
     if choice == "required" or isinstance(choice, dict):
-        raise unsupported("tool_choice", "Forcing a tool call is not supported yet; use "
-                          "tool_choice 'auto' or 'none' (the model answers in text).")
+        raise unsupported("tool_choice", "Forcing a tool call is not supported: nothing can make the model "
+                          "call one; use tool_choice 'auto' or 'none'.")
     if choice not in (None, "auto", "none", "required") and not isinstance(choice, dict):
         raise bad_request("'tool_choice' must be 'none', 'auto', 'required' or an object",
                           "tool_choice", "invalid_type")
     if isinstance(body.get("function_call"), dict):
-        raise unsupported("function_call", "Forcing a function call is not supported yet.")
+        raise unsupported("function_call", "Forcing a function call is not supported: nothing can make the "
+                          "model call one; use function_call 'auto' or 'none'.")
+    if body.get("function_call") not in (None, "auto", "none") and not isinstance(body.get("function_call"), dict):
+        raise bad_request("'function_call' must be 'none', 'auto' or an object", "function_call", "invalid_type")
     check_type(body, "tools", (list,), "an array")
 
 
@@ -3950,8 +3961,8 @@ class Turn:
     def _end(self, lease: Lease, answer: Answer, ending: str) -> None:
         if ending == "release":
             lease.release()
-        elif ending == "kill" or self.parks is None:
-            lease.kill()
+        elif ending == "kill" or self.parks is None or self.request.legacy_functions:
+            lease.kill()  # (legacy function calls carry no ids to continue a CLI by)
         else:
             delivered = [c["id"] for c in self.delivered_calls(answer)]
             request = self.request
@@ -4092,19 +4103,27 @@ def openai_usage(usage: Usage) -> Dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": usage.cache_read}}
 
 
-def chat_completion(completion_id: str, created: int, model: str, outcome: Outcome) -> Dict[str, Any]:
+def chat_completion(completion_id: str, created: int, model: str, outcome: Outcome,
+                    legacy: bool = False) -> Dict[str, Any]:
     message: Dict[str, Any] = {"role": "assistant", "content": outcome.content, "refusal": outcome.refusal}
     if outcome.reasoning:
         message["reasoning_content"] = outcome.reasoning
-    if outcome.tool_calls:
+    if outcome.tool_calls and legacy:
+        message["content"] = outcome.content or None
+        message["function_call"] = {"name": outcome.tool_calls[0]["name"], "arguments": outcome.tool_calls[0]["arguments"]}
+    elif outcome.tool_calls:
         message["content"] = outcome.content or None
         message["tool_calls"] = [{"id": c["id"], "type": "function",
                                   "function": {"name": c["name"], "arguments": c["arguments"]}}
                                  for c in outcome.tool_calls]
     return {"id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": OPENAI_FINISH[outcome.finish]}],
+                         "finish_reason": openai_finish(outcome.finish, legacy)}],
             "usage": openai_usage(outcome.usage), "system_fingerprint": None}
+
+
+def openai_finish(finish: str, legacy: bool = False) -> str:
+    return "function_call" if legacy and finish == "tool_use" else OPENAI_FINISH[finish]
 
 
 def chat_chunk(completion_id: str, created: int, model: str, delta: Dict[str, Any],
@@ -4137,7 +4156,8 @@ class ChatJSON(Encoder):
         if outcome.error is not None:
             raise outcome.error
         self.settle(outcome)
-        self.out.send_json(200, chat_completion(self.response_id, self.created, self.request.model.id, outcome),
+        self.out.send_json(200, chat_completion(self.response_id, self.created, self.request.model.id, outcome,
+                                                self.request.legacy_functions),
                            {"x-ocp-plan-overage": "true"} if outcome.overage else None)
 
 
@@ -4163,11 +4183,16 @@ class ChatSSE(EventStream):
             self.start()
             self.chunk({self.DELTA_FIELDS[kind]: value})
             self.delivered = self.delivered or not self.detached
+        elif kind == TOOL_CALL and self.request.legacy_functions:
+            self.start()
+            self.chunk({"function_call": {"name": value["name"], "arguments": ""}})
         elif kind == TOOL_CALL:  # index and id first, then the arguments as they come
             self.start()
             self.chunk({"tool_calls": [{"index": value["index"], "id": value["id"], "type": "function",
                                         "function": {"name": value["name"], "arguments": ""}}]})
             self.delivered = self.delivered or not self.detached
+        elif kind == TOOL_ARGS and self.request.legacy_functions:
+            self.chunk({"function_call": {"arguments": value["arguments"]}})
         elif kind == TOOL_ARGS:
             self.chunk({"tool_calls": [{"index": value["index"], "function": {"arguments": value["arguments"]}}]})
         elif kind == PING:
@@ -4183,7 +4208,7 @@ class ChatSSE(EventStream):
             self.start()
             if outcome.overage and "x-ocp-plan-overage" not in self.out.response_headers:
                 self.raw(b": x-ocp-plan-overage: true\n\n")  # learnt after the headers left
-            self.chunk({}, OPENAI_FINISH[outcome.finish])
+            self.chunk({}, openai_finish(outcome.finish, self.request.legacy_functions))
             if self.request.include_usage:
                 self.frame(usage_chunk(self.response_id, self.created, self.request.model.id, outcome.usage))
             self.settle(outcome)
@@ -5161,7 +5186,7 @@ class Server(ThreadingHTTPServer):
             keys = self.store.keys()
             body["detail"] = {
                 "claude": self.runner.claude, "claude_version": self.runner.version() or None,
-                "slots": self.runner.slots.snapshot(), "running": self.runner.live(),
+                "slots": self.runner.slots.snapshot(), "running": self.runner.live(), "tools": self.parks.snapshot(),
                 "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
                          sum(1 for k in keys if k.revoked_at)},
                 "plan": plan_report(self.plan, self.wall()), "timezone": self.config.timezone or "local",

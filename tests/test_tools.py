@@ -257,3 +257,37 @@ class ToolOwners(ToolTest):
             self.assertEqual(status, 200)
             self.assertNotIn("x-ocp-cache", headers)
         self.assertEqual(len(self.runs()), 2)
+
+
+class LegacyFunctions(ToolTest):
+    FUNCTIONS = [{"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+    def test_functions_get_a_function_call_and_the_result_goes_back_as_text(self):
+        messages = [{"role": "user", "content": "w " + directive(calls=[[call("get_weather", city="Oslo")]])}]
+        status, _, body = self.chat(messages=messages, functions=self.FUNCTIONS)
+        self.assertEqual(status, 200)
+        choice = body["choices"][0]
+        self.assertEqual(choice["finish_reason"], "function_call")
+        self.assertEqual(choice["message"]["function_call"], {"name": "get_weather", "arguments": '{"city": "Oslo"}'})
+        self.assertNotIn("tool_calls", choice["message"])
+        wait_until(lambda: self.server.runner.live() == [])  # no ids to continue it by: not parked
+        messages += [{"role": "assistant", "content": None, "function_call": choice["message"]["function_call"]},
+                     {"role": "function", "name": "get_weather", "content": "cold"}]
+        status, _, body = self.chat(messages=messages, functions=self.FUNCTIONS)
+        self.assertEqual(body["choices"][0]["message"]["content"], "Done after 1 round(s), from the history")
+        rendered = "\n".join(b.get("text", "") for b in self.runs()[1]["stdin_blocks"])
+        self.assertIn("get_weather", rendered)
+        self.assertIn("cold", rendered)
+
+    def test_streamed_function_call_deltas(self):
+        messages = [{"role": "user", "content": "w " + directive(calls=[[call("get_weather", city="Oslo")]])}]
+        _, _, events = self.stream(messages=messages, functions=self.FUNCTIONS)
+        chunks = [e for _, e in events if isinstance(e, dict) and e["choices"]]
+        deltas = [c["choices"][0]["delta"]["function_call"] for c in chunks if "function_call" in c["choices"][0]["delta"]]
+        self.assertEqual(deltas[0], {"name": "get_weather", "arguments": ""})
+        self.assertEqual("".join(d["arguments"] for d in deltas), '{"city": "Oslo"}')
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "function_call")
+
+    def test_forcing_a_function_is_a_clear_400(self):
+        status, _, body = self.chat("x", functions=self.FUNCTIONS, function_call={"name": "get_weather"})
+        self.assertEqual((status, body["error"]["code"]), (400, "unsupported_parameter"))
