@@ -564,12 +564,21 @@ def main():
     return code
 
 
+def read_directive(text):
+    """The directive's JSON; a client that quoted the prompt as a JSON string (opencode does,
+    for some prompts) escaped it once more."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return json.loads(json.loads('"' + text + '"'), strict=False)
+
+
 def one_turn(opts, blocks, directive, record):
     """Answer one user turn, steered by the directive in its text; return the exit code so far."""
     texts = [b.get("text", "") for b in blocks if b.get("type") == "text"]
     match = DIRECTIVE.search("\n".join(texts))
     directive.clear()
-    directive.update(json.loads(match.group(1)) if match else {})
+    directive.update(read_directive(match.group(1)) if match else {})
     log_run(record)
     if directive.get("grandchild"):
         record["grandchild"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid

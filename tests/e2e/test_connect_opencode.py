@@ -4,6 +4,7 @@ import os
 import subprocess
 
 from e2e.base import ConnectedClientTest, require
+from helpers import directive
 
 OPENCODE = os.environ.get("OCP_E2E_OPENCODE", "")
 
@@ -37,3 +38,20 @@ class OpencodeAfterConnect(ConnectedClientTest):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("Echo:", done.stdout)
         self.assertIn("claude-sonnet-5-5", done.stdout + done.stderr)
+
+    def test_a_task_that_needs_opencodes_write_tool_writes_the_file(self):
+        self.connect()
+        env = {"HOME": self.home, "PATH": os.environ["PATH"],
+               "XDG_CACHE_HOME": os.environ.get("OCP_E2E_OPENCODE_CACHE", os.path.join(self.tmp, "cache"))}
+        target = os.path.join(self.work, "notes.txt")
+        steer = directive(calls=[[{"name": "write", "arguments": {"filePath": target, "content": "milk, eggs\n"}}]],
+                          final="I wrote notes.txt.")
+        done = subprocess.run([OPENCODE, "run", "-m", "ocp/claude-sonnet-5-5", "create notes.txt " + steer],
+                              cwd=self.work, env=env, capture_output=True, text=True, timeout=240)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        with open(target) as f:
+            self.assertEqual(f.read(), "milk, eggs\n")
+        self.assertIn("I wrote notes.txt.", done.stdout)
+        tool_runs = [r for r in self.runs() if "--mcp-config" in r["argv"]]
+        self.assertEqual(len(tool_runs), 1, "opencode's follow-up continued the parked CLI")
+        self.assertEqual(self.server.parks.snapshot()["resumed"], 1)
