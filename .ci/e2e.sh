@@ -35,6 +35,13 @@ if ! "$cn_dir/node_modules/.bin/cn" --version >/dev/null 2>&1; then
   npm install --prefix "$cn_dir" --no-audit --no-fund @continuedev/cli@1.5.47 || echo "!! npm install failed"
 fi
 export OCP_E2E_CN="$cn_dir/node_modules/.bin/cn"
+openai_node_dir="$CACHE/openai-node-6.9.1"
+if ! [ -f "$openai_node_dir/node_modules/openai/package.json" ]; then
+  echo "== installing openai@6.9.1 (the Node SDK, for its runTools helper) into $openai_node_dir"
+  mkdir -p "$openai_node_dir"
+  npm install --prefix "$openai_node_dir" --no-audit --no-fund openai@6.9.1 || echo "!! npm install failed"
+fi
+export OCP_E2E_OPENAI_NODE="$openai_node_dir/node_modules"
 aider_venv="$CACHE/aider-0.86.2"  # its own venv: aider pins many packages
 if ! "$aider_venv/bin/aider" --version >/dev/null 2>&1; then
   echo "== installing aider-chat==0.86.2 into $aider_venv"

@@ -2,6 +2,8 @@
 Anthropic API scripts the model's tool calls (AGENTS-SPEC §1)."""
 
 import json
+import os
+import subprocess
 import time
 
 from e2e.base import RealCliTest, require
@@ -13,6 +15,7 @@ try:
 except ImportError:  # checked in setUpClass: skip on a bare machine, fail under OCP_E2E=1
     openai = None
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                           "required": ["city"]}}},
@@ -145,3 +148,52 @@ class ToolsWithTheRealCli(RealCliTest):
         wait_until(lambda: runner.leases_made == runner.leases_ended, timeout=10)
         time.sleep(0.2)
         self.assertEqual(self.live_cli_pids(), [])
+
+    def test_the_python_sdks_streaming_helper_completes_a_tool_round(self):
+        self.upstream.script(Reply(text="Let me look.", tool_uses=[use("get_weather", city="Oslo")]),
+                             Reply(text="It is cold in Oslo."))
+        messages = [{"role": "user", "content": "Weather in Oslo?"}]
+        with self.client.chat.completions.stream(model="sonnet", messages=messages, tools=TOOLS) as stream:
+            for _ in stream:
+                pass
+            first = stream.get_final_completion()
+        self.assertEqual(first.choices[0].finish_reason, "tool_calls")
+        (tool_call,) = first.choices[0].message.tool_calls
+        self.assertEqual((tool_call.function.name, json.loads(tool_call.function.arguments)), ("get_weather", {"city": "Oslo"}))
+        messages += [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": tool_call.id, "content": "cold"}]
+        with self.client.chat.completions.stream(model="sonnet", messages=messages, tools=TOOLS) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        self.assertEqual(final.choices[0].message.content, "It is cold in Oslo.")
+        self.assertEqual(self.server.runner.leases_made, 1)
+
+
+class NodeRunTools(RealCliTest):
+    """openai-node's runTools() helper: it runs the client's functions and loops until the answer."""
+
+    def setUp(self):
+        modules = os.environ.get("OCP_E2E_OPENAI_NODE", "")
+        require(bool(modules) and os.path.isdir(os.path.join(modules, "openai")), "openai-node is not installed",
+                "set OCP_E2E_OPENAI_NODE to a node_modules holding npm's openai, as .ci/run does")
+        self.modules = modules
+        super().setUp()
+
+    def run_tools(self, stream):
+        self.upstream.script(Reply(text="", tool_uses=[use("get_weather", city="Oslo")]),
+                             Reply(text="", tool_uses=[use("get_time")]),
+                             Reply(text="Cold in Oslo at noon."))
+        done = subprocess.run(["node", os.path.join(HERE, "run_tools.mjs"), f"http://127.0.0.1:{self.port}/v1",
+                               "1" if stream else "0"], capture_output=True, text=True, timeout=120,
+                              env={"PATH": os.environ["PATH"], "OPENAI_NODE": self.modules})
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        self.assertEqual(result, {"content": "Cold in Oslo at noon.", "calls": [["get_weather", "Oslo"], ["get_time"]]})
+        self.assertEqual(self.server.runner.leases_made, 1, "both rounds ran in one parked CLI")
+
+    def test_run_tools(self):
+        self.run_tools(stream=False)
+
+    def test_run_tools_streaming(self):
+        self.run_tools(stream=True)
