@@ -6,7 +6,7 @@
     upstream.close()
 
 Each POST /v1/messages takes the next scripted Reply (the last one repeats;
-with none, a default answer). A Reply streams as SSE when the request says
+with none, a default answer), or what `responder(body)` returns when set. A Reply streams as SSE when the request says
 `stream: true` (message_start, content_block_start/delta/stop for thinking
 and text, message_delta with usage and stop_reason, message_stop) and is JSON
 otherwise. `status` answers an Anthropic error body with that status and
@@ -77,6 +77,7 @@ class FakeAnthropic:
     def __init__(self):
         self._lock = threading.Lock()
         self._script: List[Reply] = []
+        self.responder: Optional[Any] = None  # body -> Reply, instead of the script (concurrent tests)
         self.requests: List[Dict[str, Any]] = []
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.fake = self
@@ -89,8 +90,10 @@ class FakeAnthropic:
         with self._lock:
             self._script = list(replies)
 
-    def next_reply(self) -> Reply:
+    def next_reply(self, body: Optional[Dict[str, Any]] = None) -> Reply:
         with self._lock:
+            if self.responder is not None:
+                return self.responder(body or {})
             if not self._script:
                 return Reply()
             return self._script.pop(0) if len(self._script) > 1 else self._script[0]
@@ -141,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/v1/messages" or not isinstance(body, dict):
             self.send_json(404, {"type": "error", "error": {"type": "not_found_error", "message": "not found"}})
             return
-        reply = fake.next_reply()
+        reply = fake.next_reply(body)
         headers = dict(reply.headers)
         if reply.unified:
             headers.update(reply.unified)

@@ -3,7 +3,10 @@ Anthropic API scripts the model's tool calls (AGENTS-SPEC §1)."""
 
 import json
 import os
+import random
+import socket
 import subprocess
+import threading
 import time
 
 from e2e.base import RealCliTest, require
@@ -197,3 +200,67 @@ class NodeRunTools(RealCliTest):
 
     def test_run_tools_streaming(self):
         self.run_tools(stream=True)
+
+
+class AbandonedConversations(RealCliTest):
+    """100 tool conversations left at random points leave no CLI process behind."""
+
+    env = {"OCP_TOOL_PARK_TTL": "3000", "CLAUDE_MAX_CONCURRENT": "4", "CLAUDE_MAX_QUEUE": "200"}
+
+    def one(self, rng, number):
+        body = {"model": "sonnet", "tools": TOOLS, "stream": rng.random() < 0.5,
+                "messages": [{"role": "user", "content": f"conversation {number}"}]}
+        point = rng.choice(["hang-up", "never-return", "hang-up-later", "finish"])
+        if point == "hang-up":  # leave while the first answer streams
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            data = json.dumps(dict(body, stream=True)).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+            time.sleep(rng.random() * 0.5)
+            sock.close()
+            return
+        status, _, reply = self.request("POST", "/v1/chat/completions", dict(body, stream=False))
+        if point == "never-return" or status != 200 or not reply["choices"][0]["message"].get("tool_calls"):
+            return
+        message = reply["choices"][0]["message"]
+        follow = dict(body, stream=False, messages=body["messages"] + [
+            {"role": "assistant", "content": message["content"], "tool_calls": message["tool_calls"]},
+            {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "cold"}])
+        if point == "finish":
+            self.request("POST", "/v1/chat/completions", follow)
+            return
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)  # leave during the continuation
+        data = json.dumps(follow).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        time.sleep(rng.random() * 0.3)
+        sock.close()
+
+    def test_a_hundred_abandoned_conversations_leave_no_process(self):
+        def respond(body):  # a tool call first, the answer once a result came back
+            last = body.get("messages", [{}])[-1].get("content")
+            if isinstance(last, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in last):
+                return Reply(text="It is cold in Oslo today.", deltas=8, pace_s=0.02)
+            return Reply(text="Let me check.", deltas=4, pace_s=0.02, tool_uses=[use("get_weather", city="Oslo")])
+        self.upstream.responder = respond
+        rng = random.Random(13)
+        threads = []
+        for number in range(100):
+            thread = threading.Thread(target=self.one, args=(random.Random(rng.random()), number))
+            thread.start()
+            threads.append(thread)
+            if len(threads) % 4 == 0:
+                for t in threads[-4:]:
+                    t.join(120)
+        for thread in threads:
+            thread.join(120)
+        runner = self.server.runner
+        wait_until(lambda: runner.live() == [] and runner.leases_made == runner.leases_ended, timeout=60)
+        self.assertGreater(runner.leases_made, 50)
+        parks = self.server.parks.snapshot()
+        self.assertEqual(parks["parked_now"], 0)
+        self.assertGreater(parks["parked"], 30, parks)
+        self.assertGreater(parks["resumed"], 10, parks)
+        self.assertGreater(parks["expired"], 10, parks)
+        leftovers = subprocess.run(["pgrep", "-f", self.claude], capture_output=True, text=True).stdout.split()
+        self.assertEqual(leftovers, [], "no claude process outlives its conversation")
