@@ -214,7 +214,11 @@ def main():
     finally:
         daemon.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    if args.json:
+    report(results, args.json)
+
+
+def report(results, as_json):
+    if as_json:
         print(json.dumps(results, indent=2))
     else:
         for name, value in results.items():

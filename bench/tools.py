@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench import free_port, rss_kib  # noqa: E402
+from bench import free_port, report, rss_kib  # noqa: E402
 from e2e.fake_anthropic import FakeAnthropic, Reply  # noqa: E402
 
 ADMIN = "ocp_admin_key_for_the_tools_bench_0"
@@ -126,11 +126,7 @@ def main():
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
         upstream.close()
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for name, value in results.items():
-            print(f"{name:20} {value}")
+    report(results, args.json)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ import ocp_connect
 from helpers import ServerTest, pid_alive
 from e2e.fake_anthropic import FakeAnthropic
 
+try:
+    import openai
+except ImportError:  # checked in setUpClass: skip on a bare machine, fail under OCP_E2E=1
+    openai = None
+
 PINNED = "2.1.330"
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAE"
        "hQGAhKmMIQAAAABJRU5ErkJggg==")  # a 1x1 image
@@ -67,6 +72,22 @@ class RealCliTest(ServerTest):
 
     def live_cli_pids(self):
         return [e["pid"] for e in self.server.runner.live()]
+
+
+class OpenAIClientTest(RealCliTest):
+    """The real CLI behind OCP, driven by the openai Python SDK (`self.client`)."""
+
+    @classmethod
+    def setUpClass(cls):
+        require(openai is not None, "the openai package is not installed",
+                "run the suite with a python that has openai, as .ci/run does")
+        super().setUpClass()
+
+    def setUp(self):
+        super().setUp()
+        self.client = openai.OpenAI(api_key="not-needed", base_url=f"http://127.0.0.1:{self.port}/v1",
+                                    max_retries=0, timeout=90)
+        self.addCleanup(self.client.close)
 
 
 class ConnectedClientTest(ServerTest):

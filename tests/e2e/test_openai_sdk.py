@@ -3,7 +3,7 @@
 import base64
 import unittest
 
-from e2e.base import PNG, RealCliTest, require
+from e2e.base import PNG, OpenAIClientTest
 from e2e.fake_anthropic import Reply
 
 try:
@@ -13,19 +13,7 @@ except ImportError:  # checked in setUpClass: skip on a bare machine, fail under
     openai = pydantic = None
 
 
-class OpenAIClient(RealCliTest):
-    @classmethod
-    def setUpClass(cls):
-        require(openai is not None, "the openai package is not installed",
-                "run the suite with a python that has openai, as .ci/run does")
-        super().setUpClass()
-
-    def setUp(self):
-        super().setUp()
-        self.client = openai.OpenAI(api_key="not-needed", base_url=f"http://127.0.0.1:{self.port}/v1",
-                                    max_retries=0, timeout=60)
-        self.addCleanup(self.client.close)
-
+class OpenAIClient(OpenAIClientTest):
     def test_create(self):
         self.upstream.script(Reply(text="Hi from the SDK path."))
         completion = self.client.chat.completions.create(

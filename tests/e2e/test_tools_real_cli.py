@@ -9,14 +9,9 @@ import subprocess
 import threading
 import time
 
-from e2e.base import RealCliTest, require
+from e2e.base import OpenAIClientTest, RealCliTest, require
 from e2e.fake_anthropic import Reply
 from helpers import pid_alive, wait_until
-
-try:
-    import openai
-except ImportError:  # checked in setUpClass: skip on a bare machine, fail under OCP_E2E=1
-    openai = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -30,20 +25,8 @@ def use(name, **arguments):
     return {"name": "mcp__ocp__" + name, "input": arguments}
 
 
-class ToolsWithTheRealCli(RealCliTest):
+class ToolsWithTheRealCli(OpenAIClientTest):
     env = {"OCP_TOOL_PARK_TTL": "4000"}
-
-    @classmethod
-    def setUpClass(cls):
-        require(openai is not None, "the openai package is not installed",
-                "run the suite with a python that has openai, as .ci/run does")
-        super().setUpClass()
-
-    def setUp(self):
-        super().setUp()
-        self.client = openai.OpenAI(api_key="not-needed", base_url=f"http://127.0.0.1:{self.port}/v1",
-                                    max_retries=0, timeout=90)
-        self.addCleanup(self.client.close)
 
     def posts(self):
         with self.upstream._lock:
