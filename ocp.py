@@ -208,7 +208,7 @@ SETTINGS = (
     ("usage_retention_days", "OCP_USAGE_RETENTION_DAYS", "--usage-retention-days", "int", (1, 36500)),
     ("audit_retention_days", "OCP_AUDIT_RETENTION_DAYS", "--audit-retention-days", "int", (1, 36500)),
     ("client_tools", "OCP_CLIENT_TOOLS", "--client-tools", "bool", None),
-    ("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int", (1000, 24 * 3600 * 1000)),
+    ("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int", (100, 24 * 3600 * 1000)),
     ("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", (0, 1024)),
     ("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int", (1000, 1 << 26)),
 )
@@ -5213,6 +5213,7 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = ""
         self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
         self.error_body = ApiError.body
+        self.counted_as: Optional[Tuple[str, str]] = ("(unknown)", "-")
         self.caller: Optional[Caller] = None
         self.body_read = False
         self.head_watch: Optional[int] = None
@@ -5222,6 +5223,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         """Read one request; its line and headers must all be in within the socket timeout."""
         self.head_watch = self.server.deadlines.watch(self.connection, self.server.config.socket_timeout_s)
+        self.counted_as = ("(unknown)", "-")  # a request http.server itself refuses counts too
         try:
             super().handle_one_request()
         finally:
@@ -5274,6 +5276,7 @@ class Handler(BaseHTTPRequestHandler):
         started = time.monotonic()
         self.status_sent = 0
         func, key, args = self.route()
+        self.counted_as = (key if func else "(unknown)", self.command if func else "-")
         try:
             if self.server.deadlines.done(self.head_watch):
                 self.close_connection = True
@@ -5304,11 +5307,22 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
-        self.server.metrics.respond(key if func else "(unknown)", self.command if func else "-", self.status_sent)
+        self.count_response(self.status_sent)  # (none left: the client hung up first, 0)
         log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
                  extra={"request_id": self.request_id, "method": self.command, "route": key,
                         "status": self.status_sent, "ms": int((time.monotonic() - started) * 1000),
                         "caller": self.caller.name if self.caller else None})
+
+    def send_response(self, code: int, message: Optional[str] = None) -> None:
+        """Count the response as its status line goes out, before its body: a client that asks
+        /metrics right after its answer finds it counted."""
+        self.count_response(code)
+        super().send_response(code, message)
+
+    def count_response(self, code: int) -> None:
+        if self.counted_as:
+            self.server.metrics.respond(self.counted_as[0], self.counted_as[1], code)
+            self.counted_as = None
 
     def send_api_error(self, error: ApiError) -> None:
         """Answer with `error`; a client that already left gets nothing and no traceback."""

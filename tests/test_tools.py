@@ -18,6 +18,10 @@ def call(name, **arguments):
 
 
 class ToolTest(ServerTest):
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.server.parks.close)  # first: parked CLIs are reaped before the keeper goes
+
     def ask(self, rounds, final=None, tools=(WEATHER, TIME), **params):
         steer = {"calls": rounds}
         if final is not None:
@@ -124,7 +128,7 @@ class ToolRounds(ToolTest):
 
 
 class ToolFallback(ToolTest):
-    env = {"OCP_TOOL_PARK_TTL": "1000"}
+    env = {"OCP_TOOL_PARK_TTL": "300"}
 
     def test_after_the_ttl_the_parked_cli_is_gone_and_the_history_goes_as_text(self):
         messages, (_, _, body) = self.ask([[call("get_weather", city="Paris")]])

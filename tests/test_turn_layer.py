@@ -1,7 +1,6 @@
 """The seams of the turn layer: CLI leases that outlive one exchange, and wire formats plugged
 into a route without touching the Turn or the runner."""
 
-import json
 import threading
 import time
 
