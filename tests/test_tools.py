@@ -295,3 +295,15 @@ class LegacyFunctions(ToolTest):
     def test_forcing_a_function_is_a_clear_400(self):
         status, _, body = self.chat("x", functions=self.FUNCTIONS, function_call={"name": "get_weather"})
         self.assertEqual((status, body["error"]["code"]), (400, "unsupported_parameter"))
+
+
+class ToolsWithOperatorTools(ToolTest):
+    env = {"CLAUDE_ALLOWED_TOOLS": "Read,Bash"}
+
+    def test_a_tool_spawn_never_gets_the_operators_cli_tools(self):
+        self.ask([[call("get_time")]])
+        argv = self.runs()[0]["argv"]
+        self.assertEqual(argv[argv.index("--tools") + 1], "", "nothing a client asks for runs on OCP's machine")
+        self.chat("plain question")
+        argv = self.runs()[1]["argv"]
+        self.assertEqual(argv[argv.index("--tools") + 1], "Read,Bash", "plain requests keep the operator's choice")
