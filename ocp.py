@@ -2449,6 +2449,7 @@ class TurnRequest:
     tool_choice: str = "auto"  # auto | none
     parallel_tool_calls: bool = True
     legacy_functions: bool = False  # OpenAI's older functions/function_call form: one call, no ids
+    show_reasoning: bool = True  # the client wants the model's thinking (Anthropic: when it enabled it)
     tools_ignored: bool = False  # the client sent tools, the operator turned client tools off
 
 
@@ -2582,6 +2583,129 @@ def cache_bypass(body: Mapping[str, Any]) -> str:
     if '"cache_control"' in json.dumps(body.get("messages"), ensure_ascii=False):
         return "cache_control"
     return ""
+
+
+# -- Anthropic messages → TurnRequest -------------------------------------------------------
+
+ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "xhigh", "max": "max"}
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's first system block, different each request
+
+
+def parse_messages_request(body: Any, models: Models, config: Config) -> TurnRequest:
+    """Validate an Anthropic Messages body (AGENTS-SPEC §3.2); what Claude Code sends and OCP
+    has no use for (temperature, metadata, context_management, …) is accepted and ignored."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object", None, "invalid_json")
+    try:
+        model = models.resolve(body.get("model"), config.default_model)
+    except ApiError as e:
+        raise ApiError(404, f"model: {str(body.get('model'))[:100]}", "not_found_error", "model_not_found",
+                       "model") if e.code != "missing_model" else e
+    messages = check_type(body, "messages", (list,), "an array of messages")
+    if not messages:
+        raise bad_request("'messages' must be a non-empty array", "messages", "empty_messages")
+    turns = tuple(anthropic_turn(m, i) for i, m in enumerate(messages))
+    stream = bool(check_type(body, "stream", (bool,), "a boolean"))
+    max_tokens = check_type(body, "max_tokens", (int,), "a positive integer") or 0
+    if max_tokens < 0 or max_tokens > model.max_output:
+        raise bad_request(f"max_tokens: {max_tokens} is more than {model.id} can produce ({model.max_output})",
+                          "max_tokens")
+    stops = check_type(body, "stop_sequences", (list,), "an array of strings") or []
+    if not all(isinstance(s, str) and s for s in stops):
+        raise bad_request("stop_sequences must be non-empty strings", "stop_sequences")
+    tools = parse_tools([{"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
+                                                          "parameters": t.get("input_schema")}}
+                         for t in check_type(body, "tools", (list,), "an array of tools") or []
+                         if isinstance(t, dict) and t.get("type") in (None, "custom")])
+    choice = anthropic_tool_choice(body.get("tool_choice"))
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    effort = ((body.get("output_config") or {}) if isinstance(body.get("output_config"), dict) else {}).get("effort")
+    return TurnRequest(
+        model=model, turns=turns, system=anthropic_system(body.get("system")), stream=stream,
+        stop=tuple(stops), max_tokens=max_tokens, effort=ANTHROPIC_EFFORTS.get(effort, ""),
+        tools=tools if config.client_tools else (), tool_choice=choice,
+        parallel_tool_calls=not (body.get("tool_choice") or {}).get("disable_parallel_tool_use")
+        if isinstance(body.get("tool_choice"), dict) else True,
+        tools_ignored=bool(tools) and not config.client_tools,
+        show_reasoning=thinking.get("type") in ("enabled", "adaptive"),
+        no_cache="tools" if tools else ("cache_control" if '"cache_control"' in json.dumps(messages) else ""))
+
+
+def anthropic_system(system: Any) -> Tuple[str, ...]:
+    if isinstance(system, str):
+        return (system,)
+    if not isinstance(system, list):
+        return ()
+    texts = [b.get("text") for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    return tuple(t for t in texts if not t.startswith(BILLING_HEADER))
+
+
+def anthropic_tool_choice(choice: Any) -> str:
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if kind in (None, "auto"):
+        return "auto"
+    if kind == "none":
+        return "none"
+    if kind in ("any", "tool"):
+        raise unsupported("tool_choice", "Forcing a tool call is not supported: nothing can make the model call "
+                          "one; use tool_choice auto or none.")
+    raise bad_request("tool_choice.type must be auto, any, tool or none", "tool_choice")
+
+
+def anthropic_turn(message: Any, index: int) -> Dict[str, Any]:
+    """One Anthropic message as a neutral turn: tool results make a "tool" turn (other text in
+    that message is added to the last result, as Claude Code's reminders), thinking is dropped."""
+    param = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+        raise bad_request(f"{param}.role must be user or assistant", f"{param}.role", "invalid_role")
+    content = message.get("content")
+    if isinstance(content, str):
+        return {"role": message["role"], "content": [{"type": "text", "text": content}]}
+    if not isinstance(content, list):
+        raise bad_request(f"{param}.content must be a string or an array of blocks", f"{param}.content", "invalid_type")
+    blocks = [anthropic_block(b, f"{param}.content[{i}]") for i, b in enumerate(content)]
+    blocks = [b for b in blocks if b is not None]
+    results = [b for b in blocks if b["type"] == "tool_result"]
+    if results:
+        extra = "\n".join(b["text"] for b in blocks if b["type"] == "text")
+        if extra:
+            results[-1] = dict(results[-1], content=(results[-1]["content"] + "\n" + extra).strip("\n"))
+        return {"role": "tool", "content": results}
+    return {"role": message["role"], "content": blocks}
+
+
+def anthropic_block(block: Any, param: str) -> Optional[Dict[str, Any]]:
+    if not isinstance(block, dict):
+        raise bad_request(f"{param} must be an object", param, "invalid_type")
+    kind = block.get("type")
+    if kind == "text":
+        if not isinstance(block.get("text"), str):
+            raise bad_request(f"{param}.text must be a string", f"{param}.text", "invalid_type")
+        return {"type": "text", "text": block["text"]}
+    if kind == "image":
+        source = block.get("source") if isinstance(block.get("source"), dict) else {}
+        if source.get("type") == "base64":
+            return {"type": "image", "url": f"data:{source.get('media_type')};base64,{source.get('data')}"}
+        if source.get("type") == "url" and isinstance(source.get("url"), str):
+            return {"type": "image", "url": source["url"]}
+        raise bad_request(f"{param}.source must be a base64 or url image source", param, "invalid_image")
+    if kind == "tool_use":
+        if not isinstance(block.get("name"), str):
+            raise bad_request(f"{param}.name must be a string", param, "invalid_type")
+        return {"type": "tool_call", "id": str(block.get("id") or ""), "name": block["name"],
+                "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}
+    if kind == "tool_result":
+        content = block.get("content")
+        text = content if isinstance(content, str) else "\n".join(
+            b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
+        return {"type": "tool_result", "id": str(block.get("tool_use_id") or ""), "content": text,
+                "is_error": block.get("is_error") is True}
+    if kind in ("thinking", "redacted_thinking"):
+        return None  # their signatures bind to a prefix the CLI builds itself
+    if kind == "document":
+        raise unsupported(param, "document blocks are not supported yet; send the text.")
+    raise bad_request(f"Content block type {str(kind)[:40]!r} is not supported in {param}", param,
+                      "unsupported_content_part")
 
 
 def check_message(message: Any, index: int) -> None:
@@ -3203,13 +3327,15 @@ class StopScanner:
         self.stops = stops
         self.held = ""
         self.stopped = False
+        self.matched = ""  # the stop sequence that cut the text
 
     def feed(self, text: str) -> str:
         if not self.stops or self.stopped:
             return "" if self.stopped else text
         text = self.held + text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped, self.held = True, ""
             return text[:cut]
         keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])),
@@ -3606,6 +3732,7 @@ class Outcome:
     duration_ms: int = 0
     overage: bool = False  # paid from the subscription's extra usage
     tool_calls: Tuple[Dict[str, Any], ...] = ()  # {"id", "name", "arguments"} when finish is tool_use
+    stop_sequence: str = ""  # the one that ended the text, when finish is stop_sequence
 
     def cacheable(self) -> bool:
         """Only a complete, error-free answer may be kept and replayed."""
@@ -3868,7 +3995,7 @@ class Turn:
                 yield TOOL_ARGS, {"index": call["index"], "arguments": "{}"}
         finish = "tool_use" if answer.round_done else ("stop_sequence" if scanner.stopped else answer.finish())
         return self.outcome(content="".join(sent), reasoning="".join(answer.reasoning), finish=finish,
-                            usage=answer.usage(), tool_calls=tuple(
+                            stop_sequence=scanner.matched, usage=answer.usage(), tool_calls=tuple(
                                 {"id": c["id"], "name": c["name"], "arguments": c["arguments"]} for c in calls))
 
     def delivered_calls(self, answer: Answer) -> List[Dict[str, Any]]:
@@ -3953,7 +4080,7 @@ class Turn:
         for turn in self.request.turns:
             for block in turn["content"]:
                 if block["type"] == "tool_result" and block["id"] in self.resume.ids:
-                    self.bridge.answer(block["id"], tool_result(block["content"], limit))
+                    self.bridge.answer(block["id"], tool_result(block["content"], limit, block.get("is_error", False)))
         for call_id in self.resume.undelivered:
             self.bridge.answer(call_id, tool_result("Not run: one tool call at a time.", limit, True))
         return None
@@ -4023,7 +4150,7 @@ class Encoder:
         self.delivered = False  # some of the answer reached the client
 
     @staticmethod
-    def error_body(error: ApiError) -> Dict[str, Any]:
+    def error_body(error: ApiError, request_id: str = "") -> Dict[str, Any]:
         """This API's error JSON for `error` (OpenAI's shape here; a subclass may have its own)."""
         return error.body()
 
@@ -4088,7 +4215,7 @@ class EventStream(Encoder):
 
     def error_frames(self, error: ApiError) -> None:
         """The in-band error of a stream that had started (subclasses may name it)."""
-        self.frame(self.error_body(error))
+        self.frame(self.error_body(error, self.out.request_id))
 
 
 # -- OpenAI chat completions ---------------------------------------------------------------
@@ -4213,6 +4340,134 @@ class ChatSSE(EventStream):
                 self.frame(usage_chunk(self.response_id, self.created, self.request.model.id, outcome.usage))
             self.settle(outcome)
         self.frame("[DONE]")
+
+
+# -- Anthropic messages ----------------------------------------------------------------------
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                         413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
+
+
+def anthropic_error(error: ApiError, request_id: str = "") -> Dict[str, Any]:
+    """Anthropic's error envelope (AGENTS-SPEC §3.4): its type follows the status."""
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}, "request_id": request_id}
+
+
+def anthropic_usage(usage: Usage) -> Dict[str, int]:
+    return {"input_tokens": usage.input, "output_tokens": usage.output,
+            "cache_read_input_tokens": usage.cache_read, "cache_creation_input_tokens": usage.cache_write}
+
+
+def anthropic_message(message_id: str, model: str, outcome: Outcome, thinking: bool) -> Dict[str, Any]:
+    content: List[Dict[str, Any]] = []
+    if thinking and outcome.reasoning:
+        content.append({"type": "thinking", "thinking": outcome.reasoning, "signature": ""})
+    if outcome.content:
+        content.append({"type": "text", "text": outcome.content})
+    for call in outcome.tool_calls:
+        try:
+            arguments = json.loads(call["arguments"] or "{}")
+        except ValueError:
+            arguments = {}
+        content.append({"type": "tool_use", "id": call["id"], "name": call["name"], "input": arguments})
+    return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": outcome.finish, "stop_sequence": outcome.stop_sequence or None,
+            "usage": anthropic_usage(outcome.usage)}
+
+
+class MessagesJSON(Encoder):
+    """Anthropic messages, one JSON body."""
+
+    error_body = staticmethod(anthropic_error)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.response_id = "msg_" + secrets.token_hex(12)
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind != DONE:
+            return
+        if value.error is not None:
+            raise value.error
+        self.settle(value)
+        self.out.send_json(200, anthropic_message(self.response_id, self.request.model.id, value,
+                                                  self.request.show_reasoning))
+
+
+class MessagesSSE(EventStream):
+    """Anthropic messages, streamed: message_start, content blocks (text, thinking when asked,
+    tool_use) numbered from 0, one message_delta and message_stop; `event: ping` heartbeats."""
+
+    heartbeat_frame = b'event: ping\ndata: {"type": "ping"}\n\n'
+    error_body = staticmethod(anthropic_error)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.response_id = "msg_" + secrets.token_hex(12)
+        self.index = -1
+        self.open = ""  # the open block's type
+        self.call_blocks: Dict[int, int] = {}  # tool call index -> block index
+
+    def opening(self) -> None:
+        self.event({"type": "message_start", "message": {
+            "id": self.response_id, "type": "message", "role": "assistant", "model": self.request.model.id,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(Usage())}})
+
+    def event(self, data: Dict[str, Any]) -> None:
+        self.frame(data, data["type"])
+
+    def block(self, kind: str, start: Dict[str, Any]) -> None:
+        """Open a block of `kind` unless one is open (a tool_use always opens its own)."""
+        self.start()
+        if self.open == kind and kind != "tool_use":
+            return
+        self.close_block()
+        self.index += 1
+        self.open = kind
+        self.event({"type": "content_block_start", "index": self.index, "content_block": start})
+
+    def close_block(self) -> None:
+        if self.open:
+            self.event({"type": "content_block_stop", "index": self.index})
+            self.open = ""
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind == TEXT:
+            self.block("text", {"type": "text", "text": ""})
+            self.event({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": value}})
+            self.delivered = self.delivered or not self.detached
+        elif kind == REASONING and self.request.show_reasoning:
+            self.block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self.event({"type": "content_block_delta", "index": self.index,
+                        "delta": {"type": "thinking_delta", "thinking": value}})
+        elif kind == TOOL_CALL:
+            self.block("tool_use", {"type": "tool_use", "id": value["id"], "name": value["name"], "input": {}})
+            self.call_blocks[value["index"]] = self.index
+            self.delivered = self.delivered or not self.detached
+        elif kind == TOOL_ARGS:
+            self.event({"type": "content_block_delta", "index": self.call_blocks.get(value["index"], self.index),
+                        "delta": {"type": "input_json_delta", "partial_json": value["arguments"]}})
+        elif kind == PING:
+            self.heartbeat()
+        elif kind == DONE:
+            self.done(value)
+
+    def done(self, outcome: Outcome) -> None:
+        """Close the open block, then one message_delta (stop reason, usage) and message_stop."""
+        if outcome.error is not None:
+            return self.fail(outcome)
+        self.start()
+        self.close_block()
+        self.event({"type": "message_delta", "delta": {"stop_reason": outcome.finish,
+                                                       "stop_sequence": outcome.stop_sequence or None},
+                    "usage": anthropic_usage(outcome.usage)})
+        self.settle(outcome)
+        self.event({"type": "message_stop"})
+
+    def error_frames(self, error: ApiError) -> None:
+        self.frame(self.error_body(error, self.out.request_id), "error")
 
 
 ###############################################################################
@@ -4386,13 +4641,17 @@ class TurnRoute:
     parse: Callable[[Any, Models, Config], TurnRequest]
     json: type
     sse: type
+    request_id_header: str = ""  # the API's own name for OCP's request id (Anthropic: request-id)
+    refused_model_status: int = 403  # a model the key may not use (Anthropic clients: 404)
 
     def encoder(self, request: TurnRequest) -> type:
         """The encoder class for this request: SSE when it asked to stream."""
         return self.sse if request.stream else self.json
 
 
-TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE)}
+TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE),
+               "/v1/messages": TurnRoute(parse_messages_request, MessagesJSON, MessagesSSE, "request-id", 404)}
+ANTHROPIC_ROUTES = ("/v1/messages/count_tokens", "/api/hello")  # their errors in Anthropic's shape
 
 
 def play(events: Iterator[Tuple[str, Any]], encoder: Encoder) -> None:
@@ -4460,6 +4719,9 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
     server, caller, started = h.server, h.caller, time.monotonic()
     request = route.parse(h.read_json(), server.models, server.config)
     h.refused_model = request.model.id
+    if not model_allowed(caller, request.model) and route.refused_model_status != 403:
+        raise ApiError(route.refused_model_status, f"model: {request.model.id} is not one this key may use",
+                       "not_found_error", "model_not_allowed", "model")
     check_model_allowed(caller, request.model)
     request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
     system, blocks = messages_to_input(request, server.config, server.turn_secret,
@@ -4505,9 +4767,34 @@ def handle_health(h: Handler) -> None:
 
 
 def handle_models(h: Handler) -> None:
-    """The models this caller may use: a key with an allowlist sees only those."""
+    """The models this caller may use: a key with an allowlist sees only those. Asked with
+    `anthropic-version` (Claude Code), each entry also has Anthropic's fields."""
     models = [model_object(m) for m in h.server.models.models if model_allowed(h.caller, m)]
-    h.send_json(200, {"object": "list", "data": models})
+    body: Dict[str, Any] = {"object": "list", "data": models}
+    if h.headers.get("anthropic-version"):
+        created = datetime.datetime.fromtimestamp(h.server.started_at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for entry in models:
+            entry.update(type="model", display_name=entry["id"], created_at=created)
+        body.update(has_more=False, first_id=models[0]["id"] if models else None,
+                    last_id=models[-1]["id"] if models else None)
+    h.send_json(200, body)
+
+
+def handle_count_tokens(h: Handler) -> None:
+    """Anthropic's count_tokens: a local estimate biased up (no CLI runs): a third of the
+    characters of the system, messages and tools, 1,600 per image (AGENTS-SPEC §3.5)."""
+    body = h.read_json()
+    request = parse_messages_request(dict(body, max_tokens=0) if isinstance(body, dict) else body,
+                                     h.server.models, h.server.config)
+    images = sum(1 for t in request.turns for b in t["content"] if b["type"] == "image")
+    text = json.dumps([request.system, [[b for b in t["content"] if b["type"] != "image"] for t in request.turns],
+                       request.tools], ensure_ascii=False)
+    h.send_json(200, {"input_tokens": -(-len(text) // 3) + 1600 * images})
+
+
+def handle_hello(h: Handler) -> None:
+    """Claude Code's reachability check: 200, nothing else."""
+    h.send_body(200, b"", "text/plain")
 
 
 def handle_model(h: Handler, name: str) -> None:
@@ -4772,13 +5059,16 @@ ROUTES = {
     ("DELETE", "/sessions/*"): handle_session_cancel,
     ("GET", "/dashboard"): handle_dashboard,
     ("GET", "/connect.py"): handle_connect_script,
+    ("POST", "/v1/messages/count_tokens"): handle_count_tokens,
+    ("HEAD", "/api/hello"): handle_hello,
     ("POST", "/dashboard/login"): handle_dashboard_login,
     ("POST", "/dashboard/logout"): handle_dashboard_logout,
     ("GET", "/dashboard/data"): handle_dashboard_data,
     ("GET", "/dashboard/me"): handle_dashboard_me,
     ("DELETE", "/cache"): handle_cache_clear,
 }
-PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me", "/connect.py")
+PUBLIC_ROUTES = ("/health", "/dashboard", "/dashboard/login", "/dashboard/logout", "/dashboard/me", "/connect.py",
+                 "/api/hello")
 
 
 ###############################################################################
@@ -5212,7 +5502,7 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request_id = ""
         self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
-        self.error_body = ApiError.body
+        self.error_body = Encoder.error_body
         self.counted_as: Optional[Tuple[str, str]] = ("(unknown)", "-")
         self.caller: Optional[Caller] = None
         self.body_read = False
@@ -5241,8 +5531,13 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/models/"):
             path = "/v1" + path
         turn_route = self.server.turn_routes.get(path)
+        if path in ANTHROPIC_ROUTES:
+            self.error_body = anthropic_error
+            self.response_headers["request-id"] = self.request_id
         if turn_route is not None:
             self.error_body = turn_route.json.error_body
+            if turn_route.request_id_header:
+                self.response_headers[turn_route.request_id_header] = self.request_id
             return (answer_turn if self.command == "POST" else None), path, [turn_route]
         parts = path.split("/")
         for _, pattern in ROUTES:
@@ -5272,7 +5567,7 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = False
         self.admitted = False  # a Ticket holds this request's usage row
         self.refused_model = "-"
-        self.error_body = ApiError.body  # the route's error shape (OpenAI's unless it says)
+        self.error_body = Encoder.error_body  # the route's error shape (OpenAI's unless it says)
         started = time.monotonic()
         self.status_sent = 0
         func, key, args = self.route()
@@ -5329,7 +5624,7 @@ class Handler(BaseHTTPRequestHandler):
         if error.status >= 500 or error.status == 429:
             log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
         try:
-            self.send_json(error.status, self.error_body(error), error.headers)
+            self.send_json(error.status, self.error_body(error, self.request_id), error.headers)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
 

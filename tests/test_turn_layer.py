@@ -131,7 +131,7 @@ class PlainText(ocp.Encoder):
     """A wire format of the test's own: the answer as text/plain, errors as 'error: …' lines."""
 
     @staticmethod
-    def error_body(error):
+    def error_body(error, request_id=""):
         return {"plain_error": error.message}
 
     def write(self, kind, value):
