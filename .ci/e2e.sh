@@ -16,9 +16,9 @@ if ! "$claude" --version 2>/dev/null | grep -q "^$CLAUDE_VERSION"; then
   npm install --prefix "$cli_dir" --no-audit --no-fund "@anthropic-ai/claude-code@$CLAUDE_VERSION" \
     || echo "!! npm install failed"
 fi
-if ! "$venv/bin/python" -c "import openai, pydantic, prometheus_client, playwright, yaml, llm" 2>/dev/null; then
-  echo "== creating $venv with openai, prometheus_client, playwright, pyyaml and llm (test-only tools)"
-  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai prometheus_client playwright pyyaml llm \
+if ! "$venv/bin/python" -c "import openai, anthropic, pydantic, prometheus_client, playwright, yaml, llm" 2>/dev/null; then
+  echo "== creating $venv with openai, anthropic, prometheus_client, playwright, pyyaml and llm (test-only tools)"
+  python3 -m venv "$venv" && "$venv/bin/pip" install -q openai anthropic prometheus_client playwright pyyaml llm \
     || echo "!! pip install failed"
 fi
 opencode_dir="$CACHE/opencode-1.18.33"
