@@ -3512,6 +3512,31 @@ class PlanLimits:
             return self._state()
 
 
+UNIFIED_WINDOWS = {"five_hour": "5h", "seven_day": "7d", "seven_day_overage_included": "7d_oi",
+                   "seven_day_opus": "7d_opus", "seven_day_sonnet": "7d_sonnet"}
+
+
+def unified_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
+    """Anthropic's `anthropic-ratelimit-unified-*` headers rebuilt from what the CLI reported
+    (AGENTS-SPEC §3.4), so Claude Code shows the plan's use; unknown windows are left out."""
+    windows = {name: w for name, w in state["windows"].items() if name in UNIFIED_WINDOWS}
+    if not windows:
+        return {}
+    held = state["hold_until"] > now_s
+    claim = min(windows, key=lambda name: windows[name]["resets_at"] or float("inf"))
+    headers = {"anthropic-ratelimit-unified-status": "rejected" if held else (windows[claim]["status"] or "allowed"),
+               "anthropic-ratelimit-unified-reset": str(state["hold_until"] if held else windows[claim]["resets_at"]),
+               "anthropic-ratelimit-unified-representative-claim": claim}
+    for name, window in windows.items():
+        prefix = "anthropic-ratelimit-unified-" + UNIFIED_WINDOWS[name]
+        if window["utilization"] is not None:
+            headers[prefix + "-utilization"] = f"{window['utilization']:g}"
+        headers[prefix + "-reset"] = str(window["resets_at"])
+        if window["status"]:
+            headers[prefix + "-status"] = window["status"]
+    return headers
+
+
 def plan_report(plan: PlanLimits, now_s: float) -> Dict[str, Any]:
     """The plan windows for people: utilization in percent, resets in and at."""
     state = plan.snapshot()
@@ -4643,6 +4668,7 @@ class TurnRoute:
     sse: type
     request_id_header: str = ""  # the API's own name for OCP's request id (Anthropic: request-id)
     refused_model_status: int = 403  # a model the key may not use (Anthropic clients: 404)
+    plan_headers: Optional[Callable[[Dict[str, Any], float], Dict[str, str]]] = None  # the plan's use, its way
 
     def encoder(self, request: TurnRequest) -> type:
         """The encoder class for this request: SSE when it asked to stream."""
@@ -4650,7 +4676,8 @@ class TurnRoute:
 
 
 TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE),
-               "/v1/messages": TurnRoute(parse_messages_request, MessagesJSON, MessagesSSE, "request-id", 404)}
+               "/v1/messages": TurnRoute(parse_messages_request, MessagesJSON, MessagesSSE, "request-id", 404,
+                                         unified_headers)}
 ANTHROPIC_ROUTES = ("/v1/messages/count_tokens", "/api/hello")  # their errors in Anthropic's shape
 
 
@@ -4740,6 +4767,8 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         server.ledger.cached(caller, request.model.id, h.request_id, hit, started)
         h.response_headers["x-ocp-cache"] = "hit"
         return play(outcome_events(replayed(hit)), encoder)
+    if route.plan_headers:  # on answers and refusals alike: the client shows the plan's use
+        h.response_headers.update(route.plan_headers(server.plan.snapshot(), server.wall()))
     with server.ledger.admit(caller, request.model.id, h.request_id, encoder) as ticket:
         h.admitted = True
         h.response_headers.update(ticket.headers)

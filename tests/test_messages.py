@@ -124,3 +124,25 @@ class MessagesWithKeys(MessagesTest):
         status, _, body = self.messages({"model": "claude-haiku-5-5", "messages": [{"role": "user", "content": "x"}]},
                                         {"x-api-key": secret})
         self.assertEqual(status, 200, body)
+
+
+class PlanHeaders(MessagesTest):
+    env = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-test"}  # subscription mode: the CLI reports the plan
+
+    def test_the_plans_windows_come_back_as_anthropics_unified_headers(self):
+        self.messages({"messages": [{"role": "user", "content": "one"}]})  # the CLI reports the windows
+        status, headers, _ = self.messages({"messages": [{"role": "user", "content": "two"}]})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["anthropic-ratelimit-unified-5h-utilization"], "0.12")
+        self.assertEqual(headers["anthropic-ratelimit-unified-7d-utilization"], "0.45")
+        self.assertEqual(headers["anthropic-ratelimit-unified-representative-claim"], "five_hour")
+        self.assertEqual(headers["anthropic-ratelimit-unified-status"], "allowed")
+
+    def test_the_plan_limit_is_a_429_with_retry_after_and_no_retry(self):
+        self.server.wall = lambda: 1795500000.0  # an hour before the fake CLI's 5-hour reset
+        status, headers, body = self.messages({"messages": [{"role": "user", "content": "x " + directive(error="plan_limit")}]})
+        self.assertEqual((status, body["error"]["type"]), (429, "rate_limit_error"))
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertGreater(int(headers["retry-after"]), 60)
+        status, headers, body = self.messages({"messages": [{"role": "user", "content": "again"}]})
+        self.assertEqual((status, headers["anthropic-ratelimit-unified-status"]), (429, "rejected"))
