@@ -2708,6 +2708,101 @@ def anthropic_block(block: Any, param: str) -> Optional[Dict[str, Any]]:
                       "unsupported_content_part")
 
 
+# -- OpenAI responses → TurnRequest ---------------------------------------------------------
+
+
+def parse_responses_request(body: Any, models: Models, config: Config) -> TurnRequest:
+    """Validate an OpenAI Responses body (AGENTS-SPEC §2.1): Codex's and the SDKs'. OCP keeps no
+    responses, so a `previous_response_id` or an item reference is a clear 400."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object", None, "invalid_json")
+    model = models.resolve(body.get("model"), config.default_model)
+    if body.get("previous_response_id"):
+        raise ApiError(400, "OCP does not store responses; send the whole input instead of previous_response_id.",
+                       "invalid_request_error", "previous_response_not_found", "previous_response_id")
+    items = body.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    if not isinstance(items, list) or not items:
+        raise bad_request("'input' must be a string or a non-empty array of items", "input", "invalid_type")
+    system = [body["instructions"]] if isinstance(body.get("instructions"), str) else []
+    turns: List[Dict[str, Any]] = []
+    for index, item in enumerate(items):
+        responses_item(item, f"input[{index}]", system, turns)
+    tools = parse_tools([{"type": "function", "function": t} for t in check_type(body, "tools", (list,), "an array") or []
+                         if isinstance(t, dict) and t.get("type") == "function"])
+    choice = body.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        raise unsupported("tool_choice", "Forcing a tool call is not supported: nothing can make the model call "
+                          "one; use tool_choice auto or none.")
+    max_tokens = check_type(body, "max_output_tokens", (int,), "a positive integer") or 0
+    text_format = ((body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None) or {}
+    format_type, schema = parse_response_format({"type": text_format.get("type"), "json_schema": {
+        "schema": text_format.get("schema")}} if text_format.get("type") else None)
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None
+    return TurnRequest(
+        model=model, turns=tuple(turns), system=tuple(system),
+        stream=bool(check_type(body, "stream", (bool,), "a boolean")), max_tokens=min(max_tokens, model.max_output),
+        effort=parse_effort((reasoning or {}).get("effort")), response_format=format_type, json_schema=schema,
+        tools=tools if config.client_tools else (), tool_choice=choice or "auto",
+        parallel_tool_calls=body.get("parallel_tool_calls") is not False,
+        tools_ignored=bool(tools) and not config.client_tools, show_reasoning=reasoning is not None,
+        no_cache="tools" if tools else "")
+
+
+def responses_item(item: Any, param: str, system: List[str], turns: List[Dict[str, Any]]) -> None:
+    """One input item into the system texts or the neutral turns (consecutive tool results
+    make one "tool" turn); reasoning and other items OCP cannot use are dropped."""
+    if not isinstance(item, dict):
+        raise bad_request(f"{param} must be an object", param, "invalid_type")
+    kind = item.get("type") or "message"
+    if kind == "item_reference":
+        raise ApiError(400, "OCP does not store responses; send the whole input instead of item references.",
+                       "invalid_request_error", "previous_response_not_found", param)
+    if kind == "function_call":
+        call = {"type": "tool_call", "id": str(item.get("call_id") or ""), "name": str(item.get("name") or ""),
+                "arguments": item.get("arguments") if isinstance(item.get("arguments"), str) else "{}"}
+        if turns and turns[-1]["role"] == "assistant":
+            turns[-1]["content"].append(call)
+        else:
+            turns.append({"role": "assistant", "content": [call]})
+    elif kind == "function_call_output":
+        output = item.get("output")
+        text = output if isinstance(output, str) else part_text(
+            [dict(p, type="text") for p in output or [] if isinstance(p, dict) and p.get("type") in ("input_text", "output_text")])
+        result = {"type": "tool_result", "id": str(item.get("call_id") or ""), "content": text}
+        if turns and turns[-1]["role"] == "tool":
+            turns[-1]["content"].append(result)
+        else:
+            turns.append({"role": "tool", "content": [result]})
+    elif kind == "message":
+        role, content = item.get("role"), item.get("content")
+        if role not in ("user", "assistant", "system", "developer"):
+            raise bad_request(f"{param}.role must be user, assistant, system or developer", f"{param}.role", "invalid_role")
+        parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise bad_request(f"{param}.content must be a string or an array of parts", f"{param}.content", "invalid_type")
+        blocks = [responses_part(p, f"{param}.content[{i}]") for i, p in enumerate(parts)]
+        if role in ("system", "developer"):
+            system.append("\n".join(b["text"] for b in blocks if b["type"] == "text"))
+        elif turns and turns[-1]["role"] == role == "assistant":
+            turns[-1]["content"] = blocks + turns[-1]["content"]
+        else:
+            turns.append({"role": role, "content": blocks})
+    else:
+        log.debug("a %s input item was dropped", str(kind)[:40])
+
+
+def responses_part(part: Any, param: str) -> Dict[str, Any]:
+    if not isinstance(part, dict):
+        raise bad_request(f"{param} must be an object", param, "invalid_type")
+    if part.get("type") in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if part.get("type") == "input_image" and isinstance(part.get("image_url"), str):
+        return {"type": "image", "url": part["image_url"]}
+    raise bad_request(f"Content part type {str(part.get('type'))[:40]!r} is not supported in {param}", param,
+                      "unsupported_content_part")
+
+
 def check_message(message: Any, index: int) -> None:
     param = f"messages[{index}]"
     if not isinstance(message, dict):
@@ -4495,6 +4590,178 @@ class MessagesSSE(EventStream):
         self.frame(self.error_body(error, self.out.request_id), "error")
 
 
+# -- OpenAI responses -------------------------------------------------------------------------
+
+
+def responses_usage(usage: Usage) -> Dict[str, Any]:
+    return {"input_tokens": usage.prompt, "input_tokens_details": {"cached_tokens": usage.cache_read},
+            "output_tokens": usage.output, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage.prompt + usage.output}
+
+
+def responses_items(outcome: Outcome, ids: Dict[str, str], reasoning: bool) -> List[Dict[str, Any]]:
+    """The output items of a finished response: reasoning (when asked), the message, the calls."""
+    items: List[Dict[str, Any]] = []
+    if reasoning:
+        summary = [{"type": "summary_text", "text": outcome.reasoning}] if outcome.reasoning else []
+        items.append({"type": "reasoning", "id": ids.setdefault("reasoning", "rs_" + secrets.token_hex(12)),
+                      "summary": summary})
+    if outcome.content:
+        items.append({"type": "message", "id": ids.setdefault("message", "msg_" + secrets.token_hex(12)),
+                      "role": "assistant", "status": "completed",
+                      "content": [{"type": "output_text", "text": outcome.content, "annotations": []}]})
+    for call in outcome.tool_calls:
+        items.append({"type": "function_call", "id": ids.setdefault(call["id"], "fc_" + secrets.token_hex(12)),
+                      "call_id": call["id"], "name": call["name"], "arguments": call["arguments"],
+                      "status": "completed"})
+    return items
+
+
+class ResponsesJSON(Encoder):
+    """OpenAI responses, one JSON body (the response object)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ids: Dict[str, str] = {}
+
+    def response(self, status: str, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"id": self.response_id, "object": "response", "created_at": self.created,
+                                "model": self.request.model.id, "status": status, "output": [], "usage": None}
+        if outcome is not None:
+            body["output"] = responses_items(outcome, self.ids, self.request.show_reasoning)
+            body["usage"] = responses_usage(outcome.usage)
+            if outcome.finish == "max_tokens":
+                body.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
+        return body
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind != DONE:
+            return
+        if value.error is not None:
+            raise value.error
+        self.settle(value)
+        self.out.send_json(200, self.response("completed", value))
+
+
+class ResponsesSSE(EventStream, ResponsesJSON):
+    """OpenAI responses, streamed (AGENTS-SPEC §2.2): named events with a sequence_number, the
+    items opened and closed as Codex and the SDK helpers need, `response.in_progress` as the
+    heartbeat, `response.failed` for an error, no [DONE]."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.sequence = 0
+        self.items: List[Dict[str, Any]] = []  # open and closed output items, in order
+        self.texts: Dict[int, str] = {}  # output index -> text so far
+
+    def event(self, data: Dict[str, Any]) -> None:
+        data["sequence_number"] = self.sequence
+        self.sequence += 1
+        self.frame(data, data["type"])
+
+    def opening(self) -> None:
+        self.event({"type": "response.created", "response": self.response("in_progress")})
+        self.event({"type": "response.in_progress", "response": self.response("in_progress")})
+
+    def heartbeat(self) -> None:
+        self.start()
+        self.event({"type": "response.in_progress", "response": self.response("in_progress")})
+
+    def item(self, kind: str) -> int:
+        """The open output item of `kind` (a new one for each call); returns its index."""
+        self.start()
+        if self.items and self.items[-1]["type"] == kind and kind != "function_call" and not self.items[-1].get("done"):
+            return len(self.items) - 1
+        self.close_item()
+        return -1
+
+    def close_item(self) -> None:
+        if self.items and not self.items[-1].get("done"):
+            index, item = len(self.items) - 1, self.items[-1]
+            item["done"] = True
+            text = self.texts.get(index, "")
+            if item["type"] == "message":
+                part = {"type": "output_text", "text": text, "annotations": []}
+                self.event({"type": "response.output_text.done", "item_id": item["id"], "output_index": index,
+                            "content_index": 0, "text": text})
+                self.event({"type": "response.content_part.done", "item_id": item["id"], "output_index": index,
+                            "content_index": 0, "part": part})
+                done = {"type": "message", "id": item["id"], "role": "assistant", "status": "completed", "content": [part]}
+            elif item["type"] == "reasoning":
+                done = {"type": "reasoning", "id": item["id"],
+                        "summary": [{"type": "summary_text", "text": text}] if text else []}
+            else:
+                self.event({"type": "response.function_call_arguments.done", "item_id": item["id"],
+                            "output_index": index, "arguments": text})
+                done = dict(item["item"], arguments=text, status="completed")
+            self.event({"type": "response.output_item.done", "output_index": index, "item": done})
+
+    def open_item(self, item: Dict[str, Any]) -> int:
+        self.items.append({"type": item["type"], "id": item["id"], "item": item})
+        index = len(self.items) - 1
+        self.event({"type": "response.output_item.added", "output_index": index, "item": item})
+        return index
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind == TEXT:
+            index = self.item("message")
+            if index < 0:
+                index = self.open_item({"type": "message", "id": self.ids.setdefault("message", "msg_" + secrets.token_hex(12)),
+                                        "role": "assistant", "status": "in_progress", "content": []})
+                self.event({"type": "response.content_part.added", "item_id": self.items[index]["id"],
+                            "output_index": index, "content_index": 0,
+                            "part": {"type": "output_text", "text": "", "annotations": []}})
+            self.texts[index] = self.texts.get(index, "") + value
+            self.event({"type": "response.output_text.delta", "item_id": self.items[index]["id"], "output_index": index,
+                        "content_index": 0, "delta": value})
+            self.delivered = self.delivered or not self.detached
+        elif kind == REASONING and self.request.show_reasoning:
+            index = self.item("reasoning")
+            if index < 0:
+                index = self.open_item({"type": "reasoning", "id": self.ids.setdefault("reasoning", "rs_" + secrets.token_hex(12)),
+                                        "summary": []})
+                self.event({"type": "response.reasoning_summary_part.added", "item_id": self.items[index]["id"],
+                            "output_index": index, "summary_index": 0, "part": {"type": "summary_text", "text": ""}})
+            self.texts[index] = self.texts.get(index, "") + value
+            self.event({"type": "response.reasoning_summary_text.delta", "item_id": self.items[index]["id"],
+                        "output_index": index, "summary_index": 0, "delta": value})
+        elif kind == TOOL_CALL:
+            self.item("function_call")
+            index = self.open_item({"type": "function_call", "id": self.ids.setdefault(value["id"], "fc_" + secrets.token_hex(12)),
+                                    "call_id": value["id"], "name": value["name"], "arguments": "", "status": "in_progress"})
+            self.delivered = self.delivered or not self.detached
+        elif kind == TOOL_ARGS:
+            index = next(i for i, item in enumerate(self.items) if item["item"].get("call_id") == self.call_id(value))
+            self.texts[index] = self.texts.get(index, "") + value["arguments"]
+            self.event({"type": "response.function_call_arguments.delta", "item_id": self.items[index]["id"],
+                        "output_index": index, "delta": value["arguments"]})
+        elif kind == PING:
+            self.heartbeat()
+        elif kind == DONE:
+            self.done(value)
+
+    def call_id(self, value: Dict[str, Any]) -> str:
+        calls = [item["item"]["call_id"] for item in self.items if item["type"] == "function_call"]
+        return calls[value["index"]] if value["index"] < len(calls) else ""
+
+    def done(self, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            return self.fail(outcome)
+        self.start()
+        self.close_item()
+        body = self.response("completed", outcome)
+        self.settle(outcome)
+        self.event({"type": "response.incomplete" if body["status"] == "incomplete" else "response.completed",
+                    "response": body})
+
+    def error_frames(self, error: ApiError) -> None:
+        code = {429: "insufficient_quota" if error.code in ("usage_limit_reached", "quota_exceeded") else
+                "rate_limit_exceeded"}.get(error.status, error.code if error.code == "context_length_exceeded" else "server_error")
+        body = self.response("failed")
+        body["error"] = {"code": code, "message": error.message}
+        self.event({"type": "response.failed", "response": body})
+
+
 ###############################################################################
 # Accounting ##################################################################
 ###############################################################################
@@ -4676,6 +4943,7 @@ class TurnRoute:
 
 
 TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE),
+               "/v1/responses": TurnRoute(parse_responses_request, ResponsesJSON, ResponsesSSE),
                "/v1/messages": TurnRoute(parse_messages_request, MessagesJSON, MessagesSSE, "request-id", 404,
                                          unified_headers)}
 ANTHROPIC_ROUTES = ("/v1/messages/count_tokens", "/api/hello")  # their errors in Anthropic's shape
