@@ -247,3 +247,38 @@ class AbandonedConversations(RealCliTest):
         self.assertGreater(parks["expired"], 10, parks)
         leftovers = subprocess.run(["pgrep", "-f", self.claude], capture_output=True, text=True).stdout.split()
         self.assertEqual(leftovers, [], "no claude process outlives its conversation")
+
+
+class ResponsesWithTheSdk(OpenAIClientTest):
+    """openai-python's responses.create and responses.stream, with and without tools."""
+
+    def test_create_and_stream(self):
+        self.upstream.script(Reply(text="Hello from Responses.", deltas=3))
+        response = self.client.responses.create(model="sonnet", input="hi")
+        self.assertEqual((response.output_text, response.status), ("Hello from Responses.", "completed"))
+        self.assertEqual(response.usage.input_tokens, 321)
+        with self.client.responses.stream(model="sonnet", input="hi") as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+            final = stream.get_final_response()
+        self.assertEqual(("".join(deltas), final.output_text), ("Hello from Responses.", "Hello from Responses."))
+
+    def test_function_calls_create_and_stream_in_one_cli(self):
+        def respond(body):
+            last = [m for m in body.get("messages", []) if m.get("role") != "system"][-1].get("content")
+            if "tool_result" in json.dumps(last):
+                return Reply(text="Two files.")
+            return Reply(text="", tool_uses=[use("get_weather", city="Oslo")])
+        self.upstream.responder = respond
+        tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+                  "parameters": t["function"]["parameters"]} for t in TOOLS]
+        first = self.client.responses.create(model="sonnet", input="Weather?", tools=tools)
+        call = [item for item in first.output if item.type == "function_call"][0]
+        self.assertEqual((call.name, json.loads(call.arguments)), ("get_weather", {"city": "Oslo"}))
+        follow = [{"role": "user", "content": "Weather?"}, call.model_dump(exclude_none=True),
+                  {"type": "function_call_output", "call_id": call.call_id, "output": "cold"}]
+        with self.client.responses.stream(model="sonnet", input=follow, tools=tools) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_response()
+        self.assertEqual(final.output_text, "Two files.")
+        self.assertEqual(self.server.runner.leases_made, 1)
