@@ -35,6 +35,13 @@ if ! "$cn_dir/node_modules/.bin/cn" --version >/dev/null 2>&1; then
   npm install --prefix "$cn_dir" --no-audit --no-fund @continuedev/cli@1.5.47 || echo "!! npm install failed"
 fi
 export OCP_E2E_CN="$cn_dir/node_modules/.bin/cn"
+codex_dir="$CACHE/codex-0.171.0"
+if ! "$codex_dir/node_modules/.bin/codex" --version >/dev/null 2>&1; then
+  echo "== installing @openai/codex@0.171.0 into $codex_dir"
+  mkdir -p "$codex_dir"
+  npm install --prefix "$codex_dir" --no-audit --no-fund @openai/codex@0.171.0 || echo "!! npm install failed"
+fi
+export OCP_E2E_CODEX="$codex_dir/node_modules/.bin/codex"
 openai_node_dir="$CACHE/openai-node-6.9.1"
 if ! [ -f "$openai_node_dir/node_modules/openai/package.json" ]; then
   echo "== installing openai@6.9.1 (the Node SDK, for its runTools helper) into $openai_node_dir"
