@@ -142,6 +142,7 @@ class Config:
     tool_park_ttl_ms: int = 600_000
     tool_park_max: int = 0  # 0: as many as max_concurrent
     tool_result_max_chars: int = 100_000
+    plan_headers: bool = True
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
@@ -211,6 +212,7 @@ SETTINGS = (
     ("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int", (100, 24 * 3600 * 1000)),
     ("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", (0, 1024)),
     ("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int", (1000, 1 << 26)),
+    ("plan_headers", "OCP_PLAN_HEADERS", "--plan-headers", "bool", None),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -242,6 +244,7 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
     "tool_park_ttl_ms": "milliseconds a CLI waits parked for a client's tool results",
     "tool_park_max": "parked CLIs kept at most (0 = CLAUDE_MAX_CONCURRENT); the oldest goes first",
     "tool_result_max_chars": "characters of one tool result passed to the model (longer: cut, marked)",
+    "plan_headers": "send the plan's use to Claude Code and Codex (anthropic-ratelimit-unified-*, x-codex-*)",
 }
 
 
@@ -3632,6 +3635,21 @@ def unified_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
     return headers
 
 
+CODEX_WINDOWS = (("primary", "five_hour", 300), ("secondary", "seven_day", 10080))
+
+
+def codex_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
+    """Codex's `x-codex-*` plan headers from the CLI's windows, so Codex shows the Claude plan's use."""
+    headers: Dict[str, str] = {}
+    for slot, name, minutes in CODEX_WINDOWS:
+        window = state["windows"].get(name)
+        if window and window["utilization"] is not None:
+            headers.update({f"x-codex-{slot}-used-percent": f"{window['utilization'] * 100:g}",
+                            f"x-codex-{slot}-window-minutes": str(minutes),
+                            f"x-codex-{slot}-reset-at": str(window["resets_at"])})
+    return headers
+
+
 def plan_report(plan: PlanLimits, now_s: float) -> Dict[str, Any]:
     """The plan windows for people: utilization in percent, resets in and at."""
     state = plan.snapshot()
@@ -4943,7 +4961,8 @@ class TurnRoute:
 
 
 TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE),
-               "/v1/responses": TurnRoute(parse_responses_request, ResponsesJSON, ResponsesSSE),
+               "/v1/responses": TurnRoute(parse_responses_request, ResponsesJSON, ResponsesSSE,
+                                          plan_headers=codex_headers),
                "/v1/messages": TurnRoute(parse_messages_request, MessagesJSON, MessagesSSE, "request-id", 404,
                                          unified_headers)}
 ANTHROPIC_ROUTES = ("/v1/messages/count_tokens", "/api/hello")  # their errors in Anthropic's shape
@@ -5035,7 +5054,7 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         server.ledger.cached(caller, request.model.id, h.request_id, hit, started)
         h.response_headers["x-ocp-cache"] = "hit"
         return play(outcome_events(replayed(hit)), encoder)
-    if route.plan_headers:  # on answers and refusals alike: the client shows the plan's use
+    if route.plan_headers and server.config.plan_headers:  # on answers and refusals: the client shows the plan
         h.response_headers.update(route.plan_headers(server.plan.snapshot(), server.wall()))
     with server.ledger.admit(caller, request.model.id, h.request_id, encoder) as ticket:
         h.admitted = True

@@ -75,3 +75,24 @@ class Responses(ServerTest):
         self.assertIn("response.in_progress", [n for n, _ in events[2:]], "in_progress is the heartbeat")
         self.assertEqual(events[-1][0], "response.failed")
         self.assertEqual(events[-1][1]["response"]["error"]["code"], "server_error")
+
+
+class CodexPlanHeaders(ServerTest):
+    env = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-test"}
+
+    def test_codex_sees_the_claude_plans_use(self):
+        self.request("POST", "/v1/responses", {"model": "sonnet", "input": "one"})
+        status, headers, _ = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "two"})
+        self.assertEqual(status, 200)
+        self.assertEqual((headers["x-codex-primary-used-percent"], headers["x-codex-primary-window-minutes"]), ("12", "300"))
+        self.assertEqual((headers["x-codex-secondary-used-percent"], headers["x-codex-secondary-window-minutes"]),
+                         ("45", "10080"))
+
+
+class NoPlanHeaders(ServerTest):
+    env = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-test", "OCP_PLAN_HEADERS": "0"}
+
+    def test_the_operator_can_turn_them_off(self):
+        self.request("POST", "/v1/responses", {"model": "sonnet", "input": "one"})
+        _, headers, _ = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "two"})
+        self.assertNotIn("x-codex-primary-used-percent", headers)
