@@ -352,6 +352,56 @@ def plan_openclaw(home, models, api, key, steps, default="", limits=None):
     return changes
 
 
+def plan_codex(home, environ, models, api, steps):
+    """Codex: its own profile file (`codex -p ocp` layers $CODEX_HOME/ocp.config.toml over the
+    owner's config.toml): a model provider `ocp` on the Responses API with the key from OCP_API_KEY
+    of the env file. The owner's config.toml, model and provider stay as they are."""
+    folder = environ.get("CODEX_HOME") or os.path.join(home, ".codex")
+    text = "\n".join(["# Written by ocp_connect.py: codex -p ocp", 'model_provider = "ocp"', f'model = "{models[0]}"', "",
+                      "[model_providers.ocp]", 'name = "OCP (Claude subscription)"', f'base_url = "{api}"',
+                      'env_key = "OCP_API_KEY"', 'wire_api = "responses"']) + "\n"
+    steps.append("Codex: codex -p ocp (the key comes from OCP_API_KEY in ~/.config/ocp/env: open a new shell first)")
+    return [(os.path.join(folder, "ocp.config.toml"), text, 0o600, OWN)]
+
+
+def own_anthropic_settings(home, environ):
+    """Where this user's Claude Code already talks to Anthropic its own way (a login or a key)."""
+    found = [f"{name} is set in this environment" for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN",
+                                                               "ANTHROPIC_BASE_URL") if environ.get(name)]
+    if os.path.exists(os.path.join(home, ".claude", ".credentials.json")):
+        found.append("Claude Code is logged in (~/.claude/.credentials.json)")
+    settings = load_json(os.path.join(home, ".claude", "settings.json"), {}) or {}
+    if any(k in (settings.get("env") or {}) for k in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")
+           if (settings.get("env") or {}).get(k) and "ocp" not in str(settings["env"].get(k))):
+        found.append("~/.claude/settings.json sets ANTHROPIC_*")
+    return found
+
+
+def plan_claude_code(home, environ, server, key, steps, force):
+    """Claude Code: ANTHROPIC_BASE_URL (the server, no /v1) and ANTHROPIC_AUTH_TOKEN in its user
+    settings. Not over a login or key of the owner's own (that Claude Code would silently move to
+    OCP) unless --force."""
+    mine = own_anthropic_settings(home, environ)
+    if mine and not force:
+        steps.append("Claude Code: not configured, it already uses Anthropic its own way (" + "; ".join(mine) +
+                     f"); run it with ANTHROPIC_BASE_URL={server} ANTHROPIC_AUTH_TOKEN=<your key>, or add --force")
+        return []
+    path = os.path.join(home, ".claude", "settings.json")
+    data = load_json(path, {})
+    if data is None:
+        steps.append(f"Claude Code: {path} is not plain JSON; set env ANTHROPIC_BASE_URL={server} yourself")
+        return []
+    env = data.setdefault("env", {})
+    ours, restore = [], []
+    for name, value in (("ANTHROPIC_BASE_URL", server), ("ANTHROPIC_AUTH_TOKEN", key)):
+        if name in env and env[name] != value:
+            restore.append([["env", name], env[name]])
+        else:
+            ours.append(["env", name])
+        env[name] = value
+    return [(path, json.dumps(data, indent=2) + "\n", 0o600, ("json", ours, restore))]
+
+
 def detected(home, environ, platform):
     """The tools this machine has: a config folder or file, or the command on PATH."""
     path = environ.get("PATH", "")
@@ -361,10 +411,12 @@ def detected(home, environ, platform):
             "aider": any(os.path.exists(os.path.join(home, name)) for name in (
                 ".aider.conf.yml", ".aider.model.settings.yml", ".aider.model.metadata.json")) or has("aider"),
             "llm": os.path.isdir(llm_dir(home, environ, platform)) or has("llm"),
-            "openclaw": os.path.isdir(os.path.join(home, ".openclaw")) or has("openclaw")}
+            "openclaw": os.path.isdir(os.path.join(home, ".openclaw")) or has("openclaw"),
+            "codex": os.path.isdir(environ.get("CODEX_HOME") or os.path.join(home, ".codex")) or has("codex"),
+            "claude-code": os.path.isdir(os.path.join(home, ".claude")) or has("claude")}
 
 
-def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None, make_default=False):
+def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None, make_default=False, force=False):
     """Every change as (path, full new content, mode or None, how to undo it), and the manual steps."""
     models = chosen_models(ids)
     steps = [f"Cline: Settings → API Provider 'OpenAI Compatible', Base URL {api}, API key as in ~/.config/ocp/env, "
@@ -387,6 +439,10 @@ def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None, m
             changes += plan_llm_default(llm_dir(home, environ, platform), models[0])
     if tools["openclaw"]:
         changes += plan_openclaw(home, models, api, key, steps, models[0] if make_default else "", limits)
+    if tools["codex"]:
+        changes += plan_codex(home, environ, models, api, steps)
+    if tools["claude-code"]:
+        changes += plan_claude_code(home, environ, api[:-len("/v1")], key, steps, force)
     return changes, steps, [name for name, found in tools.items() if found]
 
 
@@ -541,8 +597,19 @@ def verify(home):
     if status != 200:
         message = (answer or {}).get("error", {}).get("message", "") if isinstance(answer, dict) else ""
         raise ConnectError(f"a one-word completion failed ({status}) {message}")
-    return {"base_url": api, "models": len(models["data"]), "model": model,
-            "answer": answer["choices"][0]["message"]["content"]}
+    result = {"base_url": api, "models": len(models["data"]), "model": model,
+              "answer": answer["choices"][0]["message"]["content"]}
+    for route, body, read in (  # what Codex and Claude Code speak
+            ("/responses", {"model": model, "input": "Reply with one word: ready", "max_output_tokens": 16},
+             lambda b: next(p["text"] for i in b["output"] if i["type"] == "message" for p in i["content"])),
+            ("/messages", {"model": model, "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "Reply with one word: ready"}]},
+             lambda b: b["content"][0]["text"])):
+        status, answer = call(api + route, key, body, timeout=120)
+        if status != 200:
+            raise ConnectError(f"a one-word answer through {route} failed ({status})")
+        result["answer" + route.replace("/", "_")] = read(answer)
+    return result
 
 
 def main(argv=None, environ=None, platform=sys.platform):
@@ -557,7 +624,8 @@ def main(argv=None, environ=None, platform=sys.platform):
     parser.add_argument("--shell-env", action="store_true",
                         help="also export OPENAI_BASE_URL/OPENAI_API_KEY in every shell (every OpenAI client "
                              "then talks to OCP)")
-    parser.add_argument("--force", action="store_true", help="--shell-env even over OpenAI settings of your own")
+    parser.add_argument("--force", action="store_true", help="--shell-env even over OpenAI settings of your own, "
+                        "and Claude Code even when it has a login or key of its own")
     parser.add_argument("--default", action="store_true",
                         help="also make OCP's model the default in opencode and llm, and OpenClaw's primary "
                              "(undone by --uninstall)")
@@ -578,7 +646,7 @@ def main(argv=None, environ=None, platform=sys.platform):
                                        "without it; add --force if you really want it.")
             key, source, ids, limits = discover(base, args.key or environ.get("OCP_KEY", ""))
             changes, steps, tools = plan(home, environ, platform, base + "/v1", key, ids, args.shell_env, limits,
-                                         args.default)
+                                         args.default, args.force)
             diffs = []
             report.update(server=base, key_source=source, tools=tools, steps=steps,
                           changes=apply(home, changes, args.dry_run, diffs))

@@ -235,7 +235,7 @@ class ConnectAClient(ServerTest):
         code, out = self.connect("--verify")
         self.assertEqual(code, 0, out)
         self.assertIn("answered 'Echo: Reply with one word: ready'", out)
-        self.assertEqual(len(self.runs()), runs + 1)
+        self.assertEqual(len(self.runs()), runs + 3, "chat completions, and what Codex and Claude Code speak")
 
     def test_a_refused_key_and_an_unknown_server(self):
         code, out = self.connect(self.server_url, "--key", "ocp_" + "q" * 32)
@@ -270,3 +270,58 @@ class AdvertisedGuestKey(ServerTest):
         self.assertEqual(json.loads(out.getvalue())["key_source"], "advertised by the server")
         with open(os.path.join(self.home, ".config", "ocp", "env")) as f:
             self.assertIn("ocp_guest_key_connect", f.read())
+
+
+class ConnectCodexAndClaudeCode(ServerTest):
+    """Codex gets a profile file of its own; Claude Code its ANTHROPIC_* settings, never over
+    a login or key of the owner's own; --uninstall leaves each as the owner left it since."""
+
+    def setUp(self):
+        super().setUp()
+        for name, text in ((".codex/config.toml", 'model = "gpt-5"\n\n[tui]\nnotifications = true\n'),
+                           (".claude/settings.json", json.dumps({"theme": "dark"}) + "\n")):
+            os.makedirs(os.path.dirname(os.path.join(self.home, name)), exist_ok=True)
+            with open(os.path.join(self.home, name), "w") as f:
+                f.write(text)
+
+    def connect(self, *args, environ=None):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = ocp_connect.main(list(args), dict({"HOME": self.home, "PATH": ""}, **(environ or {})), "linux")
+        return code, out.getvalue()
+
+    def read(self, name):
+        with open(os.path.join(self.home, name)) as f:
+            return f.read()
+
+    def test_codex_and_claude_code_are_configured_and_uninstalled_exactly(self):
+        code, out = self.connect(f"127.0.0.1:{self.port}")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(self.read(".codex/config.toml"), 'model = "gpt-5"\n\n[tui]\nnotifications = true\n')
+        codex = self.read(".codex/ocp.config.toml")
+        self.assertIn('model_provider = "ocp"', codex)
+        self.assertIn(f'base_url = "http://127.0.0.1:{self.port}/v1"', codex)
+        self.assertIn('wire_api = "responses"', codex)
+        self.assertIn('env_key = "OCP_API_KEY"', codex)
+        self.assertIn("codex -p ocp", out)
+        settings = json.loads(self.read(".claude/settings.json"))
+        self.assertEqual(settings["env"]["ANTHROPIC_BASE_URL"], f"http://127.0.0.1:{self.port}")
+        self.assertEqual(settings["theme"], "dark")
+        with open(os.path.join(self.home, ".codex/config.toml"), "a") as f:
+            f.write("\n[projects.x]\ntrust_level = \"trusted\"\n")  # the owner's later edit
+        code, out = self.connect("--uninstall")
+        self.assertEqual(code, 0, out)
+        self.assertEqual(self.read(".codex/config.toml"),
+                         'model = "gpt-5"\n\n[tui]\nnotifications = true\n\n[projects.x]\ntrust_level = "trusted"\n')
+        self.assertFalse(os.path.exists(os.path.join(self.home, ".codex", "ocp.config.toml")))
+        self.assertEqual(json.loads(self.read(".claude/settings.json")), {"theme": "dark"})
+
+    def test_claude_code_with_a_login_of_its_own_is_left_alone_unless_forced(self):
+        with open(os.path.join(self.home, ".claude", ".credentials.json"), "w") as f:
+            f.write("{}")
+        code, out = self.connect(f"127.0.0.1:{self.port}")
+        self.assertEqual(code, 0, out)
+        self.assertNotIn("env", json.loads(self.read(".claude/settings.json")))
+        self.assertIn("Claude Code: not configured", out)
+        code, out = self.connect(f"127.0.0.1:{self.port}", "--force")
+        self.assertIn("ANTHROPIC_AUTH_TOKEN", json.loads(self.read(".claude/settings.json"))["env"])

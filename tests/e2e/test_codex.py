@@ -4,30 +4,33 @@ model calling one of Codex's own tools. The model here is the fake CLI; Codex an
 import os
 import subprocess
 
-from e2e.base import require
-from helpers import ServerTest, directive
+from e2e.base import ConnectedClientTest, require
+from helpers import directive
 
 CODEX = os.environ.get("OCP_E2E_CODEX", "")
 
 
-class CodexThroughOcp(ServerTest):
+class CodexThroughOcp(ConnectedClientTest):
     def setUp(self):
         require(bool(CODEX) and os.access(CODEX, os.X_OK), "the Codex CLI is not installed",
                 "set OCP_E2E_CODEX to npm's @openai/codex, as .ci/run does")
         super().setUp()
-        self.codex_home = os.path.join(self.tmp, "codex-home")
+        self.codex_home = os.path.join(self.home, ".codex")
         os.makedirs(self.codex_home)
-        with open(os.path.join(self.codex_home, "config.toml"), "w") as f:  # the provider AGENTS-SPEC §2 names
-            f.write(f'model = "claude-sonnet-5-5"\nmodel_provider = "ocp"\n\n[model_providers.ocp]\nname = "OCP"\n'
-                    f'base_url = "http://127.0.0.1:{self.port}/v1"\nenv_key = "OCP_API_KEY"\nwire_api = "responses"\n')
-        self.work = os.path.join(self.tmp, "project")
-        os.makedirs(self.work)
+        with open(os.path.join(self.codex_home, "config.toml"), "w") as f:  # the owner's own Codex setup
+            f.write('model = "gpt-5"\n')
+        self.connect()  # writes ~/.codex/ocp.config.toml: `codex -p ocp`
+        self.work = self.project()
 
     def codex(self, prompt):
-        return subprocess.run([CODEX, "exec", "--skip-git-repo-check", prompt], cwd=self.work, capture_output=True,
-                              text=True, timeout=180, stdin=subprocess.DEVNULL,
-                              env={"HOME": self.home, "CODEX_HOME": self.codex_home, "PATH": os.environ["PATH"],
-                                   "OCP_API_KEY": "ocp-key-for-codex"})
+        env = {"HOME": self.home, "PATH": os.environ["PATH"]}
+        with open(os.path.join(self.home, ".config", "ocp", "env")) as f:  # what a new shell has sourced
+            for line in f:
+                if line.startswith("export "):
+                    name, _, value = line[7:].strip().partition("=")
+                    env[name] = value.strip("'")
+        return subprocess.run([CODEX, "exec", "-p", "ocp", "--skip-git-repo-check", prompt], cwd=self.work,
+                              capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL, env=env)
 
     def test_codex_exec_answers(self):
         done = self.codex("say hi")
