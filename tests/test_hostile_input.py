@@ -246,3 +246,46 @@ class LogForging(ServerTest):
         lines = stream.getvalue().splitlines()
         self.assertFalse([line for line in lines if line.startswith("2099")])
         self.assertTrue(any("user=u\\x0a2099" in line for line in lines))
+
+
+RESPONSES_FIELDS = ("input", "instructions", "tools", "tool_choice", "max_output_tokens", "reasoning", "text",
+                    "stream", "previous_response_id", "parallel_tool_calls")
+MESSAGES_FIELDS = ("messages", "system", "tools", "tool_choice", "max_tokens", "stop_sequences", "thinking",
+                   "output_config", "stream", "model")
+ITEM_SHAPES = ([5], [None], [{"type": "function_call"}], [{"type": "function_call_output", "output": [5]}],
+               [{"role": "user", "content": [{"type": "input_image"}]}], [{"role": "tool", "content": "x"}],
+               [{"type": "item_reference", "id": "x"}], [{"role": "user", "content": {"a": 1}}])
+BLOCK_SHAPES = ([{"role": "user", "content": [5]}], [{"role": "user", "content": [{"type": "image", "source": 5}]}],
+                [{"role": "user", "content": [{"type": "tool_result", "content": [5]}]}],
+                [{"role": "assistant", "content": [{"type": "tool_use", "name": 5}]}], [{"role": "x", "content": "y"}],
+                [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user"}], ["x"])
+
+
+class FuzzTheAgentRoutes(FuzzBattery):
+    """The same battery on /v1/responses and /v1/messages: each answers in its own error shape."""
+
+    def test_no_response_is_5xx_and_every_request_is_answered(self):
+        responses = {"model": "sonnet", "input": "x"}
+        messages = {"model": "claude-sonnet-5-5", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+        for path, valid, fields, shapes, key in (("/v1/responses", responses, RESPONSES_FIELDS, ITEM_SHAPES, "input"),
+                                                 ("/v1/messages", messages, MESSAGES_FIELDS, BLOCK_SHAPES, "messages")):
+            for field in fields:
+                for value in WRONG_VALUES[::2]:  # every other one: most of them make a CLI run
+                    self.send(f"{path} {field}={value!r}"[:70], post(path, json.dumps(dict(valid, **{field: value})).encode()))
+            for shape in shapes:
+                self.send(f"{path} {key}={shape!r}"[:70], post(path, json.dumps(dict(valid, **{key: shape})).encode()))
+            for raw in BAD_JSON:
+                self.send(f"{path} json {raw[:20]!r}", post(path, raw))
+        self.send("count_tokens garbage", post("/v1/messages/count_tokens", b'{"messages": 5}'))
+        results = [(label, *future.result()) for label, future in self.sent]
+        self.assertGreaterEqual(len(results), 150)
+        self.assertEqual([(label, r) for label, status, r in results if status is None], [])
+        self.assertEqual([(label, status, r[:300]) for label, status, r in results if status and status >= 500], [])
+        for label, status, response in results:
+            if status != 200:
+                body = json.loads(response.split(b"\r\n\r\n", 1)[1])
+                if label.startswith("/v1/messages") or label.startswith("count_tokens"):
+                    self.assertEqual(body["type"], "error", label)  # Anthropic's envelope
+                    self.assertIn(body["error"]["type"], ("invalid_request_error", "not_found_error"), label)
+                else:
+                    self.assertIn("code", body["error"], label)  # OpenAI's
