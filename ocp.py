@@ -2699,10 +2699,11 @@ def anthropic_block(block: Any, param: str) -> Optional[Dict[str, Any]]:
                 "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}
     if kind == "tool_result":
         content = block.get("content")
-        text = content if isinstance(content, str) else "\n".join(
-            b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text")
+        parts = [b for b in (content if isinstance(content, list) else []) if isinstance(b, dict)]
+        text = content if isinstance(content, str) else "\n".join(b.get("text", "") for b in parts if b.get("type") == "text")
+        images = [anthropic_block(b, param)["url"] for b in parts if b.get("type") == "image"]
         return {"type": "tool_result", "id": str(block.get("tool_use_id") or ""), "content": text,
-                "is_error": block.get("is_error") is True}
+                "is_error": block.get("is_error") is True, "images": images}
     if kind in ("thinking", "redacted_thinking"):
         return None  # their signatures bind to a prefix the CLI builds itself
     if kind == "document":
@@ -3136,7 +3137,9 @@ def messages_to_input(request: TurnRequest, config: Config, secret: bytes,
     tag = turn_tag(request, secret) if history else ""
     for turn in history:
         blocks.append({"type": "text", "text": turn_block(turn, tag)})
-        blocks += [image_block(b["url"], config, fetch) for b in turn["content"] if b["type"] == "image"]
+        urls = [b["url"] for b in turn["content"] if b["type"] == "image"]
+        urls += [url for b in turn["content"] if b["type"] == "tool_result" for url in b.get("images", ())]
+        blocks += [image_block(url, config, fetch) for url in urls]
     for block in (final or {}).get("content", ()):
         if block["type"] == "image":
             blocks.append(image_block(block["url"], config, fetch))
@@ -3388,7 +3391,8 @@ def result_error(result: Dict[str, Any], api_error: Dict[str, Any],
             or text.startswith("Not logged in"):
         return ApiError(503, f"OCP's Claude login is not working ({text}). On the OCP server run "
                         "`claude setup-token` and set CLAUDE_CODE_OAUTH_TOKEN, or run "
-                        "`claude auth login`.", "upstream_auth_error", "upstream_auth_error")
+                        "`claude auth login`.", "upstream_auth_error", "upstream_auth_error",
+                        headers={"x-should-retry": "false"})  # the caller's key is fine: retrying cannot help
     if result.get("terminal_reason") == "prompt_too_long":
         return ApiError(400, text, "invalid_request_error", "context_length_exceeded", "messages")
     if status == 529:
@@ -4050,11 +4054,17 @@ def tool_followup(request: TurnRequest, parks: Parks) -> Optional[Park]:
     return park
 
 
-def tool_result(text: str, limit: int, is_error: bool = False) -> Dict[str, Any]:
-    """A client's tool result as MCP's tools/call result; cut past `limit` characters, marked."""
+def tool_result(text: str, limit: int, is_error: bool = False, images: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """A client's tool result as MCP's tools/call result; cut past `limit` characters, marked;
+    data-URL images as MCP image content (AGENTS-SPEC §3.3)."""
     if len(text) > limit:
         text = text[:limit] + f"\n[OCP: result cut from {len(text)} to {limit} characters]"
     result: Dict[str, Any] = {"content": [{"type": "text", "text": text}]}
+    for url in images:
+        match = DATA_URL.fullmatch(url.strip())
+        if match:
+            result["content"].append({"type": "image", "data": re.sub(r"\s+", "", match.group(2)),
+                                      "mimeType": match.group(1).lower()})
     if is_error:
         result["isError"] = True
     return result
@@ -4218,7 +4228,8 @@ class Turn:
         for turn in self.request.turns:
             for block in turn["content"]:
                 if block["type"] == "tool_result" and block["id"] in self.resume.ids:
-                    self.bridge.answer(block["id"], tool_result(block["content"], limit, block.get("is_error", False)))
+                    self.bridge.answer(block["id"], tool_result(block["content"], limit, block.get("is_error", False),
+                                                                tuple(block.get("images", ()))))
         for call_id in self.resume.undelivered:
             self.bridge.answer(call_id, tool_result("Not run: one tool call at a time.", limit, True))
         return None

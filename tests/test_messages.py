@@ -146,3 +146,31 @@ class PlanHeaders(MessagesTest):
         self.assertGreater(int(headers["retry-after"]), 60)
         status, headers, body = self.messages({"messages": [{"role": "user", "content": "again"}]})
         self.assertEqual((status, headers["anthropic-ratelimit-unified-status"]), (429, "rejected"))
+
+
+class ToolResultsWithImagesAndErrors(MessagesTest):
+    PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+    def test_an_image_and_an_error_flag_reach_the_cli_as_mcp_content(self):
+        first = [{"role": "user", "content": "shot " + directive(calls=[[{"name": "get_weather", "arguments": {}}]])}]
+        _, _, body = self.messages({"tools": [WEATHER], "messages": first})
+        use = body["content"][0]
+        follow = first + [{"role": "assistant", "content": [use]},
+                          {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use["id"], "is_error": True,
+                                                        "content": [{"type": "text", "text": "partly"},
+                                                                    {"type": "image", "source": {
+                                                                        "type": "base64", "media_type": "image/png",
+                                                                        "data": self.PNG}}]}]}]
+        status, _, body = self.messages({"tools": [WEATHER], "messages": follow})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["content"][0]["text"], "Done: partly [image]")
+        sent = [r for r in self.runs()[0]["control_responses"]
+                if "tools/call" not in json.dumps(r) and '"isError"' in json.dumps(r)]
+        result = sent[0]["response"]["response"]["mcp_response"]["result"]
+        self.assertEqual(result["content"][1], {"type": "image", "data": self.PNG, "mimeType": "image/png"})
+        self.assertTrue(result["isError"])
+
+    def test_ocps_own_broken_login_is_a_503_not_to_retry(self):
+        status, headers, body = self.messages({"messages": [{"role": "user", "content": "x " + directive(error="auth")}]})
+        self.assertEqual((status, body["error"]["type"], headers["x-should-retry"]), (503, "api_error", "false"))
+        self.assertIn("claude setup-token", body["error"]["message"])
