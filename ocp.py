@@ -4222,6 +4222,7 @@ class Turn:
             for _ in lease.acquire():
                 yield PING, None  # a streaming client hears from us while it waits in line
             return job.blocks
+        lease.cancelled = lambda: self.cancelled  # this request's client now, not the one that parked it
         for _ in lease.resume():
             yield PING, None
         limit = self.config.tool_result_max_chars
