@@ -4236,6 +4236,7 @@ class Turn:
         return None
 
     def _end(self, lease: Lease, answer: Answer, ending: str) -> None:
+        self._lease = None  # the run is over: a hang-up seen from now on must not reach a parked CLI
         if ending == "release":
             lease.release()
         elif ending == "kill" or self.parks is None or self.request.legacy_functions:

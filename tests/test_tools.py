@@ -1,6 +1,7 @@
 """Client tool calling (AGENTS-SPEC §1): the client's tools served to the CLI over its own pipes,
 tool rounds answered as OpenAI tool_calls, the CLI parked until the results come back."""
 
+import contextlib
 import json
 import time
 
@@ -69,6 +70,21 @@ class ToolRounds(ToolTest):
         wait_until(lambda: self.server.runner.live() == [])
         rows = self.server.store.usage_rows(None, None, 0, 2 ** 40, 10)
         self.assertEqual([r["status"] for r in rows], ["ok", "ok"], "each HTTP request is one usage row")
+
+    def test_a_client_that_leaves_right_after_its_tool_calls_keeps_its_parked_cli(self):
+        real_watch = self.server.hangups.watch
+
+        @contextlib.contextmanager
+        def watch(sock, on_hangup):  # the client hangs up the moment its answer is complete
+            with real_watch(sock, on_hangup):
+                yield
+                on_hangup()
+        self.server.hangups.watch = watch
+        messages, (_, _, body) = self.ask([[call("get_weather", city="Paris")]])
+        self.server.hangups.watch = real_watch
+        _, (status, _, body) = self.follow_up(messages, body, ["Sunny"])
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "Done: Sunny"))
+        self.assertEqual(len(self.runs()), 1, "the hang-up after the answer did not end the parked CLI")
 
     def test_three_rounds_streamed_in_one_process(self):
         rounds = [[call("get_weather", city="Oslo")], [call("get_time")], [call("get_weather", city="Rome")]]

@@ -84,4 +84,4 @@ class CodexWithTheRealCli(RealCliTest):
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("Your note says:", done.stdout)
         self.assertIn("call the plumber", done.stdout, "Codex ran the command and its output reached the model")
-        self.assertEqual(self.server.runner.leases_made, 1, "the tool round continued the parked CLI")
+        self.assertEqual(self.server.runner.leases_made, 1, self.server.parks.snapshot())  # one parked CLI for both rounds
