@@ -4357,6 +4357,22 @@ class EventStream(Encoder):
         self.start()
         self.raw(self.heartbeat_frame)
 
+    def write(self, kind: str, value: Any) -> None:
+        if kind == PING:
+            self.heartbeat()
+        elif kind == DONE:
+            self.done(value)
+        else:
+            self.content(kind, value)
+
+    def content(self, kind: str, value: Any) -> None:
+        """One event of the answer itself (text, reasoning, a tool call's start or arguments)."""
+        raise NotImplementedError
+
+    def done(self, outcome: Outcome) -> None:
+        """The end of the stream, or its in-band error (`fail`)."""
+        raise NotImplementedError
+
     def fail(self, outcome: Outcome) -> None:
         """An error: a normal error response before the stream started, in-band after."""
         if not self.started:
@@ -4456,7 +4472,7 @@ class ChatSSE(EventStream):
         self.frame(chat_chunk(self.response_id, self.created, self.request.model.id, delta, finish,
                               self.request.include_usage))
 
-    def write(self, kind: str, value: Any) -> None:
+    def content(self, kind: str, value: Any) -> None:
         if kind in self.DELTA_FIELDS:
             self.start()
             self.chunk({self.DELTA_FIELDS[kind]: value})
@@ -4473,10 +4489,6 @@ class ChatSSE(EventStream):
             self.chunk({"function_call": {"arguments": value["arguments"]}})
         elif kind == TOOL_ARGS:
             self.chunk({"tool_calls": [{"index": value["index"], "function": {"arguments": value["arguments"]}}]})
-        elif kind == PING:
-            self.heartbeat()
-        elif kind == DONE:
-            self.done(value)
 
     def done(self, outcome: Outcome) -> None:
         """The finish chunk, the usage chunk when asked, then `[DONE]` (or the error in-band)."""
@@ -4584,7 +4596,7 @@ class MessagesSSE(EventStream):
             self.event({"type": "content_block_stop", "index": self.index})
             self.open = ""
 
-    def write(self, kind: str, value: Any) -> None:
+    def content(self, kind: str, value: Any) -> None:
         if kind == TEXT:
             self.block("text", {"type": "text", "text": ""})
             self.event({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": value}})
@@ -4600,10 +4612,6 @@ class MessagesSSE(EventStream):
         elif kind == TOOL_ARGS:
             self.event({"type": "content_block_delta", "index": self.call_blocks.get(value["index"], self.index),
                         "delta": {"type": "input_json_delta", "partial_json": value["arguments"]}})
-        elif kind == PING:
-            self.heartbeat()
-        elif kind == DONE:
-            self.done(value)
 
     def done(self, outcome: Outcome) -> None:
         """Close the open block, then one message_delta (stop reason, usage) and message_stop."""
@@ -4733,7 +4741,7 @@ class ResponsesSSE(EventStream, ResponsesJSON):
         self.event({"type": "response.output_item.added", "output_index": index, "item": item})
         return index
 
-    def write(self, kind: str, value: Any) -> None:
+    def content(self, kind: str, value: Any) -> None:
         if kind == TEXT:
             index = self.item("message")
             if index < 0:
@@ -4766,10 +4774,6 @@ class ResponsesSSE(EventStream, ResponsesJSON):
             self.texts[index] = self.texts.get(index, "") + value["arguments"]
             self.event({"type": "response.function_call_arguments.delta", "item_id": self.items[index]["id"],
                         "output_index": index, "delta": value["arguments"]})
-        elif kind == PING:
-            self.heartbeat()
-        elif kind == DONE:
-            self.done(value)
 
     def call_id(self, value: Dict[str, Any]) -> str:
         calls = [item["item"]["call_id"] for item in self.items if item["type"] == "function_call"]

@@ -35,19 +35,26 @@ With FAKE_CLAUDE_LOG=<dir> every run writes <dir>/<pid>.json: argv, cwd,
 env (the OAuth token as a hash), stdin, the system prompt and how it ended.
 """
 
-import hashlib
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
-import uuid
 
-VERSION = "2.1.330"
+VERSION = "2.1.330"  # (hashlib, subprocess: imported where used; every spawn of a test pays its imports)
 DIRECTIVE = re.compile(r"<<fake (\{.*?\})>>", re.S)
 PLAN_RESET = 1795503600
+
+
+def new_hex(n=32):
+    """Random hex, as uuid4().hex gives (the uuid module costs every spawn its import time)."""
+    return os.urandom(16).hex()[:n]
+
+
+def new_uuid():
+    h = new_hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def log_run(record):
@@ -103,14 +110,14 @@ ALIASES = {"opus": "claude-opus-5-5", "sonnet": "claude-sonnet-5-5", "haiku": "c
 class Run:
     def __init__(self, opts, blocks, directive):
         self.opts, self.blocks, self.d = opts, blocks, directive
-        self.session = str(uuid.uuid4())
+        self.session = new_uuid()
         self.model = ALIASES.get(opts["model"], opts["model"])
         self.partial = "--include-partial-messages" in opts["flags"]
         self.oauth = bool(os.environ.get("CLAUDE_CODE_OAUTH_TOKEN"))
         self.turns = 0
 
     def base(self, **fields):
-        fields.update(session_id=self.session, uuid=str(uuid.uuid4()))
+        fields.update(session_id=self.session, uuid=new_uuid())
         return fields
 
     def init(self, mcp=None):
@@ -138,7 +145,7 @@ class Run:
             "id": message_id, "type": "message", "role": "assistant", "model": self.model,
             "content": [block], "stop_reason": None, "stop_sequence": None,
             "usage": self.usage(), "context_management": None},
-            timestamp="2026-11-24T04:25:12.410Z", request_id="req_fake" + uuid.uuid4().hex[:20]))
+            timestamp="2026-11-24T04:25:12.410Z", request_id="req_fake" + new_hex(20)))
 
     def pause(self):
         pace = self.d.get("pace_ms", 0)
@@ -151,7 +158,7 @@ class Run:
 
     def message(self, text, thinking=None, stop_reason="end_turn", drop=False):
         """Print one model message; return the text it streamed."""
-        message_id = "msg_fake" + uuid.uuid4().hex[:20]
+        message_id = "msg_fake" + new_hex(20)
         self.turns += 1
         if self.partial:
             out(self.base(type="system", subtype="status", status="requesting"))
@@ -288,7 +295,7 @@ def synthetic_error(run, kind):
             fields.update(api_error_status=status, api_error_type=error_type)
         api_error = None
     out(run.base(type="assistant", parent_tool_use_id=None, is_api_error_message=True,
-                 message={"id": str(uuid.uuid4()), "model": "<synthetic>", "role": "assistant",
+                 message={"id": new_uuid(), "model": "<synthetic>", "role": "assistant",
                           "stop_reason": "stop_sequence", "stop_sequence": "", "type": "message",
                           "usage": run.usage(0), "content": [{"type": "text", "text": text}]},
                  **fields))
@@ -304,7 +311,7 @@ def answer(run, text):
         run.message(text, d.get("thinking"), drop=True)
         out(run.base(type="system", subtype="api_retry", attempt=1, max_retries=1,
                      retry_delay_ms=500, error_status=None, error="unknown"))
-        message_id = "msg_fake" + uuid.uuid4().hex[:20]
+        message_id = "msg_fake" + new_hex(20)
         run.assistant(message_id, {"type": "text", "text": text})
         run.result(text)
         return 0
@@ -327,7 +334,7 @@ def tool_rounds(run, mcp, rounds, final, texts):
     done = "\n".join(texts).count('role="assistant"')
     results = []
     for number, calls in enumerate(rounds[done:], start=done + 1):
-        message_id = "msg_fake" + uuid.uuid4().hex[:20]
+        message_id = "msg_fake" + new_hex(20)
         run.turns += 1
         out(run.base(type="system", subtype="status", status="requesting"))
         run.stream({"type": "message_start", "message": {
@@ -335,7 +342,7 @@ def tool_rounds(run, mcp, rounds, final, texts):
             "stop_reason": None, "stop_sequence": None, "usage": run.usage()}}, message_id)
         pending, blocks = [], []
         for index, call in enumerate(calls):
-            tool_use_id = call.get("id") or f"toolu_{number}_{index}_{uuid.uuid4().hex[:8]}"
+            tool_use_id = call.get("id") or f"toolu_{number}_{index}_{new_hex(8)}"
             arguments = call.get("arguments", {})
             run.stream({"type": "content_block_start", "index": index, "content_block": {
                 "type": "tool_use", "id": tool_use_id, "name": "mcp__ocp__" + call["name"], "input": {}}},
@@ -390,7 +397,7 @@ def over_the_limit(run, text, limit):
     message = (f"API Error: Claude's response exceeded the {limit // 4} output token maximum. To "
                "configure this behavior, set the CLAUDE_CODE_MAX_OUTPUT_TOKENS environment variable.")
     out(run.base(type="assistant", parent_tool_use_id=None, is_api_error_message=True, error="max_output_tokens",
-                 message={"id": str(uuid.uuid4()), "model": "<synthetic>", "role": "assistant",
+                 message={"id": new_uuid(), "model": "<synthetic>", "role": "assistant",
                           "stop_reason": "stop_sequence", "stop_sequence": "", "type": "message",
                           "usage": run.usage(0), "content": [{"type": "text", "text": message}]}))
     run.result(message, is_error=True, stop_reason="stop_sequence", terminal="api_error",
@@ -484,7 +491,7 @@ class Mcp:
 
     def ask(self, message):
         """Send one MCP message to OCP; return its mcp_response (None if stdin closed)."""
-        request_id = str(uuid.uuid4())
+        request_id = new_uuid()
         out({"type": "control_request", "request_id": request_id, "request": {
             "subtype": "mcp_message", "server_name": "ocp", "message": message}})
         response = STDIN.response(request_id)
@@ -508,7 +515,7 @@ class Mcp:
 
     def call(self, name, arguments, tool_use_id):
         """Send tools/call; return the request id to wait on."""
-        request_id = str(uuid.uuid4())
+        request_id = new_uuid()
         self.next_id += 1
         out({"type": "control_request", "request_id": request_id, "request": {
             "subtype": "mcp_message", "server_name": "ocp", "message": {
@@ -541,6 +548,7 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     token = record["env"].get("CLAUDE_CODE_OAUTH_TOKEN")
     if token:
+        import hashlib
         record["env"]["CLAUDE_CODE_OAUTH_TOKEN"] = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
     if opts["system_file"]:
         with open(opts["system_file"]) as f:
@@ -581,6 +589,7 @@ def one_turn(opts, blocks, directive, record):
     directive.update(read_directive(match.group(1)) if match else {})
     log_run(record)
     if directive.get("grandchild"):
+        import subprocess
         record["grandchild"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
         log_run(record)
     if directive.get("stderr"):

@@ -29,6 +29,15 @@ def directive(**steer) -> str:
     return "<<fake " + json.dumps(steer) + ">>"
 
 
+def named_events(text):
+    """An SSE body with named events as [(event name, parsed data)]."""
+    out = []
+    for frame in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
 def wait_until(predicate, timeout=10.0, interval=0.02):
     """Poll `predicate` until it is true; fail the test at the deadline."""
     deadline = time.monotonic() + timeout

@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import ServerTest, directive
+from helpers import ServerTest, directive, named_events
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -15,12 +15,7 @@ class MessagesTest(ServerTest):
         return self.request("POST", path, body, headers=dict(HEADERS, **(headers or {})))
 
     def events(self, text):
-        """Parse an SSE body into [(event name, data)]."""
-        out = []
-        for frame in text.strip().split("\n\n"):
-            lines = dict(line.split(": ", 1) for line in frame.split("\n"))
-            out.append((lines["event"], json.loads(lines["data"])))
-        return out
+        return named_events(text)
 
 
 class Messages(MessagesTest):

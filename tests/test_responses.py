@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import ServerTest, directive
+from helpers import ServerTest, directive, named_events
 
 SHELL = {"type": "function", "name": "shell", "description": "Run a command",
          "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}}}}
@@ -13,11 +13,7 @@ class Responses(ServerTest):
         return self.request("POST", "/v1/responses", dict({"model": "claude-sonnet-5-5"}, **body))
 
     def events(self, text):
-        out = []
-        for frame in text.strip().split("\n\n"):
-            lines = dict(line.split(": ", 1) for line in frame.split("\n"))
-            out.append((lines["event"], json.loads(lines["data"])))
-        return out
+        return named_events(text)
 
     def test_a_string_input_and_instructions(self):
         status, _, body = self.respond({"input": "hi", "instructions": "Be brief.", "store": False,
