@@ -4770,7 +4770,9 @@ class ResponsesSSE(EventStream, ResponsesJSON):
                                     "call_id": value["id"], "name": value["name"], "arguments": "", "status": "in_progress"})
             self.delivered = self.delivered or not self.detached
         elif kind == TOOL_ARGS:
-            index = next(i for i, item in enumerate(self.items) if item["item"].get("call_id") == self.call_id(value))
+            index = next((i for i, item in enumerate(self.items) if item["item"].get("call_id") == self.call_id(value)), -1)
+            if index < 0:
+                return  # arguments of a call this response did not open
             self.texts[index] = self.texts.get(index, "") + value["arguments"]
             self.event({"type": "response.function_call_arguments.delta", "item_id": self.items[index]["id"],
                         "output_index": index, "delta": value["arguments"]})
@@ -5650,7 +5652,11 @@ class Hangups:
                 poller.register(fd, HANGUP)
             fired = [fd for fd, _ in poller.poll()]
         else:
-            fired = select.select([wake] + list(watched), [], [])[0]
+            try:
+                fired = select.select([wake] + list(watched), [], [])[0]
+            except (OSError, ValueError):  # a socket closed under us: the next pass has the new list
+                time.sleep(0.05)
+                return []
         if wake in fired:
             os.read(wake, 4096)
         return [fd for fd in fired if fd != wake]
