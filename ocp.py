@@ -3870,8 +3870,7 @@ class Outcome:
     finish: str = "end_turn"  # one of FINISHES
     usage: Usage = dataclasses.field(default_factory=Usage)
     error: Optional[ApiError] = None
-    ttft_ms: Optional[int] = None
-    duration_ms: int = 0
+    ttft_ms: Optional[int] = None  # (the request's whole duration is the ledger's to measure)
     overage: bool = False  # paid from the subscription's extra usage
     tool_calls: Tuple[Dict[str, Any], ...] = ()  # {"id", "name", "arguments"} when finish is tool_use
     stop_sequence: str = ""  # the one that ended the text, when finish is stop_sequence
@@ -4114,8 +4113,7 @@ class Turn:
     def outcome(self, **fields: Any) -> Outcome:
         """An Outcome with this turn's usage and timings; `fields` fill in the rest."""
         fields.setdefault("usage", self.usage_so_far())
-        return Outcome(ttft_ms=self.ttft_ms, duration_ms=int((time.monotonic() - self.started) * 1000),
-                       overage=self.overage, **fields)
+        return Outcome(ttft_ms=self.ttft_ms, overage=self.overage, **fields)
 
     def usage_so_far(self) -> Usage:
         """What this turn's runs used; for one cut short, what its model calls reported so far."""
@@ -5052,10 +5050,12 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
     server, caller, started = h.server, h.caller, time.monotonic()
     request = route.parse(h.read_json(), server.models, server.config)
     h.refused_model = request.model.id
-    if not model_allowed(caller, request.model) and route.refused_model_status != 403:
-        raise ApiError(route.refused_model_status, f"model: {request.model.id} is not one this key may use",
-                       "not_found_error", "model_not_allowed", "model")
-    check_model_allowed(caller, request.model)
+    try:
+        check_model_allowed(caller, request.model)
+    except ApiError as e:
+        if route.refused_model_status == e.status:
+            raise
+        raise ApiError(route.refused_model_status, e.message, "not_found_error", e.code, "model") from None
     request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
     system, blocks = messages_to_input(request, server.config, server.turn_secret,
                                        fetch_image if server.config.allow_image_urls else None)
@@ -5168,7 +5168,7 @@ def handle_key_revoke(h: Handler, ref: str) -> None:
 def handle_quota_get(h: Handler, ref: str) -> None:
     require_admin(h.caller)
     h.send_json(200, quota_report(h.server.store, h.server.store.find_key(ref),
-                                     h.server.wall(), h.server.config.tzinfo))
+                                  h.server.wall(), h.server.config.tzinfo))
 
 
 def handle_quota_set(h: Handler, ref: str) -> None:
@@ -5191,7 +5191,7 @@ def handle_usage(h: Handler) -> None:
         require_admin(caller)
         h.audit("usage.all", "*", h.path.partition("?")[2][:200])
     rows = h.server.store.usage_rows(None if everyone else (caller.key.id if caller.key else None),
-                                        None if everyone else caller.name, since, until, limit)
+                                     None if everyone else caller.name, since, until, limit)
     h.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
 
 
@@ -5205,18 +5205,18 @@ def handle_plan_usage(h: Handler) -> None:
         raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
     since = int(server.wall()) - int(hours) * 3600
     h.send_json(200, {"plan": plan_report(server.plan, server.wall()),
-                         "proxy": {"since": int(server.started_at),
-                                   "requests": server.store.status_counts(int(server.started_at)),
-                                   "cache": server.flights.snapshot()},
-                         "models": {"since": since, "data": server.store.model_stats(since)}})
+                      "proxy": {"since": int(server.started_at),
+                                "requests": server.store.status_counts(int(server.started_at)),
+                                "cache": server.flights.snapshot()},
+                      "models": {"since": since, "data": server.store.model_stats(since)}})
 
 
 def handle_status(h: Handler) -> None:
     require_admin(h.caller)
     server = h.server
     h.send_json(200, {"health": server.health(admin=True),
-                         "requests": dict(server.metrics.counts_by_status(), **server.runner.slots.snapshot()),
-                         "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall())})
+                      "requests": dict(server.metrics.counts_by_status(), **server.runner.slots.snapshot()),
+                      "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall())})
 
 
 def handle_settings(h: Handler) -> None:
@@ -5350,9 +5350,9 @@ def handle_cache_stats(h: Handler) -> None:
     require_admin(h.caller)
     server = h.server
     h.send_json(200, dict(server.store.cache_totals(server.wall()), **server.flights.snapshot(),
-                             enabled=bool(server.config.cache_ttl_ms), ttl_ms=server.config.cache_ttl_ms,
-                             max_entries=server.config.cache_max_entries,
-                             max_bytes=server.config.cache_max_bytes))
+                          enabled=bool(server.config.cache_ttl_ms), ttl_ms=server.config.cache_ttl_ms,
+                          max_entries=server.config.cache_max_entries,
+                          max_bytes=server.config.cache_max_bytes))
 
 
 def handle_cache_clear(h: Handler) -> None:
