@@ -364,15 +364,23 @@ def plan_codex(home, environ, models, api, steps):
     return [(os.path.join(folder, "ocp.config.toml"), text, 0o600, OWN)]
 
 
+def written_env(home, path):
+    """The `env` entries of a JSON settings file that an earlier connect put there (its manifest)."""
+    undo = load_manifest(home)["files"].get(path, {}).get("undo") or []
+    return {keys[-1] for keys in (undo[1] if len(undo) > 1 else []) if keys[:1] == ["env"]}
+
+
 def own_anthropic_settings(home, environ):
     """Where this user's Claude Code already talks to Anthropic its own way (a login or a key)."""
     found = [f"{name} is set in this environment" for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN",
                                                                "ANTHROPIC_BASE_URL") if environ.get(name)]
     if os.path.exists(os.path.join(home, ".claude", ".credentials.json")):
         found.append("Claude Code is logged in (~/.claude/.credentials.json)")
-    settings = load_json(os.path.join(home, ".claude", "settings.json"), {}) or {}
-    if any(k in (settings.get("env") or {}) for k in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL")
-           if (settings.get("env") or {}).get(k) and "ocp" not in str(settings["env"].get(k))):
+    path = os.path.join(home, ".claude", "settings.json")
+    env = (load_json(path, {}) or {}).get("env") or {}
+    ours = written_env(home, path)
+    if any(env.get(name) and name not in ours for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN",
+                                                           "ANTHROPIC_BASE_URL")):
         found.append("~/.claude/settings.json sets ANTHROPIC_*")
     return found
 
@@ -392,9 +400,9 @@ def plan_claude_code(home, environ, server, key, steps, force):
         steps.append(f"Claude Code: {path} is not plain JSON; set env ANTHROPIC_BASE_URL={server} yourself")
         return []
     env = data.setdefault("env", {})
-    ours, restore = [], []
+    ours, restore, earlier = [], [], written_env(home, path)
     for name, value in (("ANTHROPIC_BASE_URL", server), ("ANTHROPIC_AUTH_TOKEN", key)):
-        if name in env and env[name] != value:
+        if name in env and env[name] != value and name not in earlier:  # the owner's (with --force)
             restore.append([["env", name], env[name]])
         else:
             ours.append(["env", name])

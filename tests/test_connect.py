@@ -307,6 +307,10 @@ class ConnectCodexAndClaudeCode(ServerTest):
         settings = json.loads(self.read(".claude/settings.json"))
         self.assertEqual(settings["env"]["ANTHROPIC_BASE_URL"], f"http://127.0.0.1:{self.port}")
         self.assertEqual(settings["theme"], "dark")
+        code, out = self.connect(f"localhost:{self.port}")  # again: its own earlier entries are no owner's setting
+        self.assertNotIn("Claude Code: not configured", out)
+        self.assertEqual(json.loads(self.read(".claude/settings.json"))["env"]["ANTHROPIC_BASE_URL"],
+                         f"http://localhost:{self.port}")
         with open(os.path.join(self.home, ".codex/config.toml"), "a") as f:
             f.write("\n[projects.x]\ntrust_level = \"trusted\"\n")  # the owner's later edit
         code, out = self.connect("--uninstall")
