@@ -4689,6 +4689,7 @@ class ResponsesSSE(EventStream, ResponsesJSON):
         super().__init__(*args, **kwargs)
         self.sequence = 0
         self.items: List[Dict[str, Any]] = []  # open and closed output items, in order
+        self.call_items: Dict[int, int] = {}  # tool call index -> its output index
         self.texts: Dict[int, str] = {}  # output index -> text so far
 
     def event(self, data: Dict[str, Any]) -> None:
@@ -4764,20 +4765,15 @@ class ResponsesSSE(EventStream, ResponsesJSON):
                         "output_index": index, "summary_index": 0, "delta": value})
         elif kind == TOOL_CALL:
             self.item("function_call")
-            index = self.open_item({"type": "function_call", "id": self.ids.setdefault(value["id"], "fc_" + secrets.token_hex(12)),
-                                    "call_id": value["id"], "name": value["name"], "arguments": "", "status": "in_progress"})
+            self.call_items[value["index"]] = self.open_item({
+                "type": "function_call", "id": self.ids.setdefault(value["id"], "fc_" + secrets.token_hex(12)),
+                "call_id": value["id"], "name": value["name"], "arguments": "", "status": "in_progress"})
             self.delivered = self.delivered or not self.detached
-        elif kind == TOOL_ARGS:
-            index = next((i for i, item in enumerate(self.items) if item["item"].get("call_id") == self.call_id(value)), -1)
-            if index < 0:
-                return  # arguments of a call this response did not open
+        elif kind == TOOL_ARGS and value["index"] in self.call_items:
+            index = self.call_items[value["index"]]
             self.texts[index] = self.texts.get(index, "") + value["arguments"]
             self.event({"type": "response.function_call_arguments.delta", "item_id": self.items[index]["id"],
                         "output_index": index, "delta": value["arguments"]})
-
-    def call_id(self, value: Dict[str, Any]) -> str:
-        calls = [item["item"]["call_id"] for item in self.items if item["type"] == "function_call"]
-        return calls[value["index"]] if value["index"] < len(calls) else ""
 
     def done(self, outcome: Outcome) -> None:
         if outcome.error is not None:
