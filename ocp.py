@@ -65,7 +65,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers and readers only: importing typing costs the daemon 0.5 MB
-    from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+    from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -143,6 +143,9 @@ class Config:
     tool_park_max: int = 0  # 0: as many as max_concurrent
     tool_result_max_chars: int = 100_000
     plan_headers: bool = True
+    pool: bool = True
+    pool_max_mb: int = 0  # 0: derived from the machine's memory (default_pool_mb)
+    pool_idle_ttl_ms: int = 3_600_000
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
@@ -213,6 +216,9 @@ SETTINGS = (
     ("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", (0, 1024)),
     ("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int", (1000, 1 << 26)),
     ("plan_headers", "OCP_PLAN_HEADERS", "--plan-headers", "bool", None),
+    ("pool", "OCP_POOL", "--pool", "bool", None),
+    ("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", (0, 1 << 20)),
+    ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (1000, 7 * 24 * 3600 * 1000)),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -245,6 +251,9 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
     "tool_park_max": "parked CLIs kept at most (0 = CLAUDE_MAX_CONCURRENT); the oldest goes first",
     "tool_result_max_chars": "characters of one tool result passed to the model (longer: cut, marked)",
     "plan_headers": "send the plan's use to Claude Code and Codex (anthropic-ratelimit-unified-*, x-codex-*)",
+    "pool": "keep idle CLI processes warm for the next request, and conversations in their process",
+    "pool_max_mb": "MiB of memory idle warm CLIs may use (0 = an eighth of the machine's, at least 256)",
+    "pool_idle_ttl_ms": "milliseconds an idle warm CLI is kept",
 }
 
 
@@ -1456,6 +1465,7 @@ class Job:
     request_id: str = ""
     owner: str = ""  # who asked (a key name): shown by GET /sessions
     tools: Tuple[Dict[str, Any], ...] = ()  # the client's function tools: served as MCP server "ocp"
+    account: str = ""  # the API key it runs for (its id): a pooled CLI never serves another
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1507,9 +1517,10 @@ def claude_argv(binary: str, job: Job, system_arg: Tuple[str, str], tools: str =
     return argv
 
 
-def stdin_line(blocks: Tuple[Dict[str, Any], ...]) -> bytes:
-    """Return the one stream-json user line the CLI reads from stdin."""
-    message = {"type": "user", "message": {"role": "user", "content": list(blocks)}}
+def stdin_line(blocks: Union[str, Tuple[Dict[str, Any], ...]]) -> bytes:
+    """Return the one stream-json user line the CLI reads from stdin (a str: a command, /clear)."""
+    content = blocks if isinstance(blocks, str) else list(blocks)
+    message = {"type": "user", "message": {"role": "user", "content": content}}
     return json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
@@ -1668,6 +1679,14 @@ class Slots:
         finally:
             if not taken:
                 self._give_up(turn)
+
+    def try_take(self) -> bool:
+        """A slot now if one is free and nobody waits (the pool's speculative spawns), else False."""
+        with self._lock:
+            if self.closed or self._running >= self.limit or self._waiting:
+                return False
+            self._running += 1
+            return True
 
     def _give_up(self, turn: SlotTurn) -> None:
         with self._lock:
@@ -2138,36 +2157,85 @@ class Lease:
     """
 
     def __init__(self, runner: "Runner", job: Job, cancelled: Callable[[], bool],
-                 on_control: Optional[Callable[[ClaudeProcess, Dict[str, Any]], None]] = None):
+                 on_control: Optional[Callable[[ClaudeProcess, Dict[str, Any]], None]] = None,
+                 adopt: Optional["Lease"] = None):
         self.runner, self.job, self.cancelled = runner, job, cancelled
         self.on_control = on_control
+        self.adopt = adopt  # a pooled CLI holding this request's conversation: it answers, nothing starts
         self.proc: Optional[ClaudeProcess] = None
         self.run_dir = ""
         self.deadline = 0.0
         self.has_slot = False
         self.has_refresh_lock = False
         self.held: List[Dict[str, Any]] = []  # events read after a `result`, for the next exchange
-        self.ended = ""  # "released" | "killed" once it is over
+        self.ended = ""  # "released" | "killed" | "handed over" (to a lease that adopted its CLI)
+        self.key = ""  # spawn_key() when its CLI may be pooled, else ""
+        self.spawn_job, self.creds = job, Credentials("none")  # what its CLI was started for, and as whom
+        self.turns = 0  # user lines its CLI was sent (a CLI grows with each: POOL_MAX_TURNS)
+        self.spent_usd = 0.0  # its CLI's total_cost_usd so far
+        self.pooled = ""  # while idle in the pool: "warm" (no conversation) or "conversation"
 
     def acquire(self) -> Iterator[None]:
-        """Take a slot, then start the CLI; yields while queued. Raises 429/503/504/ClientGone."""
+        """Take a slot, then a pooled CLI or a new one; yields while queued. Raises 429/503/504/ClientGone."""
         runner = self.runner
         if not runner.claude:
             raise claude_missing()
-        yield from self._take_slot()
+        try:
+            yield from self._take_slot()
+        except BaseException:
+            if self.adopt is not None:  # the conversation's CLI goes with the request that claimed it
+                self.adopt.kill()
+            raise
         try:
             creds = resolve_credentials(runner.config.environ, runner.config.user_home, runner.wall(),
                                         keychain=macos_keychain)
-            if not creds.isolated:  # one child at a time may refresh the owner's login
-                self._take_refresh_lock()
-            self.run_dir = tempfile.mkdtemp(prefix=f"run-{self.job.request_id}-", dir=runner.config.spawn_dir)
-            os.mkdir(os.path.join(self.run_dir, "tmp"), 0o700)
-            self.proc = runner.spawn(self, creds)
-            if self.cancelled():  # the request left while it started (Turn.cancel found no process yet)
-                self.proc.cancel("client")
+            key = spawn_key(self.job, creds) if creds.isolated and runner.pool.enabled() else ""
+            warm = self.adopt or runner.pool.take(key)
+            if warm is not None:
+                self._adopt(warm)
+            else:
+                self.start(creds, key)
         except BaseException:
+            if self.adopt is not None and not self.adopt.ended:
+                self.adopt.kill()
             self.kill()
             raise
+
+    def start(self, creds: Credentials, key: str = "") -> None:
+        """Start a new CLI for this lease (it holds a slot)."""
+        runner = self.runner
+        self.key, self.creds = key, creds
+        if not creds.isolated:  # one child at a time may refresh the owner's login
+            self._take_refresh_lock()
+        self.run_dir = tempfile.mkdtemp(prefix=f"run-{self.job.request_id}-", dir=runner.config.spawn_dir)
+        os.mkdir(os.path.join(self.run_dir, "tmp"), 0o700)
+        self.proc = runner.spawn(self, creds)
+        if self.cancelled():  # the request left while it started (Turn.cancel found no process yet)
+            self.proc.cancel("client")
+
+    def _adopt(self, warm: "Lease") -> None:
+        """Take over a pooled CLI: it answers this lease's request now, and the pooled lease ends."""
+        self.proc, self.run_dir, self.held, self.turns = warm.proc, warm.run_dir, warm.held, warm.turns
+        self.spent_usd = warm.spent_usd
+        self.key, self.spawn_job, self.creds = warm.key, warm.spawn_job, warm.creds
+        self.proc.on_control = self.on_control or refuse_control
+        self.runner.hand_over(warm, self)
+        if self.cancelled():
+            self.proc.cancel("client")
+
+    def reset(self) -> bool:
+        """/clear: the CLI forgets its conversation. Measured on 2.1.330 (stream_input_clear,
+        warm_sdk_turns): conversation_reset, init and a result, no upstream request, ~20 ms.
+        False (the caller ends the CLI) when it did not answer exactly so."""
+        self.deadline = self.runner.clock() + RESET_TIMEOUT_S
+        seen = set()
+        try:
+            for event in self.exchange(CLEAR_COMMAND):
+                if event is not HEARTBEAT:
+                    seen.add(event.get("type"))
+        except (ApiError, ClientGone):
+            return False
+        return {"conversation_reset", "result"} <= seen and not seen & {"assistant", "stream_event"}
 
     def _take_slot(self) -> Iterator[None]:
         runner = self.runner
@@ -2186,7 +2254,7 @@ class Lease:
                 raise timeout_error()
         self.has_refresh_lock = True
 
-    def exchange(self, blocks: Optional[Tuple[Dict[str, Any], ...]] = None) -> Iterator[Any]:
+    def exchange(self, blocks: Union[None, str, Tuple[Dict[str, Any], ...]] = None) -> Iterator[Any]:
         """Send one user turn (when given) and yield events up to and including `result`.
 
         Ends early at EOF (the CLI exited: the caller sees no `result`). Raises
@@ -2196,6 +2264,7 @@ class Lease:
         proc = self.proc
         if blocks is not None:
             proc.send(stdin_line(blocks))
+            self.turns += 1
         heartbeat_s = self.runner.config.heartbeat_ms / 1000
         clock = self.runner.clock
         last = clock()
@@ -2222,10 +2291,20 @@ class Lease:
                 return
             last = clock()
             for index, event in enumerate(events):
-                yield event
                 if event.get("type") == "result":
+                    yield self.own_cost(event)
                     self.held = events[index + 1:]  # what follows belongs to the next exchange
                     return
+                yield event
+
+    def own_cost(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        """The result with this exchange's cost: a CLI's total_cost_usd sums every turn it
+        answered since it started or was last reset (measured: stream_input_multiturn, _clear)."""
+        total = result.get("total_cost_usd")
+        if not isinstance(total, (int, float)):
+            return result
+        spent, self.spent_usd = self.spent_usd, float(total)
+        return dict(result, total_cost_usd=total - spent if total >= spent else total)
 
     def cancel(self, reason: str) -> None:
         """Ask the running CLI to end (another thread may call this); the exchange then raises."""
@@ -2246,6 +2325,16 @@ class Lease:
         """The CLI answered: close its stdin, let it exit, clean up. False if already ended."""
         return self._end("released")
 
+    def keep(self, conversation: str) -> bool:
+        """The CLI answered: pool it, holding `conversation` for its follow-up ("": not worth
+        keeping), or release it; either way its configuration gets a warm CLI again (spawn-after-use).
+        True when it was pooled."""
+        kept = bool(conversation) and self.runner.pool.keep(self, conversation)
+        if not kept:
+            self.release()
+        self.runner.pool.replenish(self)
+        return kept
+
     def kill(self, reason: str = "") -> bool:
         """End the CLI now (stop sequence, max_tokens, error, hang-up). False if already ended."""
         if self.proc is not None and not self.ended:
@@ -2261,8 +2350,251 @@ class Lease:
         return True
 
 
+# -- the warm pool ---------------------------------------------------------------------------
+
+CLEAR_COMMAND = "/clear"  # the CLI's own command: it forgets the conversation (no upstream request)
+RESET_TIMEOUT_S = 10.0
+POOL_RSS_GUESS_MB = 180.0  # a warm CLI 2.1.330 before one is measured (bench/pool.py: 170–190 MiB)
+POOL_MAX_TURNS = 100  # a CLI's memory grows ~0.6 MiB a turn (measured): after this many it is not kept
+
+
+def machine_memory_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_pool_mb(memory_mb: int) -> int:
+    """The pool's budget unless OCP_POOL_MAX_MB says: an eighth of the machine's memory, at least
+    256 MiB — one warm CLI on a 1 GB Pi, two on 4 GB, about ten on 16 GB."""
+    return max(256, memory_mb // 8)
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory in MiB (Linux /proc, else ps); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return 0.0
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    try:
+        out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        return int(out.stdout.strip() or 0) / 1024
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0.0
+
+
+def spawn_key(job: Job, creds: Credentials) -> str:
+    """Everything a CLI is fixed to when it starts (argv, environment, whose key): a pooled CLI
+    serves only a job with the same spawn key."""
+    text = json.dumps([job.model, job.system_prompt, job.tools, job.effort, job.max_tokens, job.account,
+                       creds.source, creds.token], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass
+class Warm:
+    """An idle CLI in the pool."""
+
+    lease: Lease
+    conversation: str  # "" when it holds none (fresh, or reset)
+    since: float  # idle since (monotonic)
+    rss_mb: float
+
+
+class Pool:
+    """Idle CLI processes kept for the next request, within a memory budget (OCP_POOL_MAX_MB).
+
+    A CLI comes here *warm* — spawned after a use of its configuration (`replenish`)
+    and warmed with /clear — or *holding the conversation* its last turn ended,
+    for the follow-up that continues it (`claim`). `take(key)` lends a warm one,
+    else resets (/clear) the least recently used holder with that spawn key; the
+    key includes the API key, so nothing crosses keys. Idle ones end after
+    OCP_POOL_IDLE_TTL; over the budget the least recently used go first. A pooled
+    CLI holds no slot and makes no upstream request. Thread-safe.
+    """
+
+    def __init__(self, runner: "Runner"):
+        self.runner = runner
+        self.may_spawn: Callable[[], bool] = lambda: True  # the server's word: not while the plan is held
+        self.memory_mb = machine_memory_mb()
+        self._cond = threading.Condition()
+        self._entries: List[Warm] = []  # least recently used first
+        self._spawning: Dict[str, float] = {}  # spawn key -> MiB guessed, while a warm CLI starts
+        self._thread: Optional[threading.Thread] = None
+        self.closed = False
+        self.largest_mb = 0.0  # the largest pooled CLI measured: the guess for the next one
+        self.hits = {"warm": 0, "reset": 0, "continued": 0}
+        self.evictions = {"budget": 0, "idle": 0, "exited": 0, "cleared": 0}
+        self.misses = self.spawned = 0
+
+    def enabled(self) -> bool:
+        return self.runner.config.pool and not self.closed
+
+    def budget_mb(self) -> int:
+        return self.runner.config.pool_max_mb or default_pool_mb(self.memory_mb)
+
+    # -- lending -------------------------------------------------------------
+
+    def take(self, key: str) -> Optional[Lease]:
+        """A pooled CLI for a new conversation with spawn key `key`: a warm one, else the least
+        recently used holder of another conversation, reset; None when there is neither."""
+        if not key:
+            return None
+        while True:
+            with self._cond:
+                same = [w for w in self._entries if w.lease.key == key]
+                if not same:
+                    self.misses += 1
+                    return None
+                found = min(same, key=lambda w: bool(w.conversation))  # warm first, else the oldest holder
+                self._entries.remove(found)
+                self.hits["reset" if found.conversation else "warm"] += 1
+            lease = found.lease
+            if lease.proc.popen.poll() is None and (not found.conversation or lease.reset()):
+                lease.pooled = ""
+                return lease
+            log.warning("a pooled CLI had exited or did not confirm /clear: ended")
+            lease.kill("reset")
+
+    def holds(self, conversation: str, account: str) -> bool:
+        with self._cond:
+            return any(w.conversation == conversation and w.lease.job.account == account for w in self._entries)
+
+    def claim(self, conversation: str, account: str) -> Optional[Lease]:
+        """The CLI holding `conversation` for `account`, taken out of the pool; None if there is none."""
+        with self._cond:
+            for warm in self._entries:
+                if warm.conversation == conversation and warm.lease.job.account == account:
+                    self._entries.remove(warm)
+                    self.hits["continued"] += 1
+                    warm.lease.pooled = ""
+                    return warm.lease
+        return None
+
+    # -- keeping -------------------------------------------------------------
+
+    def keep(self, lease: Lease, conversation: str) -> bool:
+        """Pool an idle CLI; False (the caller ends it) when the pool is off or closed, the CLI
+        may not be pooled, is worn or exited, or alone exceeds the budget. Older ones make room."""
+        if not (self.enabled() and lease.key and lease.turns < POOL_MAX_TURNS and lease.proc.popen.poll() is None):
+            return False
+        rss, budget = rss_mb(lease.proc.pid), self.budget_mb()
+        with self._cond:
+            if self.closed or rss > budget:
+                return False
+            self.largest_mb = max(self.largest_mb, rss)
+            lease.park()
+            lease.pooled = "conversation" if conversation else "warm"
+            self._entries.append(Warm(lease, conversation, self.runner.clock(), rss))
+            evicted = []
+            while self._used_mb() > budget and len(self._entries) > 1:
+                evicted.append(self._entries.pop(0))
+            self.evictions["budget"] += len(evicted)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._reap, name="ocp-pool", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        for warm in evicted:
+            warm.lease.kill("evicted")
+        return True
+
+    def _used_mb(self) -> float:
+        return sum(w.rss_mb for w in self._entries) + sum(self._spawning.values())
+
+    def replenish(self, lease: Lease) -> None:
+        """Spawn-after-use: a lease of this configuration ended, so a warm CLI for it starts in the
+        background — unless one is there or starting, it would not fit, a slot is not free,
+        or the plan is held (a warm CLI would wait for nothing)."""
+        if not (lease.key and self.enabled() and self.may_spawn() and not self.runner.stopping):
+            return
+        guess = self.largest_mb or POOL_RSS_GUESS_MB
+        with self._cond:
+            if lease.key in self._spawning or any(w.lease.key == lease.key and not w.conversation
+                                                  for w in self._entries):
+                return
+            if self._used_mb() + guess > self.budget_mb():
+                return
+            self._spawning[lease.key] = guess
+        threading.Thread(target=self._warm_up, args=(lease.spawn_job, lease.creds, lease.key),
+                         name="ocp-pool-spawn", daemon=True).start()
+
+    def _warm_up(self, job: Job, creds: Credentials, key: str) -> None:
+        runner = self.runner
+        job = dataclasses.replace(job, blocks=(), request_id="warm-" + secrets.token_hex(4))
+        lease = runner.lease(job, lambda: self.closed, ToolBridge(job.tools) if job.tools else None)
+        kept = False
+        try:
+            if runner.slots.try_take():  # a busy machine gets no speculative spawn
+                lease.has_slot = True
+                lease.start(creds, key)
+                kept = lease.reset() and self.keep(lease, "")
+        except (ApiError, OSError) as e:
+            log.info("no warm CLI: %s", getattr(e, "message", None) or e)
+        finally:
+            with self._cond:
+                self._spawning.pop(key, None)
+                self.spawned += kept
+            if not kept:
+                lease.kill()
+
+    # -- ending --------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """End the CLIs idle past the TTL and forget those that exited; measure the rest."""
+        while True:
+            with self._cond:
+                now, ttl = self.runner.clock(), self.runner.config.pool_idle_ttl_ms / 1000
+                gone = [w for w in self._entries if w.since + ttl <= now or w.lease.proc.popen.poll() is not None]
+                for warm in gone:
+                    self._entries.remove(warm)
+                    self.evictions["idle" if warm.since + ttl <= now else "exited"] += 1
+                entries = list(self._entries)
+            for warm in gone:
+                warm.lease.kill("idle")
+            for warm in entries:
+                warm.rss_mb = rss_mb(warm.lease.proc.pid) or warm.rss_mb
+            with self._cond:
+                if self.closed:
+                    return
+                if not self._entries:
+                    self._cond.wait()
+                    continue
+                wait = min(w.since + ttl for w in self._entries) - self.runner.clock()
+                self._cond.wait(min(max(wait, 0.05), 5.0))
+
+    def clear(self, reason: str = "cleared") -> int:
+        """End every pooled CLI (DELETE /sessions, shutdown); return how many."""
+        with self._cond:
+            entries, self._entries = self._entries, []
+            self.evictions["cleared"] += len(entries)
+            self._cond.notify()
+        for warm in entries:
+            warm.lease.kill(reason)
+        return len(entries)
+
+    def close(self) -> int:
+        """Shutdown: nothing more is pooled or spawned, every pooled CLI ends."""
+        with self._cond:
+            self.closed = True
+        return self.clear("shutdown")
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._cond:
+            return {"warm": sum(1 for w in self._entries if not w.conversation),
+                    "conversations": sum(1 for w in self._entries if w.conversation),
+                    "starting": len(self._spawning), "rss_mb": round(sum(w.rss_mb for w in self._entries), 1),
+                    "budget_mb": self.budget_mb() if self.runner.config.pool else 0,
+                    "hits": dict(self.hits), "misses": self.misses, "spawned": self.spawned,
+                    "evictions": dict(self.evictions)}
+
+
 class Runner:
-    """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set."""
+    """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set, warm pool."""
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time):
@@ -2279,6 +2611,7 @@ class Runner:
         self.sweeper = Sweeper()
         self.keeper = Keeper()
         self.stopping = False
+        self.pool = Pool(self)
 
     # -- setup ---------------------------------------------------------------
 
@@ -2307,7 +2640,8 @@ class Runner:
         now = time.monotonic()
         with self.live_lock:
             return [{"id": rid, "pid": lease.proc.pid, "key": lease.job.owner, "model": lease.job.model,
-                     "age_s": round(now - lease.proc.started, 1), "parked": not lease.has_slot}
+                     "age_s": round(now - lease.proc.started, 1), "parked": not lease.has_slot,
+                     "state": lease.pooled or ("running" if lease.has_slot else "parked")}
                     for rid, lease in self._live.items()]
 
     def cancel(self, run_id: str, reason: str = "operator") -> bool:
@@ -2338,12 +2672,22 @@ class Runner:
     # -- leases --------------------------------------------------------------
 
     def lease(self, job: Job, cancelled: Callable[[], bool] = lambda: False,
-              on_control: Optional[Callable[[ClaudeProcess, Dict[str, Any]], None]] = None) -> Lease:
+              on_control: Optional[Callable[[ClaudeProcess, Dict[str, Any]], None]] = None,
+              adopt: Optional[Lease] = None) -> Lease:
         """A lease for `job`: nothing starts until its `acquire()`. `cancelled()` is the
-        request's word that its client left (checked while queued)."""
+        request's word that its client left (checked while queued); `adopt` is a CLI claimed
+        from the pool that holds the request's conversation."""
         with self.live_lock:
             self.leases_made += 1
-        return Lease(self, job, cancelled, on_control)
+        return Lease(self, job, cancelled, on_control, adopt)
+
+    def hand_over(self, old: Lease, new: Lease) -> None:
+        """`new` adopted `old`'s CLI (from the pool): the live set names the new request, `old` ends."""
+        with self.live_lock:
+            self._live.pop(old.job.request_id or str(old.proc.pid), None)
+            self._live[new.job.request_id or str(new.proc.pid)] = new
+            old.ended = "handed over"
+            self.leases_ended += 1
 
     def spawn(self, lease: Lease, creds: Credentials) -> ClaudeProcess:
         """Start the lease's CLI in its run dir and register it (live set, keeper, run dir record)."""
@@ -3140,16 +3484,26 @@ def messages_to_input(request: TurnRequest, config: Config, secret: bytes,
         urls = [b["url"] for b in turn["content"] if b["type"] == "image"]
         urls += [url for b in turn["content"] if b["type"] == "tool_result" for url in b.get("images", ())]
         blocks += [image_block(url, config, fetch) for url in urls]
-    for block in (final or {}).get("content", ()):
-        if block["type"] == "image":
-            blocks.append(image_block(block["url"], config, fetch))
-        elif block["type"] == "text":
-            blocks.append({"type": "text", "text": block["text"]})
+    blocks = user_blocks((final,) if final else (), config, fetch, blocks)
+    return compose_system(list(request.system), tag, request, config), tuple(drop_empty_text(blocks))
+
+
+def user_blocks(turns: Tuple[Dict[str, Any], ...], config: Config, fetch: Optional[Callable] = None,
+                blocks: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """The CLI's content blocks for the user's newest turns (text as it is, images as base64),
+    after `blocks`; 400 past OCP_MAX_IMAGES in all."""
+    blocks = list(blocks or [])
+    for turn in turns:
+        for block in turn["content"]:
+            if block["type"] == "image":
+                blocks.append(image_block(block["url"], config, fetch))
+            elif block["type"] == "text":
+                blocks.append({"type": "text", "text": block["text"]})
     images = sum(1 for b in blocks if b["type"] == "image")
     if images > config.max_images:
         raise bad_request(f"{images} images in one request; the limit is {config.max_images}",
                           "messages", "too_many_images")
-    return compose_system(list(request.system), tag, request, config), tuple(drop_empty_text(blocks))
+    return blocks
 
 
 def drop_empty_text(blocks: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -3183,9 +3537,15 @@ def prompt_chars(system: str, blocks: Tuple[Dict[str, Any], ...]) -> int:
     return len(system) + sum(len(b.get("text", "")) for b in blocks)
 
 
-def check_prompt_budget(system: str, blocks, request: TurnRequest, config: Config) -> None:
+def conversation_chars(request: TurnRequest) -> int:
+    """The size of a conversation's words (what a CLI holding it has seen, near enough)."""
+    return sum(map(len, request.system)) + sum(len(b.get("text") or b.get("content") or b.get("arguments") or "")
+                                              for turn in request.turns for b in turn["content"])
+
+
+def check_prompt_budget(size: int, request: TurnRequest, config: Config) -> None:
+    """400 context_length_exceeded for a prompt of `size` characters over the budget."""
     budget = config.max_prompt_chars or request.model.context_window * CHARS_PER_TOKEN
-    size = prompt_chars(system, blocks)
     if size > budget:
         raise ApiError(400, f"The prompt is {size} characters; the limit for {request.model.id} "
                        f"is {budget}.", "invalid_request_error", "context_length_exceeded", "messages")
@@ -4069,6 +4429,43 @@ def tool_result(text: str, limit: int, is_error: bool = False, images: Tuple[str
     return result
 
 
+# -- conversations that stay in their CLI ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Followup:
+    """A request that may continue a conversation a pooled CLI holds: send it only `new`."""
+
+    conversation: str  # the tag the CLI was pooled under (conversation_tag)
+    new: Tuple[Dict[str, Any], ...]  # the user turns after the last answer
+
+
+def conversation_shape(request: TurnRequest) -> str:
+    """What must not change for a conversation to go on in its CLI: the spawn's inputs and the
+    system prompt's parts (stop sequences are OCP's own and may change)."""
+    return canonical_hash([request.model.id, request.system, request.tools, request.tool_choice,
+                           request.parallel_tool_calls, request.effort, request.max_tokens])
+
+
+def conversation_tag(request: TurnRequest, turns: Tuple[Dict[str, Any], ...], answer: str) -> str:
+    """Who, what shape, and every turn up to and including the answer that ended it."""
+    return canonical_hash([request.owner, conversation_shape(request), list(turns), answer.strip()])
+
+
+def conversation_followup(request: TurnRequest) -> Optional[Followup]:
+    """The conversation this request would continue: it ends in new user turns after a plain
+    answer (no tool calls; those rounds continue through Parks). None otherwise."""
+    turns = request.turns
+    start = len(turns)
+    while start and turns[start - 1]["role"] == "user":
+        start -= 1
+    if start in (0, len(turns)) or turns[start - 1]["role"] != "assistant" or request.response_format != "text":
+        return None
+    answer = turns[start - 1]["content"]
+    if any(b["type"] != "text" for b in answer):
+        return None
+    return Followup(conversation_tag(request, turns[:start - 1], "".join(b["text"] for b in answer)), turns[start:])
+
+
 class Turn:
     """One request answered by the CLI, as neutral events (`events()`).
 
@@ -4080,10 +4477,12 @@ class Turn:
 
     def __init__(self, request: TurnRequest, job: Job, runner: Runner, plan: PlanLimits,
                  config: Config, secret: bytes, wall: Callable[[], float] = time.time,
-                 parks: Optional[Parks] = None, resume: Optional[Park] = None):
+                 parks: Optional[Parks] = None, resume: Optional[Park] = None,
+                 followup: Optional[Followup] = None):
         self.request, self.job, self.runner, self.plan = request, job, runner, plan
         self.config, self.secret, self.wall = config, secret, wall
         self.parks, self.resume = parks, resume  # client tools: where rounds park, the one this continues
+        self.followup = followup  # a pooled CLI holds the conversation: `job` has only the new turns
         self.bridge = resume.bridge if resume else (ToolBridge(job.tools) if job.tools else None)
         self.started = time.monotonic()
         self.ttft_ms: Optional[int] = None
@@ -4187,11 +4586,12 @@ class Turn:
         `collected` (and out as events when `forward`); the run ends early at a stop
         sequence or max_tokens (the CLI would go on: it is killed), or parks at a round
         of client tool calls."""
+        held, job = self.conversation_cli(job)
         answer = Answer(self.bridge.client_names if self.bridge else None)
         self.answers.append(answer)
         ending = "kill"
         lease = self._lease = self.resume.lease if self.resume else self.runner.lease(
-            job, lambda: self.cancelled, self.bridge)
+            job, lambda: self.cancelled, self.bridge, held)
         try:
             blocks = yield from self._start(lease, job)
             for event in lease.exchange(blocks):
@@ -4213,6 +4613,30 @@ class Turn:
             self._end(lease, answer, ending)
         self._settle(answer)
         return answer
+
+    def conversation_cli(self, job: Job) -> Tuple[Optional[Lease], Job]:
+        """For a follow-up's first run: the pooled CLI holding its conversation, or — when it went
+        meanwhile (evicted, expired, another request took it) — no CLI and the whole history."""
+        followup, self.followup = self.followup, None
+        held = self.runner.pool.claim(followup.conversation, self.request.owner) if followup else None
+        if held is not None and held.proc.popen.poll() is not None:
+            held.kill()
+            held = None
+        if followup is None or held is not None:
+            return held, job
+        fetch = fetch_image if self.config.allow_image_urls else None
+        system, blocks = messages_to_input(self.request, self.config, self.secret, fetch)
+        check_prompt_budget(prompt_chars(system, blocks), self.request, self.config)
+        self.job = dataclasses.replace(job, system_prompt=system, blocks=blocks)
+        return None, self.job
+
+    def conversation_after(self, answer: Answer) -> str:
+        """The tag its CLI is pooled under for the follow-up; "" when the conversation may not go
+        on there (structured output is rewritten, legacy calls carry no ids, a cut answer)."""
+        request = self.request
+        if request.response_format != "text" or request.legacy_functions or answer.finish() != "end_turn":
+            return ""
+        return conversation_tag(request, request.turns, answer.text)
 
     def _start(self, lease: Lease, job: Job) -> Iterator[Tuple[str, Any]]:
         """Get the lease going; return the user turn to send (None: a parked CLI continues)."""
@@ -4236,7 +4660,7 @@ class Turn:
     def _end(self, lease: Lease, answer: Answer, ending: str) -> None:
         self._lease = None  # the run is over: a hang-up seen from now on must not reach a parked CLI
         if ending == "release":
-            lease.release()
+            lease.keep(self.conversation_after(answer))
         elif ending == "kill" or self.parks is None or self.request.legacy_functions:
             lease.kill()  # (legacy function calls carry no ids to continue a CLI by)
         else:
@@ -5053,13 +5477,20 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
             raise
         raise ApiError(route.refused_model_status, e.message, "not_found_error", e.code, "model") from None
     request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
-    system, blocks = messages_to_input(request, server.config, server.turn_secret,
-                                       fetch_image if server.config.allow_image_urls else None)
-    check_prompt_budget(system, blocks, request, server.config)
+    fetch = fetch_image if server.config.allow_image_urls else None
+    followup = conversation_followup(request) if server.runner.pool.enabled() else None
+    if followup is not None and server.runner.pool.holds(followup.conversation, request.owner):
+        system, blocks = "", tuple(drop_empty_text(user_blocks(followup.new, server.config, fetch)))
+        check_prompt_budget(conversation_chars(request), request, server.config)
+    else:
+        followup = None
+        system, blocks = messages_to_input(request, server.config, server.turn_secret, fetch)
+        check_prompt_budget(prompt_chars(system, blocks), request, server.config)
     if request.user:
         log.info("%s user=%s model=%s", h.request_id, request.user[:64], request.model.id)
     tools = request.tools if request.tool_choice != "none" else ()
-    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name, tools)
+    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name, tools,
+              request.owner)
     if request.tools_ignored:
         h.response_headers["x-ocp-tools-ignored"] = "true"
     encoder = route.encoder(request)(h, request, int(server.wall()), lambda: server.plan.in_overage(server.wall()))
@@ -5077,7 +5508,7 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         server.plan.check(server.wall(), server.config.plan_only)
         resume = tool_followup(request, server.parks) if tools else None
         turn = ticket.turn = Turn(request, job, server.runner, server.plan, server.config, server.turn_secret,
-                                  server.wall, server.parks, resume)
+                                  server.wall, server.parks, resume, followup)
         ticket.job = job
         if key:
             h.response_headers["x-ocp-cache"] = "miss"
@@ -5254,9 +5685,10 @@ def handle_sessions(h: Handler) -> None:
 
 def handle_sessions_clear(h: Handler) -> None:
     require_admin(h.caller)
+    pooled = h.server.runner.pool.clear()
     cancelled = h.server.runner.cancel_all()
-    h.audit("sessions.clear", "*", str(cancelled))
-    h.send_json(200, {"cancelled": cancelled})
+    h.audit("sessions.clear", "*", str(cancelled + pooled))
+    h.send_json(200, {"cancelled": cancelled, "pooled": pooled})
 
 
 def handle_session_cancel(h: Handler, run_id: str) -> None:
@@ -5682,6 +6114,7 @@ class Server(ThreadingHTTPServer):
         self.flights = Flights()
         self.ledger = Ledger(self)
         self.parks = Parks()
+        self.runner.pool.may_spawn = lambda: self.plan.snapshot()["hold_until"] <= self.wall()
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()
@@ -5769,6 +6202,24 @@ class Server(ThreadingHTTPServer):
         for name, n in parks.items():
             gauges.append(("ocp_tool_rounds_total", "counter", "Client tool rounds: parked, resumed, fell back, "
                            "expired, evicted, exited while parked.", {"event": name}, n))
+        pool = self.runner.pool.snapshot()
+        for state in ("warm", "conversations"):
+            gauges.append(("ocp_pool_processes", "gauge", "Idle CLIs in the warm pool: warm, or holding a conversation.",
+                           {"state": state.rstrip("s")}, pool[state]))
+        gauges.append(("ocp_pool_rss_bytes", "gauge", "Resident memory of the pool's idle CLIs.", {},
+                       int(pool["rss_mb"] * (1 << 20))))
+        gauges.append(("ocp_pool_budget_bytes", "gauge", "The pool's memory budget (0: the pool is off).", {},
+                       pool["budget_mb"] << 20))
+        for kind, n in pool["hits"].items():
+            gauges.append(("ocp_pool_hits_total", "counter", "Requests answered by a pooled CLI: warm, reset "
+                           "with /clear, or holding the request's conversation.", {"kind": kind}, n))
+        gauges.append(("ocp_pool_misses_total", "counter", "Requests that found no pooled CLI and started one.", {},
+                       pool["misses"]))
+        gauges.append(("ocp_pool_spawns_total", "counter", "Warm CLIs started after a use of their configuration.",
+                       {}, pool["spawned"]))
+        for reason, n in pool["evictions"].items():
+            gauges.append(("ocp_pool_evictions_total", "counter", "Pooled CLIs ended: over the budget, idle past the "
+                           "TTL, exited, cleared.", {"reason": reason}, n))
         for name, n in self.flights.snapshot().items():
             gauges.append(("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.",
                            {"event": name}, n))
@@ -5812,6 +6263,7 @@ class Server(ThreadingHTTPServer):
             body["detail"] = {
                 "claude": self.runner.claude, "claude_version": self.runner.version() or None,
                 "slots": self.runner.slots.snapshot(), "running": self.runner.live(), "tools": self.parks.snapshot(),
+                "pool": self.runner.pool.snapshot(),
                 "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
                          sum(1 for k in keys if k.revoked_at)},
                 "plan": plan_report(self.plan, self.wall()), "timezone": self.config.timezone or "local",
@@ -6182,6 +6634,7 @@ def install_shutdown(server: Server) -> threading.Event:
         refused = server.runner.stop()  # the queue is refused (503) and nothing new starts
         server.shutdown()
         server.parks.close()  # a parked CLI waits for a client that would find no daemon
+        server.runner.pool.close()
         server.wait_for(lambda: not server.runner.live(), 3)
         cancelled = server.runner.cancel_all("shutdown")
         server.wait_for(lambda: not server.runner.live(), KILL_GRACE_S + 1)

@@ -21,11 +21,16 @@ event and the result), control (send a control_request of that subtype first),
 calls (with --mcp-config's sdk server "ocp": a list of tool rounds, each a list of
 {"name", "arguments"[, "id"]}: the model calls them, OCP answers the tools/call
 requests, the next round follows), final (the answer after the last round;
-default "Done: " and the results), mcp_fail (the server "ocp" reports failed).
+default "Done: " and the results), mcp_fail (the server "ocp" reports failed),
+recall (answer "Recall: " and every user text of the conversation this process
+holds, oldest first: what a warm process remembers).
 
 With --input-format stream-json each stdin line is one user turn, answered up
 to its `result` before the next line is read, as the real CLI does: stdin may
 stay open between turns (a leased process). The directive is read per turn.
+The process remembers its conversation as the real one does; a turn that is
+just "/clear" forgets it (conversation_reset, init, result; no answer), and
+total_cost_usd sums the turns since the start or the last /clear.
 
 CLAUDE_CODE_MAX_OUTPUT_TOKENS cuts the answer at 4 characters a token with
 stop_reason max_tokens; then, as the real CLI does even with --max-turns 1, it
@@ -228,7 +233,7 @@ class Run:
         usage.update(output_tokens_details={"thinking_tokens": 0}, service_tier="standard")
         record = self.base(type="result", subtype=subtype, is_error=is_error, duration_ms=120,
                            duration_api_ms=20, num_turns=max(1, self.turns), result=text,
-                           stop_reason=stop_reason, total_cost_usd=0.017952, usage=usage,
+                           stop_reason=stop_reason, total_cost_usd=round(COST["usd"] + 0.017952, 6), usage=usage,
                            modelUsage={self.model: {"inputTokens": usage["input_tokens"],
                                                     "outputTokens": usage["output_tokens"],
                                                     "contextWindow": 1000000,
@@ -244,6 +249,9 @@ class Run:
         if errors:
             record["errors"] = errors
             record.pop("result")
+        COST["usd"] = record["total_cost_usd"]
+        if not is_error:
+            CONVERSATION.append(("assistant", text))
         out(record)
 
 
@@ -474,6 +482,8 @@ def read_input(opts):
 
 CONTROL_RESPONSES = []
 MCP = None
+CONVERSATION = []  # (role, text) since the start or the last /clear
+COST = {"usd": 0.0}
 
 
 class Mcp:
@@ -563,6 +573,9 @@ def main():
     for blocks in read_input(opts):
         record["stdin_blocks"] += blocks
         record["turns"] += 1
+        if [b.get("text", "").strip() for b in blocks] == ["/clear"]:
+            clear(opts, record)
+            continue
         code = one_turn(opts, blocks, directive, record)
         if "crash" in directive:
             return code
@@ -570,6 +583,24 @@ def main():
     record["control_responses"] = CONTROL_RESPONSES
     log_run(record)
     return code
+
+
+def clear(opts, record):
+    """The CLI's /clear, as 2.1.330 prints it (stream_input_clear): the conversation is gone."""
+    CONVERSATION.clear()
+    COST["usd"] = 0.0
+    record["clears"] = record.get("clears", 0) + 1
+    log_run(record)
+    run = Run(opts, [], {})
+    out(run.base(type="conversation_reset", new_conversation_id=new_uuid(), trigger="clear",
+                 user_message_uuid=new_uuid()))
+    out(run.base(type="system", subtype="background_tasks_changed", tasks=[]))
+    MCP.handshake()
+    run.init(MCP)
+    out(run.base(type="result", subtype="success", is_error=False, duration_ms=0, duration_api_ms=0,
+                 num_turns=0, result="", stop_reason=None, total_cost_usd=0,
+                 usage={"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
+                        "cache_read_input_tokens": 0}, modelUsage={}, permission_denials=[]))
 
 
 def read_directive(text):
@@ -612,13 +643,17 @@ def one_turn(opts, blocks, directive, record):
         record["ended"] = "crash"
         log_run(record)
         return int(directive["crash"])
+    said = [DIRECTIVE.sub("", t).strip() for t in texts]
+    earlier = sum(1 for role, _ in CONVERSATION if role == "assistant")
+    CONVERSATION.append(("user", "\n".join(said)))
     text = directive.get("text")
-    if "texts" in directive:  # one scripted reply per earlier assistant turn in the input
-        turn = "\n".join(texts).count('role="assistant"')
+    if "texts" in directive:  # one scripted reply per earlier assistant turn (in the input, or this process's)
+        turn = "\n".join(texts).count('role="assistant"') + earlier
         text = directive["texts"][min(turn, len(directive["texts"]) - 1)]
+    if directive.get("recall"):
+        text = "Recall: " + " | ".join(t for role, t in CONVERSATION if role == "user")
     if text is None:
-        last = DIRECTIVE.sub("", texts[-1] if texts else "").strip()
-        text = "Echo: " + last
+        text = "Echo: " + (said[-1] if said else "")
     if directive.get("error") and directive["error"] != "mid_stream":
         return synthetic_error(run, directive["error"])
     if "calls" in directive and mcp.status == "connected" and mcp.allowed:

@@ -92,7 +92,8 @@ class TempHome(unittest.TestCase):
     def environ(self, **extra) -> dict:
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": self.home,
                "OCP_HOME": self.ocp_home, "CLAUDE_BIN": FAKE_CLAUDE,
-               "FAKE_CLAUDE_LOG": self.runs_dir, "CLAUDE_PROXY_PORT": "0"}
+               "FAKE_CLAUDE_LOG": self.runs_dir, "CLAUDE_PROXY_PORT": "0",
+               "OCP_POOL": "0"}  # the warm pool is tested on its own (test_pool.py)
         env.update({k: str(v) for k, v in extra.items()})
         return {k: v for k, v in env.items() if v != ""}
 

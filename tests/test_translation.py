@@ -221,9 +221,9 @@ class RenderingMessagesForTheCli(unittest.TestCase):
         parsed = request(messages=[{"role": "user", "content": "x" * 100}])
         system, blocks = ocp.messages_to_input(parsed, CONFIG, SECRET)
         with self.assertRaises(ocp.ApiError) as caught:
-            ocp.check_prompt_budget(system, blocks, parsed, ocp.Config(max_prompt_chars=50))
+            ocp.check_prompt_budget(ocp.prompt_chars(system, blocks), parsed, ocp.Config(max_prompt_chars=50))
         self.assertEqual(caught.exception.code, "context_length_exceeded")
-        ocp.check_prompt_budget(system, blocks, parsed, CONFIG)
+        ocp.check_prompt_budget(ocp.prompt_chars(system, blocks), parsed, CONFIG)
 
 
 class CliInvocation(unittest.TestCase):
