@@ -7,6 +7,7 @@ Slow by nature (tens of seconds), so the README's test command skips it;
 """
 
 import glob
+import http.client
 import json
 import os
 import signal
@@ -172,8 +173,40 @@ class DaemonShutdown(Daemon):
         self.assertFalse(connectable(port))
 
 
+@stress
+class DaemonWithPool(Daemon):
+    """Pooled CLIs (warm spares, held conversations) belong to the daemon: they end with it."""
+
+    def pooled(self, port, count):
+        """Ask `count` conversations; wait until the pool holds them and a spare (their pids)."""
+        for n in range(count):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            conn.request("POST", "/v1/chat/completions", json.dumps(
+                {"model": "sonnet", "messages": [{"role": "user", "content": f"hello {n}"}]}))
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        return wait_until(lambda: [r["pid"] for r in self.runs() if pid_alive(r["pid"])]
+                          if len([r for r in self.runs() if pid_alive(r["pid"])]) >= 2 else None, timeout=10)
+
+    def test_sigterm_ends_every_pooled_cli(self):
+        daemon, port = self.start_daemon(OCP_POOL="1")
+        pids = self.pooled(port, 2)
+        daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait(timeout=20), 0)
+        self.assertFalse([pid for pid in pids if pid_alive(pid)])
+        self.assertFalse([r["pid"] for r in self.runs() if pid_alive(r["pid"])])
+        self.assertEqual(self.run_dirs(), [])
+
+    def test_kill_9_ends_every_pooled_cli(self):
+        daemon, port = self.start_daemon(OCP_POOL="1")
+        pids = self.pooled(port, 2)
+        daemon.kill()
+        daemon.wait()
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), timeout=10)
+        wait_until(lambda: self.run_dirs() == [], timeout=10)
+
+
 def daemon_status(port):
-    import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", "/metrics", headers={"Authorization": "Bearer " + ADMIN})
