@@ -2171,7 +2171,6 @@ class Lease:
         self.ended = ""  # "released" | "killed" | "handed over" (to a lease that adopted its CLI)
         self.key = ""  # spawn_key() when its CLI may be pooled, else ""
         self.spawn_job, self.creds = job, Credentials("none")  # what its CLI was started for, and as whom
-        self.turns = 0  # user lines its CLI was sent (a CLI grows with each: POOL_MAX_TURNS)
         self.spent_usd = 0.0  # its CLI's total_cost_usd so far
         self.pooled = ""  # while idle in the pool: "warm" (no conversation) or "conversation"
 
@@ -2215,7 +2214,7 @@ class Lease:
 
     def _adopt(self, warm: "Lease") -> None:
         """Take over a pooled CLI: it answers this lease's request now, and the pooled lease ends."""
-        self.proc, self.run_dir, self.held, self.turns = warm.proc, warm.run_dir, warm.held, warm.turns
+        self.proc, self.run_dir, self.held = warm.proc, warm.run_dir, warm.held
         self.spent_usd = warm.spent_usd
         self.key, self.spawn_job, self.creds = warm.key, warm.spawn_job, warm.creds
         self.proc.on_control = self.on_control or refuse_control
@@ -2264,7 +2263,6 @@ class Lease:
         proc = self.proc
         if blocks is not None:
             proc.send(stdin_line(blocks))
-            self.turns += 1
         heartbeat_s = self.runner.config.heartbeat_ms / 1000
         clock = self.runner.clock
         last = clock()
@@ -2355,7 +2353,7 @@ class Lease:
 CLEAR_COMMAND = "/clear"  # the CLI's own command: it forgets the conversation (no upstream request)
 RESET_TIMEOUT_S = 10.0
 POOL_RSS_GUESS_MB = 180.0  # a warm CLI 2.1.330 before one is measured (bench/pool.py: 170–190 MiB)
-POOL_MAX_TURNS = 100  # a CLI's memory grows ~0.6 MiB a turn (measured): after this many it is not kept
+POOL_MAX_CLI_MB = 400.0  # a CLI grows ~0.6 MiB a turn (measured): one this big is not kept (~350 turns)
 
 
 def machine_memory_mb() -> int:
@@ -2480,12 +2478,12 @@ class Pool:
 
     def keep(self, lease: Lease, conversation: str) -> bool:
         """Pool an idle CLI; False (the caller ends it) when the pool is off or closed, the CLI
-        may not be pooled, is worn or exited, or alone exceeds the budget. Older ones make room."""
-        if not (self.enabled() and lease.key and lease.turns < POOL_MAX_TURNS and lease.proc.popen.poll() is None):
+        may not be pooled, exited, or grew past POOL_MAX_CLI_MB or the budget. Older ones make room."""
+        if not (self.enabled() and lease.key and lease.proc.popen.poll() is None):
             return False
         rss, budget = rss_mb(lease.proc.pid), self.budget_mb()
         with self._cond:
-            if self.closed or rss > budget:
+            if self.closed or rss > min(budget, POOL_MAX_CLI_MB):
                 return False
             self.largest_mb = max(self.largest_mb, rss)
             lease.park()

@@ -4,7 +4,8 @@
     python3 bench/bench.py [--runs 30] [--json]
 
 Starts `ocp.py serve` as its own process on a free port with tests/fake_claude.py
-as the CLI and a throwaway OCP_HOME, then measures:
+as the CLI, a throwaway OCP_HOME and the warm pool off (bench/pool.py measures the
+pool with the real CLI), then measures:
 
   overhead   OCP's latency for a non-streaming completion minus the fake CLI run
              alone (same argv and stdin): rounds alternate the two, and the figure is
@@ -59,7 +60,8 @@ class Daemon:
         env = {"PATH": os.environ.get("PATH", ""), "HOME": os.path.join(tmp, "home"),
                "OCP_HOME": os.path.join(tmp, "ocp"), "CLAUDE_BIN": FAKE,
                "CLAUDE_PROXY_PORT": str(self.port), "OCP_LOG_LEVEL": "WARNING",
-               "CLAUDE_MAX_CONCURRENT": "8", "CLAUDE_MAX_QUEUE": "64"}
+               "CLAUDE_MAX_CONCURRENT": "8", "CLAUDE_MAX_QUEUE": "64",
+               "OCP_POOL": "0"}  # OCP's cost around a CLI it starts; bench/pool.py measures the pool
         os.makedirs(env["HOME"], exist_ok=True)
         self.env = env
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ocp.py"), "serve"], env=env,

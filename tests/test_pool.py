@@ -105,9 +105,11 @@ class WarmClis(PoolTest):
         self.assertEqual((status, said(body)), (200, "Echo: second"))
         self.assertEqual(len(self.runs()), 2)
 
-    def test_a_worn_cli_is_not_kept(self):
-        with mock.patch.object(ocp, "POOL_MAX_TURNS", 2), mock.patch.object(self.pool, "replenish"):
-            self.converse("one", "two")
+    def test_a_cli_grown_too_big_is_not_kept(self):
+        with mock.patch.object(self.pool, "replenish"):
+            self.converse("one")
+            with mock.patch.object(ocp, "POOL_MAX_CLI_MB", 1.0):  # (the fake CLI: ~12 MiB)
+                self.converse("two")
             wait_until(lambda: self.server.runner.live() == [])
             self.converse("three")
         self.assertEqual(len(self.runs()), 2)

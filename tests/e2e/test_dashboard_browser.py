@@ -21,7 +21,8 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 
 
 class DashboardInChromium(ServerTest):
-    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-ui"}
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-ui",
+           "OCP_POOL": "1"}
 
     @classmethod
     def setUpClass(cls):
@@ -41,6 +42,7 @@ class DashboardInChromium(ServerTest):
 
     def setUp(self):
         super().setUp()
+        self.addCleanup(self.server.runner.pool.close)
         self.context = self.browser.new_context(viewport={"width": 1280, "height": 900})
         self.addCleanup(self.context.close)
         self.page = self.context.new_page()
@@ -90,6 +92,8 @@ class DashboardInChromium(ServerTest):
         self.ask(self.bob, "x " + directive(error="overloaded"))
         page = self.open(ADMIN)
         self.assertEqual(page.locator("#who").inner_text(), "admin (admin)")
+        self.assertRegex(page.locator("#health-text").inner_text(),
+                         r"warm pool: \d+ warm, \d+ holding a conversation, \d+ of \d+ MB; 2 hits \(0 continued\), 2 misses")
         self.assertEqual(self.key_row("alice").count(), 1, "a key created through the API")
         self.assertEqual(self.key_row(HOSTILE).count(), 1, "the name shows as text")
         self.assertEqual(page.locator("#keys-table script").count(), 0)
