@@ -188,6 +188,21 @@ class Conversations(PoolTest):
         self.assertIn("my name is Ada", said(body))
         self.assertIn('role="assistant"', said(body), "its CLI was gone: the history went as text")
 
+    def test_after_the_owner_s_login_changed_a_conversation_goes_on_in_a_new_cli(self):
+        def login(token):
+            ocp.os.makedirs(ocp.os.path.join(self.home, ".claude"), exist_ok=True)
+            with open(ocp.os.path.join(self.home, ".claude", ".credentials.json"), "w") as f:
+                json.dump({"claudeAiOauth": {"accessToken": token, "expiresAt": (time.time() + 86400) * 1000}}, f)
+        login("sk-ant-oat01-first")
+        self.converse("my name is Ada")
+        login("sk-ant-oat01-refreshed")  # the owner's CLI refreshed it: the held CLI still has the old one
+        status, _, body = self.chat(messages=[{"role": "user", "content": "my name is Ada"},
+                                              {"role": "assistant", "content": "Echo: my name is Ada"},
+                                              {"role": "user", "content": "who? " + RECALL}])
+        self.assertEqual(status, 200)
+        self.assertIn('role="assistant"', said(body), "a new CLI, on the new login, with the history as text")
+        self.assertEqual(self.snapshot()["hits"]["continued"], 0)
+
     def test_the_anthropic_and_responses_routes_continue_too(self):
         headers = {"x-api-key": "any", "anthropic-version": "2023-06-01"}
         first = {"model": "sonnet", "max_tokens": 100, "messages": [{"role": "user", "content": "I am Ada"}]}
