@@ -218,7 +218,7 @@ SETTINGS = (
     ("plan_headers", "OCP_PLAN_HEADERS", "--plan-headers", "bool", None),
     ("pool", "OCP_POOL", "--pool", "bool", None),
     ("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", (0, 1 << 20)),
-    ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (1000, 7 * 24 * 3600 * 1000)),
+    ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (100, 7 * 24 * 3600 * 1000)),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))

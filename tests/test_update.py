@@ -102,7 +102,7 @@ class Update(TempHome):
         open(os.path.join(unit, "ocp.service"), "w").close()
         self.addCleanup(self.stop_daemon, pidfile)
         path = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        code, out = self.update(PATH=path, OCP_UPDATE_HEALTH_WAIT_S="1.5", CLAUDE_BIN=FAKE_CLAUDE)
+        code, out = self.update(PATH=path, OCP_UPDATE_HEALTH_WAIT_S="0.8", CLAUDE_BIN=FAKE_CLAUDE)
         self.assertEqual(code, 1, out)
         self.assertIn("did not come up healthy: rolling back", out)
         self.assertEqual(self.read(self.installed, "ocp.py"), self.original)

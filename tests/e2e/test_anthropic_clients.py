@@ -105,3 +105,34 @@ class ClaudeCodeAsAClient(RealCliTest):
         self.assertEqual(self.server.parks.snapshot()["resumed"], 1, "Claude Code's tool result continued the CLI")
         tools = json.dumps([e for e in self.upstream.requests if e["path"].startswith("/v1/messages")][0]["body"]["tools"])
         self.assertIn("mcp__ocp__Read", tools, "Claude Code's own tools reached the model through OCP")
+
+
+class ClaudeCodeConversationInThePool(RealCliTest):
+    """Claude Code's second turn (`claude -p --continue`) sends its whole session again: with the
+    warm pool, OCP recognises it and sends only the new message to the CLI that holds the first."""
+
+    env = {"OCP_POOL": "1"}
+
+    def test_a_continued_session_goes_on_in_the_same_cli(self):
+        self.addCleanup(self.server.runner.pool.close)
+        self.upstream.responder = lambda body: Reply(text="Noted." if "Which word" not in json.dumps(body)
+                                                      else "The word was PAPAYA.")  # (runs under the fake's lock)
+        work = os.path.join(self.tmp, "project")
+        home = os.path.join(self.tmp, "client-home")
+        os.makedirs(work)
+        os.makedirs(home)
+        env = {"HOME": home, "PATH": os.environ["PATH"], "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{self.port}",
+               "ANTHROPIC_API_KEY": "ocp-client-key", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+               "DISABLE_AUTOUPDATER": "1"}
+        for argv in (["-p", "Remember the word PAPAYA."], ["-p", "--continue", "Which word?"]):
+            done = subprocess.run([self.claude, *argv, "--output-format", "text"], cwd=work, env=env,
+                                  capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            self.assertIn("PAPAYA" if "--continue" in argv else "Noted.", done.stdout)
+        pool = self.server.runner.pool.snapshot()
+        self.assertEqual(pool["hits"]["continued"], 1, pool)
+        last = self.upstream.messages()[-1]["messages"]
+        self.assertEqual(last[-2], {"role": "assistant", "content": [{"type": "text", "text": "Noted."}]},
+                         "the first answer is a real turn of the CLI's conversation, not re-sent text")
+        self.assertEqual([b["text"] for b in last[-1]["content"]], ["Which word?"], "only the new message was sent")
+        self.assertEqual(json.dumps(last).count("Remember the word PAPAYA."), 1)
