@@ -11,6 +11,7 @@ import logging
 import re
 import socket
 import time
+import unittest
 
 import ocp
 from helpers import ServerTest, wait_until
@@ -42,7 +43,8 @@ BAD_JSON = (b"", b" ", b"{", b"}", b"nul", b"[1,]", b'{"a":1}x', b'{"a":1,}', b"
             b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 1e99999}', b'"string"', b"42", b"[]", b"null",
             b"[" * 100_000, b'{"a":' * 50_000, b"[" * 70 + b"]" * 70, b'{"\\ud800": 1}', b'"\\udfff"',
             b'{"model": "sonnet", "messages": "\\ud83d"}', "{\"a\": \"\u00e9\"}".encode("latin-1"),
-            b'{"a": "\x00"}', b"\x00" * 64)
+            b'{"a": "\x00"}', b"\x00" * 64,
+            b'{"model": "sonnet", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}')  # raw CESU surrogate
 
 
 def raw_exchange(port, data, read_timeout=10.0):
@@ -289,3 +291,16 @@ class FuzzTheAgentRoutes(FuzzBattery):
                     self.assertIn(body["error"]["type"], ("invalid_request_error", "not_found_error"), label)
                 else:
                     self.assertIn("code", body["error"], label)  # OpenAI's
+
+
+class BodyChecks(unittest.TestCase):
+    """The quick check of every parsed body finds what the thorough one names."""
+
+    def test_lone_surrogates_escaped_or_raw_and_deep_nesting_are_400s(self):
+        for raw, code in ((b'{"a": ["x", "\\ud800"]}', "invalid_unicode"), (b'{"a": ["x", "\xed\xb0\x80"]}', "invalid_unicode"),
+                          (b'{"\\udfff": 1}', "invalid_unicode"), (b"[" * 70 + b"]" * 70, "invalid_json")):
+            with self.assertRaises(ocp.ApiError) as caught:
+                ocp.parse_json_body(raw)
+            self.assertEqual((caught.exception.status, caught.exception.code), (400, code), raw[:30])
+        fine = b'{"a": "\\ud83d\\ude00 \xf0\x9f\x98\x80"}'  # a surrogate pair and real UTF-8 are fine
+        self.assertEqual(ocp.parse_json_body(fine), {"a": "\U0001F600 \U0001F600"})
