@@ -4668,7 +4668,8 @@ class Turn:
         """The tag its CLI is pooled under for the follow-up; "" when the conversation may not go
         on there (structured output is rewritten, legacy calls carry no ids, a cut answer)."""
         request = self.request
-        if request.response_format != "text" or request.legacy_functions or answer.finish() != "end_turn":
+        if (request.response_format != "text" or request.legacy_functions or answer.finish() != "end_turn"
+                or not self.runner.pool.enabled()):
             return ""
         return conversation_tag(request, request.turns, answer.text)
 
