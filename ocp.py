@@ -4455,6 +4455,7 @@ class Followup:
 
     conversation: str  # the tag the CLI was pooled under (conversation_tag)
     new: Tuple[Dict[str, Any], ...]  # the user turns after the last answer
+    history: str  # history_digests of every turn of the request: its own tag's, once answered
 
 
 def json_digest(value: Any) -> str:
@@ -4462,27 +4463,28 @@ def json_digest(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def history_digest(turns: Tuple[Dict[str, Any], ...]) -> str:
-    """SHA-256 of a conversation's turns, for telling its history unchanged. Text blocks (nearly
-    all of a long history) are fed as they are, length-prefixed — 0.15 ms for 200 turns, where
-    JSON would take 0.75 and canonical_hash 2; other blocks through canonical_hash, so a tool
-    call's arguments compare as parsed JSON."""
-    digest = hashlib.sha256()
-    for turn in turns:
+def history_digests(turns: Tuple[Dict[str, Any], ...], cut: int) -> Tuple[str, str]:
+    """SHA-256 of turns[:cut] and of all the turns, in one pass, for telling a conversation's
+    history unchanged. Text blocks (nearly all of a long history) are fed as they are,
+    length-prefixed — 0.15 ms for 200 turns, where JSON would take 0.75 and canonical_hash 2;
+    other blocks through canonical_hash, so a tool call's arguments compare as parsed JSON."""
+    digest, at_cut = hashlib.sha256(), ""
+    for index, turn in enumerate(turns):
+        if index == cut:
+            at_cut = digest.hexdigest()
         digest.update(b"\x00" + turn["role"].encode("utf-8"))
         for block in turn["content"]:
             data = (block["text"] if block["type"] == "text" else canonical_hash(block)).encode("utf-8")
             digest.update(b"\x01%d:" % len(data) + data)
-    return digest.hexdigest()
+    return at_cut or digest.hexdigest(), digest.hexdigest()
 
 
-def conversation_tag(request: TurnRequest, turns: Tuple[Dict[str, Any], ...], answer: str) -> str:
+def conversation_tag(request: TurnRequest, history: str, answer: str) -> str:
     """Who asked, what must not change for the conversation to go on in its CLI (the spawn's
-    inputs, the system prompt's parts; stop sequences are OCP's own), and every turn up to and
-    including the answer that ended it."""
+    inputs, the system prompt's parts; stop sequences are OCP's own), the turns before the
+    answer that ended it (their history_digests), and that answer."""
     return json_digest([request.owner, request.model.id, request.system, request.tools, request.tool_choice,
-                        request.parallel_tool_calls, request.effort, request.max_tokens, history_digest(turns),
-                        answer.strip()])
+                        request.parallel_tool_calls, request.effort, request.max_tokens, history, answer.strip()])
 
 
 def conversation_followup(request: TurnRequest) -> Optional[Followup]:
@@ -4497,7 +4499,8 @@ def conversation_followup(request: TurnRequest) -> Optional[Followup]:
     answer = turns[start - 1]["content"]
     if any(b["type"] != "text" for b in answer):
         return None
-    return Followup(conversation_tag(request, turns[:start - 1], "".join(b["text"] for b in answer)), turns[start:])
+    before, history = history_digests(turns, start - 1)
+    return Followup(conversation_tag(request, before, "".join(b["text"] for b in answer)), turns[start:], history)
 
 
 class Turn:
@@ -4517,6 +4520,7 @@ class Turn:
         self.config, self.secret, self.wall = config, secret, wall
         self.parks, self.resume = parks, resume  # client tools: where rounds park, the one this continues
         self.followup = followup  # a pooled CLI holds the conversation: `job` has only the new turns
+        self.history = followup.history if followup else ""  # (computed once per request)
         self.bridge = resume.bridge if resume else (ToolBridge(job.tools) if job.tools else None)
         self.started = time.monotonic()
         self.ttft_ms: Optional[int] = None
@@ -4671,7 +4675,8 @@ class Turn:
         if (request.response_format != "text" or request.legacy_functions or answer.finish() != "end_turn"
                 or not self.runner.pool.enabled()):
             return ""
-        return conversation_tag(request, request.turns, answer.text)
+        history = self.history or history_digests(request.turns, 0)[1]
+        return conversation_tag(request, history, answer.text)
 
     def _start(self, lease: Lease, job: Job) -> Iterator[Tuple[str, Any]]:
         """Get the lease going; return the user turn to send (None: a parked CLI continues)."""

@@ -338,7 +338,7 @@ class PoolUnits(unittest.TestCase):
         def parse(messages, **extra):
             return ocp.parse_chat_request(dict({"model": "sonnet", "messages": messages}, **extra), models, config)
         first = parse([{"role": "user", "content": "hi"}])
-        tag = ocp.conversation_tag(first, first.turns, " Echo: hi\n")
+        tag = ocp.conversation_tag(first, ocp.history_digests(first.turns, 0)[1], " Echo: hi\n")
         follow = parse([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Echo: hi"},
                         {"role": "user", "content": "more"}, {"role": "user", "content": "and more"}])
         found = ocp.conversation_followup(follow)
