@@ -146,6 +146,8 @@ class Config:
     pool: bool = True
     pool_max_mb: int = 0  # 0: derived from the machine's memory (default_pool_mb)
     pool_idle_ttl_ms: int = 3_600_000
+    reserve_5h: int = 0  # percent of the 5-hour window kept for higher-priority keys (0: off)
+    reserve_7d: int = 0
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
@@ -219,6 +221,8 @@ SETTINGS = (
     ("pool", "OCP_POOL", "--pool", "bool", None),
     ("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", (0, 1 << 20)),
     ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (100, 7 * 24 * 3600 * 1000)),
+    ("reserve_5h", "OCP_RESERVE_5H", "--reserve-5h", "int", (0, 100)),
+    ("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", (0, 100)),
 )
 SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
                    ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
@@ -254,6 +258,9 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
     "pool": "keep idle CLI processes warm for the next request, and conversations in their process",
     "pool_max_mb": "MiB of memory idle warm CLIs may use (0 = an eighth of the machine's, at least 256)",
     "pool_idle_ttl_ms": "milliseconds an idle warm CLI is kept",
+    "reserve_5h": "percent of the 5-hour window kept back: low-priority keys wait past 100 minus it, normal "
+                  "ones past 100 minus half of it (0 = off)",
+    "reserve_7d": "the same for the weekly window",
 }
 
 
@@ -503,7 +510,10 @@ def model_object(model: Model) -> Dict[str, Any]:
 
 KEY_PREFIX_CHARS = 8
 KEY_NAME = re.compile(r"(?!\d+$)[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]{0,63}(?<!\s)")  # all digits would read as an id
-QUOTA_FIELDS = ("daily", "weekly", "monthly", "tokens_daily", "tokens_monthly")
+QUOTA_FIELDS = ("daily", "weekly", "monthly", "tokens_daily", "tokens_monthly", "cost_daily", "cost_weekly",
+                "cost_monthly")
+PRIORITIES = ("low", "normal", "high")  # who waits first when the plan runs low (OCP_RESERVE_5H/7D)
+TOKEN_GUESS = 100  # tokens reserved for a request before any answer gave a better estimate (Store.reserve)
 
 MIGRATION_1 = (
     """CREATE TABLE keys (
@@ -574,6 +584,13 @@ MIGRATION_3 = (
     "CREATE INDEX audit_by_time ON audit(at)",
 )
 
+MIGRATION_4 = (
+    "ALTER TABLE keys ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'",
+    "ALTER TABLE keys ADD COLUMN quota_cost_daily REAL",
+    "ALTER TABLE keys ADD COLUMN quota_cost_weekly REAL",
+    "ALTER TABLE keys ADD COLUMN quota_cost_monthly REAL",
+)
+
 SELECT_LEGACY_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('api_keys', 'usage_log', 'response_cache')"
 SELECT_LEGACY_KEYS = "SELECT * FROM legacy_api_keys ORDER BY id"
 SELECT_LEGACY_USAGE = "SELECT * FROM legacy_usage_log ORDER BY id"
@@ -583,6 +600,8 @@ INSERT_KEY = """INSERT INTO keys (name, key_hash, prefix, created_at, revoked_at
     quota_monthly, quota_tokens_daily, quota_tokens_monthly, models)
     VALUES (:name, :key_hash, :prefix, :created_at, :revoked_at, :daily, :weekly, :monthly,
             :tokens_daily, :tokens_monthly, :models)"""
+UPDATE_KEY_POLICY = """UPDATE keys SET priority = :priority, quota_cost_daily = :cost_daily,
+    quota_cost_weekly = :cost_weekly, quota_cost_monthly = :cost_monthly WHERE id = :id"""
 SELECT_KEYS = "SELECT * FROM keys ORDER BY id"
 SELECT_KEY_BY_ID = "SELECT * FROM keys WHERE id = ?"
 SELECT_KEY_BY_NAME = "SELECT * FROM keys WHERE name = ?"
@@ -591,17 +610,24 @@ REVOKE_KEY = "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL
 UPDATE_QUOTA = """UPDATE keys SET quota_daily = :daily, quota_weekly = :weekly, quota_monthly = :monthly,
     quota_tokens_daily = :tokens_daily, quota_tokens_monthly = :tokens_monthly, models = :models
     WHERE id = :id"""
-COUNT_WINDOW_USAGE = """SELECT
-    COALESCE(SUM(created_at >= :day AND status IN ('ok', 'partial', 'pending')), 0) AS day,
-    COALESCE(SUM(created_at >= :week AND status IN ('ok', 'partial', 'pending')), 0) AS week,
-    COALESCE(SUM(created_at >= :month AND status IN ('ok', 'partial', 'pending')), 0) AS month,
-    COALESCE(SUM(CASE WHEN created_at >= :day AND status IN ('ok', 'partial')
-                      THEN prompt_tokens + completion_tokens END), 0) AS tokens_day,
-    COALESCE(SUM(CASE WHEN created_at >= :month AND status IN ('ok', 'partial')
-                      THEN prompt_tokens + completion_tokens END), 0) AS tokens_month
+COUNTED = "status IN ('ok', 'partial', 'pending')"  # a pending row holds its request's estimate until it ends
+COUNT_WINDOW_USAGE = f"""SELECT
+    COALESCE(SUM(created_at >= :day AND {COUNTED}), 0) AS day,
+    COALESCE(SUM(created_at >= :week AND {COUNTED}), 0) AS week,
+    COALESCE(SUM(created_at >= :month AND {COUNTED}), 0) AS month,
+    COALESCE(SUM(CASE WHEN created_at >= :day AND {COUNTED} THEN prompt_tokens + completion_tokens END), 0)
+        AS tokens_day,
+    COALESCE(SUM(CASE WHEN created_at >= :month AND {COUNTED} THEN prompt_tokens + completion_tokens END), 0)
+        AS tokens_month,
+    COALESCE(SUM(CASE WHEN created_at >= :day AND {COUNTED} THEN cost_usd END), 0) AS cost_day,
+    COALESCE(SUM(CASE WHEN created_at >= :week AND {COUNTED} THEN cost_usd END), 0) AS cost_week,
+    COALESCE(SUM(CASE WHEN created_at >= :month AND {COUNTED} THEN cost_usd END), 0) AS cost_month
     FROM usage WHERE key_id = :key_id AND created_at >= :earliest"""
-INSERT_PENDING_USAGE = """INSERT INTO usage (key_id, key_name, model, status, request_id, created_at)
-    VALUES (?, ?, ?, 'pending', ?, ?)"""
+SELECT_RECENT_REQUEST = """SELECT AVG(prompt_tokens + completion_tokens) AS tokens, AVG(cost_usd) AS cost FROM (
+    SELECT prompt_tokens, completion_tokens, cost_usd FROM usage
+    WHERE (key_id = :key_id OR :anyone) AND status = 'ok' ORDER BY id DESC LIMIT 20)"""
+INSERT_PENDING_USAGE = """INSERT INTO usage (key_id, key_name, model, status, request_id, created_at,
+    prompt_tokens, completion_tokens, cost_usd) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)"""
 FINISH_USAGE = """UPDATE usage SET status = ?, http_status = ?, prompt_tokens = ?, completion_tokens = ?,
     cached_tokens = ?, cost_usd = ?, ttft_ms = ?, duration_ms = ? WHERE id = ?"""
 CANCEL_STALE_PENDING = "UPDATE usage SET status = 'cancelled' WHERE status = 'pending'"
@@ -676,19 +702,25 @@ class ApiKey:
     prefix: str
     created_at: int
     revoked_at: Optional[int]
-    quota: Dict[str, Optional[int]]
+    quota: Dict[str, Any]  # QUOTA_FIELDS, and its "priority"
     models: Optional[Tuple[str, ...]]
 
     @classmethod
     def from_row(cls, row: Any) -> "ApiKey":
         models = json.loads(row["models"]) if row["models"] else None
+        quota = {f: row["quota_" + f] for f in QUOTA_FIELDS}
+        quota["priority"] = row["priority"]
         return cls(row["id"], row["name"], row["prefix"], row["created_at"], row["revoked_at"],
-                   {f: row["quota_" + f] for f in QUOTA_FIELDS}, tuple(models) if models is not None else None)
+                   quota, tuple(models) if models is not None else None)
+
+    @property
+    def priority(self) -> str:
+        return self.quota.get("priority") or "normal"
 
     def public(self) -> Dict[str, Any]:
         """The key as admin routes show it: never the secret."""
         return {"id": self.id, "name": self.name, "prefix": self.prefix, "created_at": self.created_at,
-                "revoked_at": self.revoked_at, "quota": dict(self.quota),
+                "revoked_at": self.revoked_at, "quota": dict(self.quota), "priority": self.priority,
                 "models": list(self.models) if self.models is not None else None}
 
 
@@ -803,6 +835,10 @@ class Store:
         for statement in MIGRATION_3:
             self._execute(statement)
 
+    def create_schema_4(self) -> None:
+        for statement in MIGRATION_4:
+            self._execute(statement)
+
     def create_schema_1(self) -> None:
         legacy = {row[0] for row in self._execute(SELECT_LEGACY_TABLES)}
         if "api_keys" in legacy:
@@ -861,6 +897,9 @@ class Store:
                     {f: quota.get(f) for f in QUOTA_FIELDS}, name=name, key_hash=hash_key(secret),
                     prefix=secret[:KEY_PREFIX_CHARS], created_at=int(now_s), revoked_at=None,
                     models=json.dumps(models) if models is not None else None))
+                row_id = self._execute("SELECT last_insert_rowid()")[0][0]
+                self._execute(UPDATE_KEY_POLICY, dict({f: quota.get(f) for f in QUOTA_FIELDS}, id=row_id,
+                                                      priority=quota.get("priority") or "normal"))
                 row = self._execute(SELECT_KEY_BY_NAME, (name,))[0]
         except sqlite3.IntegrityError:
             raise ApiError(409, f"A key named {name!r} already exists.", code="key_exists", param="name")
@@ -894,8 +933,10 @@ class Store:
     def set_quota(self, key: ApiKey, quota: Dict[str, Optional[int]],
                   models: Optional[Tuple[str, ...]]) -> ApiKey:
         with self.transaction():
-            self._execute(UPDATE_QUOTA, dict(quota, id=key.id,
+            fields = {f: quota.get(f) for f in QUOTA_FIELDS}
+            self._execute(UPDATE_QUOTA, dict(fields, id=key.id,
                                              models=json.dumps(list(models)) if models is not None else None))
+            self._execute(UPDATE_KEY_POLICY, dict(fields, id=key.id, priority=quota.get("priority") or "normal"))
             return ApiKey.from_row(self._execute(SELECT_KEY_BY_ID, (key.id,))[0])
 
     # -- usage -----------------------------------------------------------------
@@ -906,23 +947,37 @@ class Store:
         return dict(row)
 
     def reserve(self, key: Optional[ApiKey], name: str, model: str, request_id: str, now_s: float,
-                bounds: Dict[str, Tuple[int, int]]) -> Tuple[int, Dict[str, int]]:
+                bounds: Dict[str, Tuple[int, int]], floor_tokens: int = 0) -> Tuple[int, Dict[str, Any]]:
         """Admit one request against the key's quotas; return (usage row id, counts after it).
 
         Counting and the pending row happen in one IMMEDIATE transaction, so N
-        concurrent requests against R remaining admit exactly R. Raises QuotaExceeded.
+        concurrent requests against R remaining admit exactly R. The pending row holds
+        the request's estimate — the key's average of its last 20 answers (TOKEN_GUESS
+        tokens before it has one), at least `floor_tokens` (the prompt and max_tokens) —
+        until `finish` puts the real figures: token and cost quotas hold under
+        concurrency up to what requests use beyond their estimates. Raises QuotaExceeded.
+        (Before a key has answers, everyone's last 20 are its estimate.)
         """
         with self.transaction():
             counts = self.window_counts(key, bounds) if key else {}
-            breach = quota_breach(key, counts, bounds) if key else None
+            estimate = self.estimate(key, floor_tokens) if key else {"tokens": 0, "USD": 0.0}
+            breach = quota_breach(key, counts, bounds, estimate) if key else None
             if breach:
                 raise QuotaExceeded(breach)
-            self._execute(INSERT_PENDING_USAGE, (key.id if key else None, name, model, request_id, int(now_s)))
+            self._execute(INSERT_PENDING_USAGE, (key.id if key else None, name, model, request_id, int(now_s),
+                                                 int(estimate["tokens"]), 0, estimate["USD"]))
             row_id = self._execute("SELECT last_insert_rowid()")[0][0]
         for period in ("day", "week", "month"):
             if period in counts:
                 counts[period] += 1
         return row_id, counts
+
+    def estimate(self, key: ApiKey, floor_tokens: int) -> Dict[str, float]:
+        recent = self._execute(SELECT_RECENT_REQUEST, {"key_id": key.id, "anyone": False})[0]
+        if recent["tokens"] is None:
+            recent = self._execute(SELECT_RECENT_REQUEST, {"key_id": key.id, "anyone": True})[0]
+        tokens = recent["tokens"] if recent["tokens"] is not None else TOKEN_GUESS
+        return {"tokens": max(int(tokens), floor_tokens), "USD": round(float(recent["cost"] or 0), 6)}
 
     def finish(self, row_id: int, status: str, http_status: int, usage: Optional[Usage] = None,
                ttft_ms: Optional[int] = None, duration_ms: int = 0) -> None:
@@ -1035,7 +1090,7 @@ class Store:
 
 
 MIGRATIONS: Tuple[Callable[[Store], None], ...] = (Store.create_schema_1, Store.create_schema_2,
-                                                   Store.create_schema_3)
+                                                   Store.create_schema_3, Store.create_schema_4)
 
 
 def unique_name(name: str, taken: set) -> str:
@@ -1065,7 +1120,8 @@ def tighten(path: str, mode: int) -> None:
 PERIOD_WORDS = {"day": "today", "week": "this week", "month": "this month"}
 QUOTA_PERIODS = (("daily", "day", "day", "requests"), ("weekly", "week", "week", "requests"),
                  ("monthly", "month", "month", "requests"), ("tokens_daily", "day", "tokens_day", "tokens"),
-                 ("tokens_monthly", "month", "tokens_month", "tokens"))
+                 ("tokens_monthly", "month", "tokens_month", "tokens"), ("cost_daily", "day", "cost_day", "USD"),
+                 ("cost_weekly", "week", "cost_week", "USD"), ("cost_monthly", "month", "cost_month", "USD"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1075,6 +1131,15 @@ class Caller:
     name: str
     key: Optional[ApiKey] = None
     admin: bool = False
+
+    @property
+    def priority(self) -> str:
+        """The owner (admin key) is high, a guest low, a key what it was given, others normal."""
+        if self.admin:
+            return "high"
+        if self.key is not None:
+            return self.key.priority
+        return "low" if self.name == "anonymous" else "normal"
 
 
 def period_bounds(now_s: float, tz: Optional[datetime.tzinfo]) -> Dict[str, Tuple[int, int]]:
@@ -1094,13 +1159,16 @@ def period_bounds(now_s: float, tz: Optional[datetime.tzinfo]) -> Dict[str, Tupl
             "month": (int(month.timestamp()), int(next_month.timestamp()))}
 
 
-def quota_breach(key: ApiKey, counts: Dict[str, int],
-                 bounds: Dict[str, Tuple[int, int]]) -> Optional[Dict[str, Any]]:
-    """Return the first quota the next request would exceed, or None."""
+def quota_breach(key: ApiKey, counts: Dict[str, Any], bounds: Dict[str, Tuple[int, int]],
+                 estimate: Optional[Dict[str, float]] = None) -> Optional[Dict[str, Any]]:
+    """Return the first quota the next request would exceed, or None. `counts` hold what the
+    window used, pending requests' estimates included; `estimate` ({"tokens", "USD"}) is the
+    next request's own, which must fit too (a request counts 1 of a request quota)."""
     for field, period, counter, unit in QUOTA_PERIODS:
         limit = key.quota.get(field)
-        if limit is not None and counts.get(counter, 0) >= limit:
-            return {"period": period, "unit": unit, "limit": limit, "used": counts.get(counter, 0),
+        used = counts.get(counter, 0)
+        if limit is not None and (used >= limit if unit == "requests" else used + (estimate or {}).get(unit, 0) > limit):
+            return {"period": period, "unit": unit, "limit": limit, "used": round(used, 4) if unit == "USD" else used,
                     "resets_at": bounds[period][1]}
     return None
 
@@ -1300,17 +1368,23 @@ def parse_quota(body: Mapping[str, Any], quota: Mapping[str, Optional[int]],
     for field in QUOTA_FIELDS:
         if field in body:
             value = body[field]
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+            kinds = (int, float) if field.startswith("cost_") else (int,)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
                                       or not 0 <= value <= 10 ** 12):
-                raise bad_request(f"'{field}' must be null (unlimited) or a whole number >= 0", field)
+                raise bad_request(f"'{field}' must be null (unlimited) or a "
+                                  f"{'number (USD)' if field.startswith('cost_') else 'whole number'} >= 0", field)
             quota[field] = value
+    if "priority" in body:
+        if body["priority"] not in PRIORITIES:
+            raise bad_request(f"'priority' must be one of {', '.join(PRIORITIES)}", "priority")
+        quota["priority"] = body["priority"]
     chosen = list(models) if models is not None else None
     if "models" in body:
         value = body["models"]
         if value is not None and (not isinstance(value, list) or not all(isinstance(m, str) for m in value)):
             raise bad_request("'models' must be null (all models) or a list of model ids", "models")
         chosen = None if value is None else sorted({registry.resolve(m).id for m in value})
-    unknown = set(body) - set(QUOTA_FIELDS) - {"models", "name"}
+    unknown = set(body) - set(QUOTA_FIELDS) - {"models", "name", "priority"}
     if unknown:
         raise bad_request(f"Unknown field(s): {', '.join(sorted(unknown))[:200]}", sorted(unknown)[0],
                           "unknown_field")
@@ -3983,6 +4057,29 @@ class PlanLimits:
         with self._lock:
             return self.overage_until > now_s
 
+    def check_reserve(self, priority: str, reserves: Dict[str, int], now_s: float) -> None:
+        """429 plan_reserved when a window's utilization has reached the part kept back for
+        higher priorities: low keys wait from 100 − reserve %, normal ones from 100 − reserve/2 %,
+        high never. Decided from the last report, without a spawn."""
+        if priority == "high":
+            return
+        with self._lock:
+            windows = {name: dict(w) for name, w in self.windows.items()}
+        for name, reserve in reserves.items():
+            window = windows.get(name) or {}
+            utilization = window.get("utilization")
+            if not reserve or utilization is None or window.get("resets_at", 0) <= now_s:
+                continue
+            line = 100 - (reserve if priority == "low" else reserve / 2)
+            if utilization * 100 >= line:
+                words = {"five_hour": "5-hour", "seven_day": "weekly"}.get(name, name)
+                error = plan_limit_error(
+                    f"The plan's {words} window is {utilization * 100:.0f}% used; the rest is kept for "
+                    f"higher-priority keys (this key: {priority}). Resets in "
+                    f"{format_wait(window['resets_at'] - now_s)}.", window["resets_at"], now_s)
+                error.code = "plan_reserved"
+                raise error
+
     def _state(self) -> Dict[str, Any]:
         return {"windows": {k: dict(v) for k, v in self.windows.items()}, "hold_until": self.hold_until,
                 "hold_message": self.hold_message, "overage_until": self.overage_until}
@@ -5361,13 +5458,18 @@ class Ledger:
     def __init__(self, server: Any):
         self.server = server  # its store, metrics, flights, config and clock
 
-    def admit(self, caller: Caller, model_id: str, request_id: str, encoder: Encoder) -> Ticket:
-        """Reserve the caller's quota for one request (429 over it); the ticket records the end."""
-        server = self.server
+    def admit(self, caller: Caller, model_id: str, request_id: str, encoder: Encoder,
+              floor_tokens: int = 0) -> Ticket:
+        """Reserve the caller's quota for one request (429 over it, or over the plan's reserve for
+        its priority); the ticket records the end. `floor_tokens`: the least the request will use."""
+        server, config = self.server, self.server.config
         now = server.wall()
-        bounds = period_bounds(now, server.config.tzinfo)
+        server.plan.check_reserve(caller.priority, {"five_hour": config.reserve_5h, "seven_day": config.reserve_7d},
+                                  now)
+        bounds = period_bounds(now, config.tzinfo)
         try:
-            row, counts = server.store.reserve(caller.key, caller.name, model_id, request_id, now, bounds)
+            row, counts = server.store.reserve(caller.key, caller.name, model_id, request_id, now, bounds,
+                                               floor_tokens)
         except QuotaExceeded as e:
             raise quota_error(e.breach, now) from None
         return Ticket(self, caller, model_id, request_id, encoder, row,
@@ -5521,11 +5623,12 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
     followup = conversation_followup(request) if server.runner.pool.enabled() else None
     if followup is not None and server.runner.pool.holds(followup.conversation, request.owner):
         system, blocks = "", tuple(drop_empty_text(user_blocks(followup.new, server.config, fetch)))
-        check_prompt_budget(conversation_chars(request), request, server.config)
+        size = conversation_chars(request)
     else:
         followup = None
         system, blocks = messages_to_input(request, server.config, server.turn_secret, fetch)
-        check_prompt_budget(prompt_chars(system, blocks), request, server.config)
+        size = prompt_chars(system, blocks)
+    check_prompt_budget(size, request, server.config)
     if request.user:
         log.info("%s user=%s model=%s", h.request_id, request.user[:64], request.model.id)
     tools = request.tools if request.tool_choice != "none" else ()
@@ -5542,7 +5645,8 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         return play(outcome_events(replayed(hit)), encoder)
     if route.plan_headers and server.config.plan_headers:  # on answers and refusals: the client shows the plan
         h.response_headers.update(route.plan_headers(server.plan.snapshot(), server.wall()))
-    with server.ledger.admit(caller, request.model.id, h.request_id, encoder) as ticket:
+    with server.ledger.admit(caller, request.model.id, h.request_id, encoder,
+                             size // CHARS_PER_TOKEN + request.max_tokens) as ticket:
         h.admitted = True
         h.response_headers.update(ticket.headers)
         server.plan.check(server.wall(), server.config.plan_only)
@@ -6809,8 +6913,9 @@ def key_row(key: ApiKey) -> Dict[str, Any]:
 
 
 KEY_COLUMNS = [("id", "ID"), ("name", "NAME"), ("prefix", "KEY"), ("status", "STATUS"),
-               ("created", "CREATED"), ("daily", "DAY"), ("weekly", "WEEK"), ("monthly", "MONTH"),
-               ("tokens_daily", "TOKENS/DAY"), ("tokens_monthly", "TOKENS/MONTH"), ("models", "MODELS")]
+               ("created", "CREATED"), ("priority", "PRIORITY"), ("daily", "DAY"), ("weekly", "WEEK"),
+               ("monthly", "MONTH"), ("tokens_daily", "TOKENS/DAY"), ("tokens_monthly", "TOKENS/MONTH"),
+               ("cost_daily", "USD/DAY"), ("models", "MODELS")]
 
 
 def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
@@ -6826,7 +6931,7 @@ def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
 
 def quota_changes(args: argparse.Namespace) -> Dict[str, Any]:
     """The quota fields the command line set (absent ones are left alone)."""
-    changes = {f: getattr(args, f) for f in QUOTA_FIELDS if hasattr(args, f)}
+    changes = {f: getattr(args, f) for f in QUOTA_FIELDS + ("priority",) if hasattr(args, f)}
     if hasattr(args, "models"):
         changes["models"] = None if args.models in ("all", "") else args.models.split(",")
     return changes
@@ -7592,6 +7697,14 @@ def quota_value(text: str) -> Optional[int]:
     return int(text)
 
 
+def cost_value(text: str) -> Optional[float]:
+    if text.lower() in ("none", "unlimited"):
+        return None
+    if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD (e.g. 2.50) or 'none'")
+    return float(text)
+
+
 def add_key_commands(commands: Any) -> None:
     keys = commands.add_parser("keys", help="per-person API keys: list, add, revoke, quota")
     keys.add_argument("--json", action="store_true")
@@ -7610,9 +7723,12 @@ def add_key_commands(commands: Any) -> None:
     quota.add_argument("name")
     for parser, run in ((add, cmd_keys_add), (quota, cmd_keys_quota)):
         for field in QUOTA_FIELDS:
-            parser.add_argument("--" + field.replace("_", "-"), dest=field, type=quota_value,
-                                default=argparse.SUPPRESS, metavar="N",
+            cost = field.startswith("cost_")
+            parser.add_argument("--" + field.replace("_", "-"), dest=field, type=cost_value if cost else quota_value,
+                                default=argparse.SUPPRESS, metavar="USD" if cost else "N",
                                 help=f"{field.replace('_', ' ')} limit ('none' = unlimited)")
+        parser.add_argument("--priority", choices=PRIORITIES, default=argparse.SUPPRESS,
+                            help="who waits first when the plan runs low (OCP_RESERVE_5H/7D); default normal")
         parser.add_argument("--models", default=argparse.SUPPRESS, metavar="A,B",
                             help="allowed models ('all' = any)")
         parser.add_argument("--json", action="store_true")

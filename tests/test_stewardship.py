@@ -1,0 +1,123 @@
+"""Stewarding the subscription: priorities and a reserve of the plan's windows, token and cost
+quotas that hold under concurrency, who spent the plan."""
+
+import concurrent.futures
+import json
+import time
+
+import ocp
+from helpers import ServerTest, TempHome, directive
+from test_cli import run_main
+
+ADMIN = "ocp_admin_" + "s" * 32
+
+
+class Household(ServerTest):
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_TIMEZONE": "UTC"}
+
+    def admin(self, method, path, body=None):
+        return self.request(method, path, body, headers={"Authorization": f"Bearer {ADMIN}"})
+
+    def add_key(self, name, **policy):
+        status, _, body = self.admin("POST", "/api/keys", dict(policy, name=name))
+        self.assertEqual(status, 201, body)
+        return body["key"]
+
+    def ask(self, secret, content="hi", **params):
+        body = {"model": params.pop("model", "sonnet"), "messages": [{"role": "user", "content": content}]}
+        body.update(params)
+        return self.request("POST", "/v1/chat/completions", body, headers={"Authorization": f"Bearer {secret}"})
+
+    def at_once(self, count, call):
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            return list(pool.map(lambda _: call(), range(count)))
+
+    def report(self, five_hour, seven_day=0.10, resets_in=3600):
+        """The plan as a rate_limit_event reports it."""
+        now = self.server.wall()
+        self.server.plan.observe({"unifiedWindows": {
+            "five_hour": {"utilization": five_hour, "resetsAt": int(now + resets_in), "status": "allowed"},
+            "seven_day": {"utilization": seven_day, "resetsAt": int(now + 4 * 86400), "status": "allowed"}}})
+
+
+class Reserve(Household):
+    env = dict(Household.env, OCP_RESERVE_5H="20")
+
+    def test_low_priority_keys_wait_past_the_reserve_and_high_ones_are_served(self):
+        kid = self.add_key("kid", priority="low")
+        member = self.add_key("member")
+        owner = self.add_key("owner", priority="high")
+        self.report(0.85)
+        answers = self.at_once(40, lambda: self.ask(kid))
+        self.assertEqual({status for status, _, _ in answers}, {429})
+        _, headers, body = answers[0]
+        self.assertEqual(body["error"]["code"], "plan_reserved")
+        self.assertIn("kept for higher-priority keys", body["error"]["message"])
+        self.assertTrue(3500 <= int(headers["Retry-After"]) <= 3600, headers["Retry-After"])
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assertEqual(self.runs(), [], "no CLI was started for a refused request")
+        self.assertEqual(self.ask(member)[0], 200, "a normal key waits only past 100 - 20/2 %")
+        self.assertEqual(self.ask(owner)[0], 200)
+        self.assertEqual(self.request("POST", "/v1/chat/completions", {"model": "sonnet", "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"Authorization": f"Bearer {ADMIN}"})[0], 200,
+            "the owner's admin key is high priority")
+        self.report(0.92)
+        self.assertEqual(self.ask(member)[2]["error"]["code"], "plan_reserved")
+        self.assertEqual(self.ask(owner)[0], 200, "high never waits for the reserve")
+
+    def test_a_window_that_reset_holds_nothing_back(self):
+        kid = self.add_key("kid", priority="low")
+        self.report(0.95, resets_in=-10)
+        self.assertEqual(self.ask(kid)[0], 200)
+
+    def test_priority_is_set_and_changed_like_a_quota(self):
+        self.add_key("kid", priority="low")
+        status, _, body = self.admin("PATCH", "/api/keys/kid/quota", {"priority": "high"})
+        self.assertEqual((status, body["priority"]), (200, "high"))
+        status, _, body = self.admin("PATCH", "/api/keys/kid/quota", {"priority": "urgent"})
+        self.assertEqual((status, body["error"]["param"]), (400, "priority"))
+
+
+class QuotasUnderConcurrency(Household):
+    def test_a_token_quota_holds_when_twenty_requests_come_at_once(self):
+        secret = self.add_key("kid", tokens_daily=150)
+        slow = directive(pace_ms=40, deltas=5)
+        answers = self.at_once(20, lambda: self.ask(secret, "hello " + slow))
+        admitted = [a for a in answers if a[0] == 200]
+        refused = [a for a in answers if a[0] == 429]
+        self.assertEqual((len(admitted), len(refused)), (1, 19), "a request is admitted while its estimate fits")
+        self.assertEqual({a[2]["error"]["quota"]["unit"] for a in refused}, {"tokens"})
+        rows = [r for r in self.server.store.usage_rows(None, None, 0, 2 ** 40, 100) if r["status"] == "ok"]
+        spent = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
+        # The documented bound: the quota, plus what the requests admitted while their estimates fit
+        # used beyond them. No answer anywhere yet, so the estimate was ocp.TOKEN_GUESS: one request
+        # (0 + 100 <= 150; a second would need 200). Its ~4,400 tokens are the fake CLI's, as real
+        # answers count the CLI's own system prompt. Before: all 20 were admitted (20 x that).
+        self.assertEqual(len(rows), 1)
+        self.assertGreater(spent, 150)
+        self.assertEqual(self.ask(secret)[0], 429, "the next estimate is the last answers': it cannot fit")
+        other = self.add_key("other", tokens_daily=150)
+        self.assertEqual(self.ask(other)[0], 429, "a new key's estimate is everyone's recent answers")
+
+    def test_a_cost_quota_refuses_the_request_its_estimate_would_carry_past_it(self):
+        secret = self.add_key("kid", cost_daily=0.03)  # the fake CLI's answers cost $0.017952
+        self.assertEqual(self.ask(secret)[0], 200)
+        status, _, body = self.ask(secret)
+        self.assertEqual((status, body["error"]["quota"]["unit"], body["error"]["quota"]["period"]), (429, "USD", "day"))
+        self.assertIn("0.018/0.03 USD today", body["error"]["message"])
+
+
+class KeyPolicyOnTheCommandLine(TempHome):
+    def test_keys_add_and_quota_take_a_priority_and_cost_limits(self):
+        env = self.environ()
+        code, out, err = run_main(["keys", "add", "kid", "--priority", "low", "--cost-daily", "1.50", "--json"], env)
+        self.assertEqual(code, 0, err)
+        key = json.loads(out)
+        self.assertEqual((key["priority"], key["quota"]["cost_daily"]), ("low", 1.5))
+        code, out, _ = run_main(["keys", "quota", "kid", "--priority", "normal", "--cost-weekly", "none", "--json"], env)
+        self.assertEqual(json.loads(out)["priority"], "normal")
+        code, out, _ = run_main(["keys"], env)
+        self.assertIn("PRIORITY", out)
+        self.assertIn("normal", out)
+        code, _, err = run_main(["keys", "add", "x", "--priority", "vip"], env)
+        self.assertEqual(code, 2)
