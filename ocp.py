@@ -3989,8 +3989,26 @@ def normalize_json(text: str) -> str:
 ###############################################################################
 
 
+SHARED_WINDOWS = ("five_hour", "seven_day")  # the windows whose use is attributed to keys
+OUTSIDE = "(outside OCP)"  # a window's rise with no OCP request finished since the last report
+SHARE_NOTE = ("An estimate: each rise of a window's utilization between two of the CLI's reports is shared "
+              "among the requests that finished in between, in proportion to their cost (the CLI's "
+              "total_cost_usd, or tokens at list price); a rise with none is use outside OCP.")
+LIST_PRICES = {"opus": (4.0, 20.0), "sonnet": (2.0, 10.0), "haiku": (1.0, 5.0)}  # USD per Mtok in, out:
+# the 5.x prices the recordings' total_cost_usd implies (4,412 in + 12 out on opus = $0.017888)
+
+
+def list_price(model_id: str, usage: Usage) -> float:
+    """A request's cost at list price, for when the CLI did not say (cache reads 0.1x, writes 1.25x)."""
+    family = next((f for f in LIST_PRICES if f in model_id), "opus")
+    per_in, per_out = LIST_PRICES[family]
+    return (usage.input * per_in + usage.cache_read * per_in * 0.1 + usage.cache_write * per_in * 1.25
+            + usage.output * per_out) / 1_000_000
+
+
 class PlanLimits:
-    """The subscription's windows as the CLI reports them, the local hold, and overage.
+    """The subscription's windows as the CLI reports them, the local hold, overage, and who
+    spent the windows (`spent` and `shares`, estimated as SHARE_NOTE says).
 
     After `usage_limit_reached` every request is answered 429 here, without a
     spawn, until the reset. `save` (if given) persists the state on every
@@ -4006,6 +4024,9 @@ class PlanLimits:
         self.hold_until = int(saved.get("hold_until") or 0)
         self.hold_message = str(saved.get("hold_message") or "")
         self.overage_until = int(saved.get("overage_until") or 0)
+        self.shares: Dict[str, Dict[str, Any]] = dict(saved.get("shares") or {})  # window -> resets_at, points
+        self.unshared: Dict[str, Dict[str, float]] = {w: {} for w in SHARED_WINDOWS}  # key -> cost since a rise
+        self.overage_spent = dict(saved.get("overage_spent") or {"requests": 0, "cost_usd": 0.0})
 
     def observe(self, info: Dict[str, Any]) -> bool:
         """Take one rate_limit_event; return True when this answer was paid from extra usage."""
@@ -4013,6 +4034,7 @@ class PlanLimits:
         with self._lock:
             for name, window in (info.get("unifiedWindows") or {}).items():
                 if isinstance(window, dict):
+                    self._attribute(name, window)
                     self._merge(name, window)
             if info.get("rateLimitType") and info.get("resetsAt"):
                 self._merge(info["rateLimitType"], {"status": info.get("status"),
@@ -4032,6 +4054,55 @@ class PlanLimits:
             utilization = max(known["utilization"], utilization or 0)  # same window: keep the max
         self.windows[name] = {"utilization": utilization, "resets_at": reset,
                               "status": window.get("status") or (known or {}).get("status")}
+
+    def _attribute(self, name: str, window: Dict[str, Any]) -> None:
+        """Share a window's rise since the last report among the requests that finished since."""
+        if name not in SHARED_WINDOWS or not isinstance(window.get("utilization"), (int, float)):
+            return
+        known, reset = self.windows.get(name), int(window.get("resetsAt") or 0)
+        if known and reset < known["resets_at"]:
+            return
+        same = known is not None and known["resets_at"] == reset
+        rise = window["utilization"] - ((known or {}).get("utilization") or 0) if same else window["utilization"]
+        share = self.shares.get(name)
+        if not share or share["resets_at"] != reset:
+            share = self.shares[name] = {"resets_at": reset, "points": {}}
+        if rise <= 0:
+            return
+        spenders = self.unshared[name]
+        total = sum(spenders.values())
+        for key, cost in (spenders.items() if spenders else ((OUTSIDE, 1.0),)):
+            part = rise * 100 * (cost / total if total else 1 / len(spenders) if spenders else 1)
+            share["points"][key] = share["points"].get(key, 0) + part
+        spenders.clear()
+
+    def spent(self, key: str, cost_usd: float, overage: bool = False) -> None:
+        """A request finished: its cost waits for the windows' next rise (and counts as extra usage)."""
+        with self._lock:
+            for spenders in self.unshared.values():
+                spenders[key] = spenders.get(key, 0.0) + max(cost_usd, 1e-9)
+            if overage:
+                self.overage_spent = {"requests": self.overage_spent["requests"] + 1,
+                                      "cost_usd": round(self.overage_spent["cost_usd"] + cost_usd, 6)}
+                state = self._state()
+        if overage:
+            self._save(state)
+
+    def share_report(self, now_s: float) -> Dict[str, Any]:
+        """Each current window's utilization and its estimated split by key, in percent of the window."""
+        with self._lock:
+            windows = {n: dict(w) for n, w in self.windows.items()}
+            shares = {n: {"resets_at": s["resets_at"], "points": dict(s["points"])} for n, s in self.shares.items()}
+        report = {}
+        for name in SHARED_WINDOWS:
+            share, window = shares.get(name), windows.get(name) or {}
+            if not share or share["resets_at"] <= now_s:
+                continue
+            keys = sorted(share["points"].items(), key=lambda kv: -kv[1])
+            report[name] = {"resets_at": share["resets_at"],
+                            "utilization_pct": round((window.get("utilization") or 0) * 100, 1),
+                            "keys": [{"key": k, "share_pct": round(v, 1)} for k, v in keys]}
+        return {"windows": report, "note": SHARE_NOTE}
 
     def hold(self, resets_at: int, message: str) -> None:
         with self._lock:
@@ -4082,7 +4153,9 @@ class PlanLimits:
 
     def _state(self) -> Dict[str, Any]:
         return {"windows": {k: dict(v) for k, v in self.windows.items()}, "hold_until": self.hold_until,
-                "hold_message": self.hold_message, "overage_until": self.overage_until}
+                "hold_message": self.hold_message, "overage_until": self.overage_until,
+                "shares": {k: {"resets_at": v["resets_at"], "points": dict(v["points"])} for k, v in self.shares.items()},
+                "overage_spent": dict(self.overage_spent)}
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:
@@ -4129,14 +4202,34 @@ def codex_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
     return headers
 
 
-def plan_report(plan: PlanLimits, now_s: float) -> Dict[str, Any]:
-    """The plan windows for people: utilization in percent, resets in and at."""
+def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None) -> Dict[str, Any]:
+    """The plan windows for people: utilization in percent, resets in and at, who spent them
+    (only `key`'s share when given: a member sees its own), and OCP's extra usage."""
     state = plan.snapshot()
     windows = [{"window": name, "utilization_pct": None if w["utilization"] is None else round(w["utilization"] * 100, 1),
                 "status": w["status"], "resets_at": w["resets_at"], "resets_in": format_wait(w["resets_at"] - now_s)}
                for name, w in sorted(state["windows"].items())]
     return {"windows": windows, "held_until": state["hold_until"] if state["hold_until"] > now_s else None,
-            "overage": state["overage_until"] > now_s}
+            "overage": state["overage_until"] > now_s, "overage_until": state["overage_until"] or None,
+            "overage_spent": state["overage_spent"], "share": key_share(plan.share_report(now_s), key)}
+
+
+def key_share(report: Dict[str, Any], key: Optional[str]) -> Dict[str, Any]:
+    """The share report, cut to one key's entries when `key` is given."""
+    if key is None:
+        return report
+    windows = {name: dict(w, keys=[k for k in w["keys"] if k["key"] == key]) for name, w in report["windows"].items()}
+    return dict(report, windows=windows)
+
+
+def share_columns(report: Dict[str, Any], key: str) -> Dict[str, Optional[float]]:
+    """A key's estimated share of each window in percent (None: no report for that window)."""
+    columns = {}
+    for name, label in (("five_hour", "share_5h_pct"), ("seven_day", "share_7d_pct")):
+        window = report["windows"].get(name)
+        columns[label] = None if window is None else next(
+            (k["share_pct"] for k in window["keys"] if k["key"] == key), 0.0)
+    return columns
 
 
 ###############################################################################
@@ -5512,6 +5605,8 @@ class Ledger:
                               ttft_ms / 1000 if ttft_ms is not None else None)
         if status in ("ok", "partial"):
             server.metrics.count_tokens(ticket.model_id, ticket.caller.name, usage)
+            server.plan.spent(ticket.caller.name, usage.cost_usd or list_price(ticket.model_id, usage),
+                              ticket.outcome is not None and ticket.outcome.overage)
         if server.config.log_prompts and ticket.job is not None:
             log_exchange(ticket.request_id, ticket.job, status, ticket.outcome)
 
@@ -5763,7 +5858,8 @@ def handle_usage(h: Handler) -> None:
         h.audit("usage.all", "*", h.path.partition("?")[2][:200])
     rows = h.server.store.usage_rows(None if everyone else (caller.key.id if caller.key else None),
                                      None if everyone else caller.name, since, until, limit)
-    h.send_json(200, {"object": "list", "since": since, "until": until, "data": rows})
+    share = key_share(h.server.plan.share_report(h.server.wall()), None if everyone else caller.name)
+    h.send_json(200, {"object": "list", "since": since, "until": until, "data": rows, "plan_share": share})
 
 
 def handle_plan_usage(h: Handler) -> None:
@@ -5911,7 +6007,8 @@ def handle_dashboard_data(h: Handler) -> None:
     recent = server.store.usage_rows(mine, None if caller.admin else caller.name, 0, int(now) + 1, 25)
     h.send_json(200, {
         "role": "admin" if caller.admin else "member", "name": caller.name, "now": int(now),
-        "health": server.health(admin=caller.admin), "plan": plan_report(server.plan, now),
+        "health": server.health(admin=caller.admin),
+        "plan": plan_report(server.plan, now, None if caller.admin else caller.name),
         "series": {"bucket_s": bucket, "points": server.store.usage_series(since, bucket, buckets, mine)},
         "keys": [quota_report(server.store, k, now, server.config.tzinfo) for k in keys],
         "usage_by_key": usage if caller.admin else [u for u in usage if u["key_name"] == caller.name],
@@ -6366,6 +6463,11 @@ class Server(ThreadingHTTPServer):
                                {"window": name}, window["utilization"]))
                 gauges.append(("ocp_plan_resets_at", "gauge", "When a plan window resets (epoch seconds).",
                                {"window": name}, window["resets_at"]))
+        for name, window in self.plan.share_report(self.wall())["windows"].items():
+            for entry in window["keys"]:
+                gauges.append(("ocp_plan_share_percent", "gauge", "Estimated share of a plan window used by a key "
+                               "(percent of the window; see the README).", {"window": name, "key": entry["key"]},
+                               entry["share_pct"]))
         parks = self.parks.snapshot()
         gauges.append(("ocp_tools_parked", "gauge", "CLIs parked on their clients' tool calls.", {}, parks.pop("parked_now")))
         for name, n in parks.items():
@@ -6995,11 +7097,14 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
     until = int(time.time()) + 1
     since = parse_time(args.since, "--since") if args.since else until - 1 - args.hours * 3600
     if args.by_key:
-        rows = store.usage_by_key(since, until)
+        share = PlanLimits(store.load_state("plan")).share_report(time.time())
+        rows = [dict(row, **share_columns(share, row["key_name"])) for row in store.usage_by_key(since, until)]
+        rows += [dict({"key_name": OUTSIDE}, **share_columns(share, OUTSIDE))] if any(
+            k["key"] == OUTSIDE for w in share["windows"].values() for k in w["keys"]) else []
         columns = [("key_name", "KEY"), ("requests", "REQUESTS"), ("ok", "OK"), ("errors", "ERRORS"),
                    ("cancelled", "CANCELLED"), ("refused", "REFUSED"), ("prompt_tokens", "PROMPT"),
-                   ("completion_tokens", "COMPLETION"),
-                   ("cost_usd", "COST$"), ("avg_ms", "AVG MS"), ("last", "LAST")]
+                   ("completion_tokens", "COMPLETION"), ("cost_usd", "COST$"), ("share_5h_pct", "~% 5H"),
+                   ("share_7d_pct", "~% WEEK"), ("avg_ms", "AVG MS"), ("last", "LAST")]
     else:
         key_name = store.find_key(args.key).name if args.key else None
         rows = store.usage_rows(None, None, since, until, args.limit)
@@ -7018,6 +7123,8 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
         print("No requests in that period.")
     else:
         print_table(rows, columns)
+        if args.by_key:
+            print("\n~% 5H, ~% WEEK: " + SHARE_NOTE)
     return 0
 
 

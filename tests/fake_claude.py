@@ -23,7 +23,9 @@ calls (with --mcp-config's sdk server "ocp": a list of tool rounds, each a list 
 requests, the next round follows), final (the answer after the last round;
 default "Done: " and the results), mcp_fail (the server "ocp" reports failed),
 recall (answer "Recall: " and every user text of the conversation this process
-holds, oldest first: what a warm process remembers).
+holds, oldest first: what a warm process remembers), plan and plan_week (the
+5-hour and weekly utilization its rate_limit_event reports), cost (the turn's
+total_cost_usd).
 
 With --input-format stream-json each stdin line is one user turn, answered up
 to its `result` before the next line is read, as the real CLI does: stdin may
@@ -215,15 +217,17 @@ class Run:
     def output_tokens(self, text):
         return (self.d.get("usage") or {}).get("output", max(1, len(text) // 4))
 
-    def rate_limit(self, status="allowed", utilization=0.12, overage=False):
+    def rate_limit(self, status="allowed", utilization=None, overage=False):
         if not self.oauth:
             return
+        utilization = self.d.get("plan", 0.12) if utilization is None else utilization
         info = {"status": status, "resetsAt": PLAN_RESET, "rateLimitType": "five_hour",
                 "overageStatus": "allowed" if overage else "rejected",
                 "isUsingOverage": overage,
                 "unifiedWindows": {
                     "five_hour": {"utilization": utilization, "resetsAt": PLAN_RESET, "status": status},
-                    "seven_day": {"utilization": 0.45, "resetsAt": 1795838400, "status": "allowed"}}}
+                    "seven_day": {"utilization": self.d.get("plan_week", 0.45), "resetsAt": 1795838400,
+                                  "status": "allowed"}}}
         out(self.base(type="rate_limit_event", rate_limit_info=info))
 
     def result(self, text, is_error=False, stop_reason="end_turn", terminal="completed",
@@ -233,7 +237,8 @@ class Run:
         usage.update(output_tokens_details={"thinking_tokens": 0}, service_tier="standard")
         record = self.base(type="result", subtype=subtype, is_error=is_error, duration_ms=120,
                            duration_api_ms=20, num_turns=max(1, self.turns), result=text,
-                           stop_reason=stop_reason, total_cost_usd=round(COST["usd"] + 0.017952, 6), usage=usage,
+                           stop_reason=stop_reason, total_cost_usd=round(COST["usd"] + self.d.get("cost", 0.017952), 6),
+                           usage=usage,
                            modelUsage={self.model: {"inputTokens": usage["input_tokens"],
                                                     "outputTokens": usage["output_tokens"],
                                                     "contextWindow": 1000000,

@@ -121,3 +121,56 @@ class KeyPolicyOnTheCommandLine(TempHome):
         self.assertIn("normal", out)
         code, _, err = run_main(["keys", "add", "x", "--priority", "vip"], env)
         self.assertEqual(code, 2)
+
+
+PLAN_RESET = 1795503600  # the fake CLI's 5-hour reset
+
+
+class PlanShare(Household):
+    env = dict(Household.env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-share")
+    COSTS = {"ann": 0.01, "ben": 0.02, "cat": 0.03}
+    PER_USD = 2.0  # the fake plan: each dollar of answers raises the 5-hour window by 200 points
+
+    def setUp(self):
+        super().setUp()
+        self.server.wall = lambda: PLAN_RESET - 3600
+
+    def test_the_windows_rises_are_shared_by_cost_and_shown_everywhere(self):
+        secrets = {name: self.add_key(name) for name in self.COSTS}
+        utilization, rounds = 0.10, 3
+        order = [name for _ in range(rounds) for name in self.COSTS] + ["ann"]  # the last one reports the rest
+        for number, name in enumerate(order):
+            cost = self.COSTS[name] if number < len(order) - 1 else 0.0
+            status, _, body = self.ask(secrets[name], f"turn {number} " + directive(
+                plan=round(utilization, 4), plan_week=0.40, cost=cost or 0.000001))
+            self.assertEqual(status, 200, body)
+            utilization += cost * self.PER_USD
+        status, _, body = self.admin("GET", "/api/usage?all=true")
+        share = body["plan_share"]
+        self.assertIn("estimate", share["note"])
+        five = {k["key"]: k["share_pct"] for k in share["windows"]["five_hour"]["keys"]}
+        for name, cost in self.COSTS.items():  # rounds x cost x 200 points
+            self.assertAlmostEqual(five[name], rounds * cost * self.PER_USD * 100, delta=0.1, msg=five)
+        self.assertAlmostEqual(five["(outside OCP)"], 10.0, delta=0.1, msg="the first report: before OCP saw any")
+        self.assertAlmostEqual(share["windows"]["five_hour"]["utilization_pct"], sum(five.values()), delta=0.2)
+        _, _, mine = self.ask_usage(secrets["ben"])
+        self.assertEqual([k["key"] for k in mine["plan_share"]["windows"]["five_hour"]["keys"]], ["ben"],
+                         "a member sees only its own share")
+        _, _, text = self.admin("GET", "/metrics")
+        self.assertIn('ocp_plan_share_percent{window="five_hour",key="cat"} 18.0', text)
+        _, _, data = self.admin("GET", "/dashboard/data")
+        self.assertEqual({k["key"] for k in data["plan"]["share"]["windows"]["five_hour"]["keys"]},
+                         set(self.COSTS) | {"(outside OCP)"})
+
+    def ask_usage(self, secret):
+        return self.request("GET", "/api/usage", headers={"Authorization": f"Bearer {secret}"})
+
+    def test_usage_by_key_prints_the_shares_and_says_they_are_estimates(self):
+        secret = self.add_key("ann")
+        for number, utilization in enumerate((0.10, 0.15)):
+            self.ask(secret, f"t{number} " + directive(plan=utilization))
+        self.server.store.save_state("plan", self.server.plan.snapshot())
+        code, out, err = run_main(["usage", "--by-key"], dict(self.environ(), OCP_ADMIN_KEY=ADMIN))
+        self.assertEqual(code, 0, err)
+        self.assertIn("~% 5H", out)
+        self.assertIn("An estimate", out)
