@@ -1198,23 +1198,28 @@ def quota_error(breach: Dict[str, Any], now_s: float) -> ApiError:
     return ApiError(429, message, "insufficient_quota", "quota_exceeded", headers=headers, extra={"quota": quota})
 
 
-def ratelimit_headers(key: Optional[ApiKey], counts: Dict[str, int],
+def ratelimit_headers(key: Optional[ApiKey], counts: Dict[str, Any],
                       bounds: Dict[str, Tuple[int, int]], now_s: float) -> Dict[str, str]:
-    """OpenAI's x-ratelimit-*-requests headers for the key's tightest request quota."""
+    """OpenAI's x-ratelimit-*-requests and -tokens headers for the key's tightest request and
+    token quotas (tokens: with the requests still running at their estimates), and
+    x-ocp-ratelimit-*-usd for a cost quota."""
     if key is None:
         return {}
-    tightest = None
+    tightest: Dict[str, Tuple[Any, Any, int]] = {}
     for field, period, counter, unit in QUOTA_PERIODS:
         limit = key.quota.get(field)
-        if unit == "requests" and limit is not None:
+        if limit is not None:
             remaining = max(0, limit - counts.get(counter, 0))
-            if tightest is None or remaining < tightest[1]:
-                tightest = (limit, remaining, bounds[period][1])
-    if tightest is None:
-        return {}
-    limit, remaining, reset = tightest
-    return {"x-ratelimit-limit-requests": str(limit), "x-ratelimit-remaining-requests": str(remaining),
-            "x-ratelimit-reset-requests": f"{max(0, int(reset - now_s))}s"}
+            if unit not in tightest or remaining < tightest[unit][1]:
+                tightest[unit] = (limit, remaining, bounds[period][1])
+    headers = {}
+    for unit, (limit, remaining, reset) in tightest.items():
+        name = {"requests": "x-ratelimit-%s-requests", "tokens": "x-ratelimit-%s-tokens",
+                "USD": "x-ocp-ratelimit-%s-usd"}[unit]
+        shown = (lambda v: f"{v:.4f}") if unit == "USD" else str
+        headers.update({name % "limit": shown(limit), name % "remaining": shown(remaining),
+                        name % "reset": f"{max(0, int(reset - now_s))}s"})
+    return headers
 
 
 def presented_key(headers: Mapping[str, str]) -> str:
@@ -4214,6 +4219,18 @@ def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None) -> Di
             "overage_spent": state["overage_spent"], "share": key_share(plan.share_report(now_s), key)}
 
 
+def plan_share_headers(report: Dict[str, Any], key: str) -> Dict[str, str]:
+    """x-ocp-plan-* on each answer: the windows' use and this key's estimated share of each."""
+    headers = {}
+    for name, label in (("five_hour", "5h"), ("seven_day", "7d")):
+        window = report["windows"].get(name)
+        if window is not None:
+            headers[f"x-ocp-plan-utilization-{label}"] = f"{window['utilization_pct']:g}"
+            headers[f"x-ocp-plan-share-{label}"] = f"{share_columns(report, key)[f'share_{label}_pct']:g}"
+            headers[f"x-ocp-plan-reset-{label}"] = str(window["resets_at"])
+    return headers
+
+
 def key_share(report: Dict[str, Any], key: Optional[str]) -> Dict[str, Any]:
     """The share report, cut to one key's entries when `key` is given."""
     if key is None:
@@ -5565,8 +5582,9 @@ class Ledger:
                                                floor_tokens)
         except QuotaExceeded as e:
             raise quota_error(e.breach, now) from None
-        return Ticket(self, caller, model_id, request_id, encoder, row,
-                      ratelimit_headers(caller.key, counts, bounds, now))
+        headers = ratelimit_headers(caller.key, counts, bounds, now)
+        headers.update(plan_share_headers(server.plan.share_report(now), caller.name))
+        return Ticket(self, caller, model_id, request_id, encoder, row, headers)
 
     def refused(self, caller: Caller, model_id: str, request_id: str, status: int) -> None:
         """A known caller turned away before admission: a row that counts against nothing."""

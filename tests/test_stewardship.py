@@ -174,3 +174,19 @@ class PlanShare(Household):
         self.assertEqual(code, 0, err)
         self.assertIn("~% 5H", out)
         self.assertIn("An estimate", out)
+
+
+class Headers(PlanShare):
+    def test_answers_tell_a_member_its_remaining_quota_and_its_share_of_the_plan(self):
+        secret = self.add_key("ann", daily=10, tokens_daily=100000, cost_daily=1)
+        self.ask(secret, "one " + directive(plan=0.10, cost=0.01))
+        self.ask(secret, "two " + directive(plan=0.12, cost=0.01))
+        status, headers, _ = self.ask(secret, "three")  # (headers say what was known when it was admitted)
+        self.assertEqual(status, 200)
+        self.assertEqual((headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]), ("10", "7"))
+        self.assertEqual(headers["x-ratelimit-limit-tokens"], "100000")
+        self.assertLess(int(headers["x-ratelimit-remaining-tokens"]), 100000 - 4000, "the first answer's tokens")
+        self.assertEqual(headers["x-ocp-ratelimit-limit-usd"], "1.0000")
+        self.assertEqual(headers["x-ocp-plan-utilization-5h"], "12")
+        self.assertEqual(headers["x-ocp-plan-share-5h"], "2", "the rise from 10 to 12 % was ann's first answer")
+        self.assertEqual(headers["x-ocp-plan-reset-5h"], str(PLAN_RESET))

@@ -16,6 +16,7 @@ ADMIN = "ocp_admin_key_for_browser_tests0000"
 CHROMIUM = os.environ.get("OCP_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = os.environ.get("OCP_SCREENSHOTS", os.path.join(ROOT, "screenshots"))
 HOSTILE = "<script>alert(1)</script>"
+PLAN_RESET = 1795503600  # the fake CLI's 5-hour reset
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--no-first-run", "--disable-sync", "--disable-quic"]
 
@@ -158,6 +159,27 @@ class DashboardInChromium(ServerTest):
         page.click("#logout")
         page.wait_for_selector("#login:not(.hidden)")
         self.assertEqual(self.context.cookies(), [])
+
+    def test_the_plan_shows_who_spent_it_and_a_member_near_its_quota_is_warned(self):
+        self.server.wall = lambda: PLAN_RESET - 3600  # the fake CLI's windows are current
+        carol = self.api_key("carol", daily=5)
+        for number, (key, utilization) in enumerate(((carol, 0.20), (self.bob, 0.30), (carol, 0.35), (carol, 0.40),
+                                                     (carol, 0.45))):
+            self.ask(key, f"t{number} " + directive(plan=utilization))
+        page = self.open(ADMIN)
+        self.assertGreaterEqual(page.locator("#plan .stack > span").count(), 2, "a stacked bar of who spent it")
+        legend = page.locator("#plan .shares").first.inner_text()
+        self.assertIn("carol ≈", legend)
+        self.assertIn("bob ≈", legend)
+        self.assertIn("An estimate", page.locator("#plan").inner_text())
+        self.assertFalse(page.locator("#quota-warning").is_visible())
+        page.click("#logout")
+        page.wait_for_selector("#login:not(.hidden)")
+        page = self.open(carol)
+        self.assertRegex(page.locator("#quota-warning").inner_text(),
+                         r"^You have used 4 of 5 requests today; it resets in \d+h \d+m\.$")
+        self.assertNotIn("bob", page.locator("#plan").inner_text(), "a member sees only its own share")
+        self.assertIn("carol ≈", page.locator("#plan").inner_text())
 
 
 if __name__ == "__main__":
