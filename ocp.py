@@ -4032,6 +4032,7 @@ class PlanLimits:
         self.shares: Dict[str, Dict[str, Any]] = dict(saved.get("shares") or {})  # window -> resets_at, points
         self.unshared: Dict[str, Dict[str, float]] = {w: {} for w in SHARED_WINDOWS}  # key -> cost since a rise
         self.overage_spent = dict(saved.get("overage_spent") or {"requests": 0, "cost_usd": 0.0})
+        self.overage_status = str(saved.get("overage_status") or "")  # the account's extra usage: allowed, rejected…
 
     def observe(self, info: Dict[str, Any]) -> bool:
         """Take one rate_limit_event; return True when this answer was paid from extra usage."""
@@ -4045,6 +4046,7 @@ class PlanLimits:
                 self._merge(info["rateLimitType"], {"status": info.get("status"),
                                                     "resetsAt": info["resetsAt"]})
             self.overage_until = int(info.get("resetsAt") or 0) if overage else 0
+            self.overage_status = str(info.get("overageStatus") or self.overage_status)
             state = self._state()
         self._save(state)
         return overage
@@ -4160,7 +4162,7 @@ class PlanLimits:
         return {"windows": {k: dict(v) for k, v in self.windows.items()}, "hold_until": self.hold_until,
                 "hold_message": self.hold_message, "overage_until": self.overage_until,
                 "shares": {k: {"resets_at": v["resets_at"], "points": dict(v["points"])} for k, v in self.shares.items()},
-                "overage_spent": dict(self.overage_spent)}
+                "overage_spent": dict(self.overage_spent), "overage_status": self.overage_status}
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:
@@ -4216,6 +4218,8 @@ def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None) -> Di
                for name, w in sorted(state["windows"].items())]
     return {"windows": windows, "held_until": state["hold_until"] if state["hold_until"] > now_s else None,
             "overage": state["overage_until"] > now_s, "overage_until": state["overage_until"] or None,
+            "extra_usage": {"allowed": "on", "allowed_warning": "on", "rejected": "off"}.get(
+                state["overage_status"], state["overage_status"] or "unknown"),
             "overage_spent": state["overage_spent"], "share": key_share(plan.share_report(now_s), key)}
 
 
@@ -7174,10 +7178,20 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     print(f"CLI processes {slots['running']}/{slots['limit']} running, {slots['queued']} queued; "
           f"keys {detail['keys']['active']} active, {detail['keys']['revoked']} revoked; "
           f"up {format_wait(detail['uptime_s'])}")
-    for window in detail["plan"]["windows"]:
+    plan = detail["plan"]
+    for window in plan["windows"]:
         used = window["utilization_pct"]
         print(f"plan {window['window']}: {'-' if used is None else f'{used:.0f}%'} used, resets in "
               f"{window['resets_in']} ({time.strftime('%Y-%m-%d %H:%M', time.localtime(window['resets_at']))})")
+        shares = (plan["share"]["windows"].get(window["window"]) or {}).get("keys") or []
+        if shares:
+            print("  ~ " + ", ".join(f"{k['key']} {k['share_pct']:g}%" for k in shares) + " (estimated)")
+    spent = plan["overage_spent"]
+    print(f"extra usage on the account: {plan['extra_usage']}"
+          + (f", paying answers now (until {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan['overage_until']))})"
+             if plan["overage"] else "")
+          + f"; OCP's answers paid from it: {spent['requests']} (~${spent['cost_usd']:.2f})"
+          + ("; OCP_PLAN_ONLY refuses them" if config.plan_only else ""))
     if body.get("reason"):
         print(f"why: {body['reason']}")
     return 0

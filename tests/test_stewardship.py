@@ -190,3 +190,19 @@ class Headers(PlanShare):
         self.assertEqual(headers["x-ocp-plan-utilization-5h"], "12")
         self.assertEqual(headers["x-ocp-plan-share-5h"], "2", "the rise from 10 to 12 % was ann's first answer")
         self.assertEqual(headers["x-ocp-plan-reset-5h"], str(PLAN_RESET))
+
+
+class ExtraUsage(PlanShare):
+    def test_status_and_the_dashboard_say_whether_extra_usage_is_on_and_what_ocp_spent_of_it(self):
+        secret = self.add_key("ann")
+        self.ask(secret, "paid " + directive(overage=True, cost=0.25))
+        status, _, data = self.admin("GET", "/dashboard/data")
+        plan = data["plan"]
+        self.assertEqual((plan["extra_usage"], plan["overage"]), ("on", True))
+        self.assertEqual(plan["overage_spent"], {"requests": 1, "cost_usd": 0.25})
+        env = dict(self.environ(), OCP_ADMIN_KEY=ADMIN, CLAUDE_PROXY_PORT=str(self.port))
+        code, out, err = run_main(["status"], env)
+        self.assertEqual(code, 0, err)
+        self.assertIn("extra usage on the account: on, paying answers now", out)
+        self.assertIn("OCP's answers paid from it: 1 (~$0.25)", out)
+        self.assertIn("plan five_hour: 12% used", out)
