@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """OCP (Open Claude Proxy): an OpenAI-compatible API over a Claude Pro/Max subscription.
 
-It runs the official `claude` CLI once per request and translates between
-OpenAI's chat completions and the CLI's stream-json events.
+It runs the official `claude` CLI for each request — or lends it one kept warm, or the
+one that holds its conversation — and translates between OpenAI's chat completions,
+Responses and Anthropic's Messages and the CLI's stream-json events.
 
     python3 ocp.py serve                 run the daemon (127.0.0.1:3456)
     python3 ocp.py keys add NAME         a per-person key (multi mode), shown once
@@ -20,11 +21,12 @@ A request's path: Handler.dispatch_request (Host/Origin checks, authenticate) �
 answer_turn, the one recipe of every model route (TURN_ROUTES): its parser
 (parse_chat_request) builds a TurnRequest → messages_to_input → cache_key /
 Ledger.lookup → Ledger.admit (quota reservation: a Ticket) → Turn.events
-(Runner.lease → Lease.acquire, exchange: the CLI's events until `result` →
+(Runner.lease → Lease.acquire: a Pool CLI or a new one; exchange: the CLI's events until `result` →
 Answer.feed → TEXT / REASONING / PING … DONE with an Outcome) → the route's
 Encoder (ChatJSON / ChatSSE) writes the bytes; the Ticket records the usage row,
-metrics and cache just before the last ones leave. Hangups tells the Turn when
-the client leaves.
+metrics, cache and the plan's share (PlanLimits.spent) just before the last ones
+leave; Lease.keep pools the CLI for the conversation's follow-up. Hangups tells the
+Turn when the client leaves.
 
 Standard library only, Python 3.9+. Importing this module has no side effects.
 """
@@ -1134,8 +1136,9 @@ class Caller:
 
     @property
     def priority(self) -> str:
-        """The owner (admin key) is high, a guest low, a key what it was given, others normal."""
-        if self.admin:
+        """The owner (admin key, or anyone in auth mode none) is high, a guest low, a key what it
+        was given, the shared key normal."""
+        if self.admin or self.name == "local":
             return "high"
         if self.key is not None:
             return self.key.priority
