@@ -206,3 +206,10 @@ class ExtraUsage(PlanShare):
         self.assertIn("extra usage on the account: on, paying answers now", out)
         self.assertIn("OCP's answers paid from it: 1 (~$0.25)", out)
         self.assertIn("plan five_hour: 12% used", out)
+
+
+class Priorities(TempHome):
+    def test_who_is_what(self):
+        self.assertEqual([ocp.Caller(name).priority for name in ("local", "shared", "anonymous")],
+                         ["high", "normal", "low"])
+        self.assertEqual(ocp.Caller("admin", admin=True).priority, "high")
