@@ -1170,9 +1170,10 @@ def quota_breach(key: ApiKey, counts: Dict[str, Any], bounds: Dict[str, Tuple[in
     for field, period, counter, unit in QUOTA_PERIODS:
         limit = key.quota.get(field)
         used = counts.get(counter, 0)
-        if limit is not None and (used >= limit if unit == "requests" else used + (estimate or {}).get(unit, 0) > limit):
+        need = 1 if unit == "requests" else (estimate or {}).get(unit, 0)
+        if limit is not None and (used >= limit if unit == "requests" else used + need > limit):
             return {"period": period, "unit": unit, "limit": limit, "used": round(used, 4) if unit == "USD" else used,
-                    "resets_at": bounds[period][1]}
+                    "resets_at": bounds[period][1], "estimate": need}
     return None
 
 
@@ -1193,6 +1194,9 @@ def quota_error(breach: Dict[str, Any], now_s: float) -> ApiError:
     wait = breach["resets_at"] - now_s
     message = (f"Quota exceeded: {breach['used']}/{breach['limit']} {breach['unit']} "
                f"{PERIOD_WORDS[breach['period']]}. Resets in {format_wait(wait)}.")
+    if breach["unit"] != "requests":
+        message += (f" (Running requests count at their estimates; this one is estimated at about "
+                    f"{breach['estimate']:g} {breach['unit']}.)")
     quota = {k: breach[k] for k in ("period", "limit", "used", "resets_at")}
     quota["unit"] = breach["unit"]
     headers = {"Retry-After": str(max(1, int(wait)))}
