@@ -4083,12 +4083,11 @@ class PlanLimits:
             share = self.shares[name] = {"resets_at": reset, "points": {}}
         if rise <= 0:
             return
-        spenders = self.unshared[name]
+        spenders = self.unshared[name] or {OUTSIDE: 1.0}  # (each cost is > 0: see spent)
         total = sum(spenders.values())
-        for key, cost in (spenders.items() if spenders else ((OUTSIDE, 1.0),)):
-            part = rise * 100 * (cost / total if total else 1 / len(spenders) if spenders else 1)
-            share["points"][key] = share["points"].get(key, 0) + part
-        spenders.clear()
+        for key, cost in spenders.items():
+            share["points"][key] = share["points"].get(key, 0) + rise * 100 * cost / total
+        self.unshared[name].clear()
 
     def spent(self, key: str, cost_usd: float, overage: bool = False) -> None:
         """A request finished: its cost waits for the windows' next rise (and counts as extra usage)."""
@@ -4168,7 +4167,8 @@ class PlanLimits:
     def _state(self) -> Dict[str, Any]:
         return {"windows": {k: dict(v) for k, v in self.windows.items()}, "hold_until": self.hold_until,
                 "hold_message": self.hold_message, "overage_until": self.overage_until,
-                "shares": {k: {"resets_at": v["resets_at"], "points": dict(v["points"])} for k, v in self.shares.items()},
+                "shares": {name: {"resets_at": share["resets_at"], "points": dict(share["points"])}
+                           for name, share in self.shares.items()},
                 "overage_spent": dict(self.overage_spent), "overage_status": self.overage_status}
 
     def snapshot(self) -> Dict[str, Any]:
