@@ -625,9 +625,11 @@ COUNT_WINDOW_USAGE = f"""SELECT
     COALESCE(SUM(CASE WHEN created_at >= :week AND {COUNTED} THEN cost_usd END), 0) AS cost_week,
     COALESCE(SUM(CASE WHEN created_at >= :month AND {COUNTED} THEN cost_usd END), 0) AS cost_month
     FROM usage WHERE key_id = :key_id AND created_at >= :earliest"""
-SELECT_RECENT_REQUEST = """SELECT AVG(prompt_tokens + completion_tokens) AS tokens, AVG(cost_usd) AS cost FROM (
+SELECT_KEY_RECENT = """SELECT AVG(prompt_tokens + completion_tokens) AS tokens, AVG(cost_usd) AS cost FROM (
     SELECT prompt_tokens, completion_tokens, cost_usd FROM usage
-    WHERE (key_id = :key_id OR :anyone) AND status = 'ok' ORDER BY id DESC LIMIT 20)"""
+    WHERE key_id = ? AND status = 'ok' ORDER BY created_at DESC LIMIT 20)"""  # (usage_by_key_time)
+SELECT_ANYONE_RECENT = """SELECT AVG(prompt_tokens + completion_tokens) AS tokens, AVG(cost_usd) AS cost FROM (
+    SELECT prompt_tokens, completion_tokens, cost_usd FROM usage WHERE status = 'ok' ORDER BY id DESC LIMIT 20)"""
 INSERT_PENDING_USAGE = """INSERT INTO usage (key_id, key_name, model, status, request_id, created_at,
     prompt_tokens, completion_tokens, cost_usd) VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?)"""
 FINISH_USAGE = """UPDATE usage SET status = ?, http_status = ?, prompt_tokens = ?, completion_tokens = ?,
@@ -975,9 +977,9 @@ class Store:
         return row_id, counts
 
     def estimate(self, key: ApiKey, floor_tokens: int) -> Dict[str, float]:
-        recent = self._execute(SELECT_RECENT_REQUEST, {"key_id": key.id, "anyone": False})[0]
+        recent = self._execute(SELECT_KEY_RECENT, (key.id,))[0]
         if recent["tokens"] is None:
-            recent = self._execute(SELECT_RECENT_REQUEST, {"key_id": key.id, "anyone": True})[0]
+            recent = self._execute(SELECT_ANYONE_RECENT)[0]
         tokens = recent["tokens"] if recent["tokens"] is not None else TOKEN_GUESS
         return {"tokens": max(int(tokens), floor_tokens), "USD": round(float(recent["cost"] or 0), 6)}
 
