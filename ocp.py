@@ -296,7 +296,8 @@ def digits(text: Any) -> bool:
 # Runtime-tunable settings (PATCH /settings, `ocp.py settings K V`, OCP_HOME/settings.json):
 # their public name -> Config field.
 TUNABLE = {"timeout": "timeout_ms", "maxConcurrent": "max_concurrent", "maxQueue": "max_queue",
-           "maxPromptChars": "max_prompt_chars", "cacheTTL": "cache_ttl_ms", "heartbeat": "heartbeat_ms"}
+           "maxPromptChars": "max_prompt_chars", "cacheTTL": "cache_ttl_ms", "heartbeat": "heartbeat_ms",
+           "reserve5h": "reserve_5h", "reserve7d": "reserve_7d"}
 SETTING_BY_FIELD = {spec[0]: spec for spec in SETTINGS}
 
 

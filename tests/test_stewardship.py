@@ -65,6 +65,15 @@ class Reserve(Household):
         self.assertEqual(self.ask(member)[2]["error"]["code"], "plan_reserved")
         self.assertEqual(self.ask(owner)[0], 200, "high never waits for the reserve")
 
+    def test_the_owner_changes_the_reserve_without_a_restart(self):
+        kid = self.add_key("kid", priority="low")
+        self.report(0.85)
+        self.assertEqual(self.ask(kid)[0], 429)
+        status, _, result = self.admin("PATCH", "/settings", {"reserve5h": 10})
+        self.assertEqual((status, result["settings"]["reserve5h"]["value"]), (200, 10))
+        self.assertEqual(self.ask(kid)[0], 200, "85 % < 100 - 10")
+        self.assertEqual(self.admin("PATCH", "/settings", {"reserve5h": 101})[0], 400)
+
     def test_a_window_that_reset_holds_nothing_back(self):
         kid = self.add_key("kid", priority="low")
         self.report(0.95, resets_in=-10)
