@@ -7705,7 +7705,7 @@ def restart_and_check(args: argparse.Namespace, config: Config) -> Optional[bool
         body = daemon_get(config, "/health")
         if body and body.get("status") in ("ok", "degraded"):
             return True
-        time.sleep(0.5)
+        time.sleep(0.2)
     return False
 
 
