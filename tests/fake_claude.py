@@ -42,16 +42,60 @@ With FAKE_CLAUDE_LOG=<dir> every run writes <dir>/<pid>.json: argv, cwd,
 env (the OAuth token as a hash), stdin, the system prompt and how it ended.
 """
 
-import json
+import _json  # json's C half, and _signal: `import json` and `signal` load re and enum too, 15 ms of
+import _signal as signal  # every spawn's 35 (the suite starts this fake ~550 times)
 import os
-import re
-import signal
 import sys
 import time
 
 VERSION = "2.1.330"  # (hashlib, subprocess: imported where used; every spawn of a test pays its imports)
-DIRECTIVE = re.compile(r"<<fake (\{.*?\})>>", re.S)
 PLAN_RESET = 1795503600
+
+
+class Decoding:
+    """What _json's scanner reads from a json.JSONDecoder."""
+
+    def __init__(self, strict):
+        self.strict, self.object_hook, self.object_pairs_hook, self.memo = strict, None, None, {}
+        self.parse_float, self.parse_int = float, int
+        self.parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
+
+
+SCANNERS = {strict: _json.make_scanner(Decoding(strict)) for strict in (True, False)}
+ENCODE = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+
+def loads(text, strict=True):
+    """json.loads: one JSON value, else ValueError."""
+    text = text.decode("utf-8") if isinstance(text, bytes) else text
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = SCANNERS[strict](text, start)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if text[end:].strip():
+        raise ValueError("extra data after a JSON value")
+    return value
+
+
+def dumps(value):
+    """json.dumps with its defaults (ASCII, ", " and ": ")."""
+    return "".join(ENCODE(value, 0))
+
+
+def directive_at(text):
+    """(start, end, JSON text) of the first `<<fake {...}>>` in `text` (ending at the first `}>>`), or None."""
+    start = text.find("<<fake {")
+    end = text.find("}>>", start) if start >= 0 else -1
+    return None if end < 0 else (start, end + 3, text[start + 7:end + 1])
+
+
+def without_directives(text):
+    found = directive_at(text)
+    while found:
+        text = text[:found[0]] + text[found[1]:]
+        found = directive_at(text)
+    return text
 
 
 def new_hex(n=32):
@@ -70,12 +114,12 @@ def log_run(record):
         return
     path = os.path.join(folder, f"{os.getpid()}.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
+        f.write(dumps(record))
     os.replace(path + ".tmp", path)
 
 
 def out(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.write(dumps(obj) + "\n")
     sys.stdout.flush()
 
 
@@ -360,7 +404,7 @@ def tool_rounds(run, mcp, rounds, final, texts):
             run.stream({"type": "content_block_start", "index": index, "content_block": {
                 "type": "tool_use", "id": tool_use_id, "name": "mcp__ocp__" + call["name"], "input": {}}},
                 message_id)
-            text = json.dumps(arguments)
+            text = dumps(arguments)
             for piece in split(text, 2) if arguments else []:
                 run.stream({"type": "content_block_delta", "index": index, "delta": {
                     "type": "input_json_delta", "partial_json": piece}}, message_id)
@@ -445,7 +489,7 @@ class Stdin:
         if not line.strip():
             return
         try:
-            message = json.loads(line)
+            message = loads(line)
         except ValueError:
             fail_usage(f"Error parsing streaming input line (type=unknown, {len(line.strip())} "
                        "chars): SyntaxError")
@@ -495,10 +539,10 @@ class Mcp:
     """The `sdk` MCP server "ocp" on the control channel, as 2.1.330 drives it (AGENTS-SPEC §1.3)."""
 
     def __init__(self, opts):
-        config = json.loads(opts["mcp_config"]) if opts["mcp_config"] else {}
+        config = loads(opts["mcp_config"]) if opts["mcp_config"] else {}
         if opts["mcp_config"] and not opts["mcp_config"].lstrip().startswith("{"):
             with open(opts["mcp_config"]) as f:
-                config = json.load(f)
+                config = loads(f.read())
         server = (config.get("mcpServers") or {}).get("ocp") or {}
         self.enabled = server.get("type") == "sdk"
         self.allowed = opts["allowed_tools"] == "mcp__ocp__*"
@@ -526,7 +570,8 @@ class Mcp:
         self.next_id = 2
 
     def names(self):
-        return ["mcp__ocp__" + re.sub(r"[^A-Za-z0-9_-]", "_", t["name"]) for t in self.tools]
+        return ["mcp__ocp__" + "".join(c if c.isascii() and (c.isalnum() or c in "_-") else "_" for c in t["name"])
+                for t in self.tools]
 
     def call(self, name, arguments, tool_use_id):
         """Send tools/call; return the request id to wait on."""
@@ -612,17 +657,17 @@ def read_directive(text):
     """The directive's JSON; a client that quoted the prompt as a JSON string (opencode does,
     for some prompts) escaped it once more."""
     try:
-        return json.loads(text)
+        return loads(text)
     except ValueError:
-        return json.loads(json.loads('"' + text + '"'), strict=False)
+        return loads(loads('"' + text + '"'), strict=False)
 
 
 def one_turn(opts, blocks, directive, record):
     """Answer one user turn, steered by the directive in its text; return the exit code so far."""
     texts = [b.get("text", "") for b in blocks if b.get("type") == "text"]
-    match = DIRECTIVE.search("\n".join(texts))
+    found = directive_at("\n".join(texts))
     directive.clear()
-    directive.update(read_directive(match.group(1)) if match else {})
+    directive.update(read_directive(found[2]) if found else {})
     log_run(record)
     if directive.get("grandchild"):
         import subprocess
@@ -648,7 +693,7 @@ def one_turn(opts, blocks, directive, record):
         record["ended"] = "crash"
         log_run(record)
         return int(directive["crash"])
-    said = [DIRECTIVE.sub("", t).strip() for t in texts]
+    said = [without_directives(t).strip() for t in texts]
     earlier = sum(1 for role, _ in CONVERSATION if role == "assistant")
     CONVERSATION.append(("user", "\n".join(said)))
     text = directive.get("text")

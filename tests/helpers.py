@@ -1,13 +1,17 @@
 """Shared test fixtures: a temp OCP_HOME, a real server on port 0, the fake CLI's run log."""
 
+import atexit
 import glob
 import http.client
 import json
 import logging
+import marshal
 import os
+import shlex
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +23,31 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 FAKE_CLAUDE = os.path.join(TESTS, "fake_claude.py")
 FIXTURES = os.path.join(TESTS, "fixtures", "claude-cli-2.1.330")  # the real CLI's recorded output
+
+
+
+def fake_claude_launcher() -> str:
+    """The fake CLI as OCP starts it in tests: a launcher that runs its code compiled once per
+    test run, with this interpreter. The suite spawns it ~550 times; run as a script it is looked
+    up on PATH (`env python3`) and compiled anew each time (scripts never get a .pyc, nor does
+    anything under PYTHONDONTWRITEBYTECODE), ~10 ms of its ~35 ms start."""
+    folder = tempfile.mkdtemp(prefix="ocp-fake-claude-")
+    atexit.register(shutil.rmtree, folder, True)
+    code = os.path.join(folder, "fake_claude.code")
+    with open(FAKE_CLAUDE, encoding="utf-8") as f:
+        compiled = compile(f.read(), FAKE_CLAUDE, "exec")
+    with open(code, "wb") as f:
+        marshal.dump(compiled, f)
+    run = (f"import marshal, sys; sys.argv[0] = {FAKE_CLAUDE!r}; "
+           f"exec(marshal.load(open({code!r}, 'rb')), {{'__name__': '__main__', '__file__': {FAKE_CLAUDE!r}}})")
+    path = os.path.join(folder, "claude")
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S -c {shlex.quote(run)} "$@"\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+FAKE_CLAUDE_BIN = fake_claude_launcher()
 
 logging.getLogger("ocp").addHandler(logging.NullHandler())
 logging.getLogger("ocp").propagate = False
@@ -91,7 +120,7 @@ class TempHome(unittest.TestCase):
 
     def environ(self, **extra) -> dict:
         env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": self.home,
-               "OCP_HOME": self.ocp_home, "CLAUDE_BIN": FAKE_CLAUDE,
+               "OCP_HOME": self.ocp_home, "CLAUDE_BIN": FAKE_CLAUDE_BIN,
                "FAKE_CLAUDE_LOG": self.runs_dir, "CLAUDE_PROXY_PORT": "0",
                "OCP_POOL": "0"}  # the warm pool is tested on its own (test_pool.py)
         env.update({k: str(v) for k, v in extra.items()})
@@ -142,7 +171,7 @@ class ServerTest(TempHome):
         kwargs = {"wall": wall} if wall else {}
         self.server = ocp.Server(self.config, self.models, runner, **kwargs)
         self.port = self.server.server_address[1]
-        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.01},
+        thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.002},
                                   daemon=True)
         thread.start()
         self.addCleanup(self.server.runner.keeper.close)

@@ -7,7 +7,7 @@ import os
 import unittest
 
 import ocp
-from helpers import FAKE_CLAUDE, TempHome
+from helpers import FAKE_CLAUDE_BIN, TempHome
 
 
 def run_main(argv, environ):
@@ -135,7 +135,7 @@ class CommandLine(TempHome):
         code, out, _ = run_main(["health", "--json"], self.environ(CLAUDE_PROXY_PORT="1"))
         detail = json.loads(out)
         self.assertEqual(code, 0)
-        self.assertEqual(detail["claude"], FAKE_CLAUDE)
+        self.assertEqual(detail["claude"], FAKE_CLAUDE_BIN)
         self.assertEqual(detail["claude_version"], "2.1.330")
         self.assertEqual(detail["max_concurrent"], 8)
         self.assertEqual(detail["daemon"], "not running")

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import unittest
 
-from helpers import FAKE_CLAUDE, FIXTURES, directive
+from helpers import FAKE_CLAUDE_BIN, FIXTURES, directive
 
 PARTIAL = ["-p", "--output-format", "stream-json", "--verbose", "--include-partial-messages"]
 PLAIN = ["-p", "--output-format", "stream-json", "--verbose"]
@@ -28,7 +28,7 @@ def fake(args, prompt, oauth=False, extra_env=None):
     if oauth:
         env["CLAUDE_CODE_OAUTH_TOKEN"] = "fake-token"
     env.update(extra_env or {})
-    done = subprocess.run([sys.executable, FAKE_CLAUDE] + args + [prompt], capture_output=True,
+    done = subprocess.run([FAKE_CLAUDE_BIN] + args + [prompt], capture_output=True,
                           text=True, env=env, timeout=30)
     events = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     return done.returncode, events
