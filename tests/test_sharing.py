@@ -19,6 +19,7 @@ import zoneinfo
 
 import ocp
 from helpers import ROOT, ServerTest, TempHome, connectable, directive, free_port, wait_until
+from test_cli import run_main
 
 ADMIN = "ocp_admin_key_for_tests_0000000000"
 UTC = datetime.timezone.utc
@@ -516,9 +517,8 @@ class BrowserSafety(ServerTest):
 
 
 def run_cli(args, env):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "ocp.py")] + args, capture_output=True,
-                          text=True, env=env, timeout=60)
-    return done.returncode, done.stdout, done.stderr
+    """An admin command beside the daemon (in process: a subprocess would compile ocp.py anew)."""
+    return run_main(args, env)
 
 
 class AsANewUserWould(TempHome):

@@ -135,14 +135,19 @@ class KeyPolicyOnTheCommandLine(TempHome):
 PLAN_RESET = 1795503600  # the fake CLI's 5-hour reset
 
 
-class PlanShare(Household):
+class PlanTest(Household):
+    """The fake CLI reports the plan (a subscription login), its windows current."""
+
     env = dict(Household.env, CLAUDE_CODE_OAUTH_TOKEN="sk-ant-oat01-share")
-    COSTS = {"ann": 0.01, "ben": 0.02, "cat": 0.03}
-    PER_USD = 2.0  # the fake plan: each dollar of answers raises the 5-hour window by 200 points
 
     def setUp(self):
         super().setUp()
         self.server.wall = lambda: PLAN_RESET - 3600
+
+
+class PlanShare(PlanTest):
+    COSTS = {"ann": 0.01, "ben": 0.02, "cat": 0.03}
+    PER_USD = 2.0  # the fake plan: each dollar of answers raises the 5-hour window by 200 points
 
     def test_the_windows_rises_are_shared_by_cost_and_shown_everywhere(self):
         secrets = {name: self.add_key(name) for name in self.COSTS}
@@ -185,7 +190,7 @@ class PlanShare(Household):
         self.assertIn("An estimate", out)
 
 
-class Headers(PlanShare):
+class Headers(PlanTest):
     def test_answers_tell_a_member_its_remaining_quota_and_its_share_of_the_plan(self):
         secret = self.add_key("ann", daily=10, tokens_daily=100000, cost_daily=1)
         self.ask(secret, "one " + directive(plan=0.10, cost=0.01))
@@ -201,7 +206,7 @@ class Headers(PlanShare):
         self.assertEqual(headers["x-ocp-plan-reset-5h"], str(PLAN_RESET))
 
 
-class ExtraUsage(PlanShare):
+class ExtraUsage(PlanTest):
     def test_status_and_the_dashboard_say_whether_extra_usage_is_on_and_what_ocp_spent_of_it(self):
         secret = self.add_key("ann")
         self.ask(secret, "paid " + directive(overage=True, cost=0.25))

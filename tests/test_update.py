@@ -11,6 +11,7 @@ import sys
 import threading
 
 from helpers import FAKE_CLAUDE, ROOT, TempHome, connectable, free_port, wait_until
+from test_cli import run_main
 
 SHIPPED = ("ocp.py", "models.json", "dashboard.html")
 
@@ -33,7 +34,7 @@ class Update(TempHome):
         self.make_release(self.read(self.release, "ocp.py").replace(b'__version__ = "0.1.0"', b'__version__ = "0.2.0"'))
         handler = functools.partial(QuietFiles, directory=self.release)
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
         self.addCleanup(self.http.server_close)
         self.addCleanup(self.http.shutdown)
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
@@ -46,8 +47,8 @@ class Update(TempHome):
     def make_release(self, ocp_source):
         with open(os.path.join(self.release, "ocp.py"), "wb") as f:
             f.write(ocp_source)
-        subprocess.run([sys.executable, os.path.join(self.release, "ocp.py"), "manifest", self.release],
-                       check=True, capture_output=True, env=self.environ())
+        code, _, err = run_main(["manifest", self.release], self.environ())  # (in process: no compile of ocp.py)
+        self.assertEqual(code, 0, err)
 
     def update(self, *args, **env):
         env = dict(self.environ(OCP_UPDATE_URL=self.url, CLAUDE_PROXY_PORT=str(self.port)), **env)
@@ -56,9 +57,8 @@ class Update(TempHome):
         return done.returncode, done.stdout + done.stderr
 
     def test_the_manifest_carries_the_releases_version_not_the_running_one(self):
-        done = subprocess.run([sys.executable, os.path.join(self.installed, "ocp.py"), "manifest", self.release],
-                              capture_output=True, text=True, env=self.environ())
-        self.assertIn("version 0.2.0", done.stdout)
+        code, out, _ = run_main(["manifest", self.release], self.environ())  # this 0.1.0 writes 0.2.0's
+        self.assertIn("version 0.2.0", out)
         with open(os.path.join(self.release, "manifest.json")) as f:
             self.assertEqual(json.load(f)["version"], "0.2.0")
 
