@@ -4972,12 +4972,13 @@ class Encoder:
     """
 
     streaming = False
+    id_prefix = "resp_"  # the API's id of a response: chatcmpl-…, msg_…, resp_…
 
     def __init__(self, out: Any, request: TurnRequest, created: int,
                  overage_hint: Callable[[], bool] = lambda: False):
         self.out, self.request, self.created = out, request, created
         self.overage_hint = overage_hint
-        self.response_id = "resp_" + secrets.token_hex(12)
+        self.response_id = self.id_prefix + secrets.token_hex(12)
         self.settle: Callable[[Outcome], None] = lambda outcome: None
         self.keep_going: Callable[[], bool] = lambda: False  # others still want the run
         self.detached = False  # our client left while others share the run
@@ -4990,6 +4991,22 @@ class Encoder:
 
     def write(self, kind: str, value: Any) -> None:
         """Take one event of the turn, in order; DONE (with the Outcome) comes last."""
+        raise NotImplementedError
+
+
+class JSONBody(Encoder):
+    """An answer in one JSON body: nothing until DONE, then `body(outcome)` — or the error."""
+
+    def write(self, kind: str, value: Any) -> None:
+        if kind != DONE:
+            return
+        outcome: Outcome = value
+        if outcome.error is not None:
+            raise outcome.error
+        self.settle(outcome)
+        self.out.send_json(200, self.body(outcome), {"x-ocp-plan-overage": "true"} if outcome.overage else None)
+
+    def body(self, outcome: Outcome) -> Dict[str, Any]:
         raise NotImplementedError
 
 
@@ -5119,33 +5136,21 @@ def usage_chunk(completion_id: str, created: int, model: str, usage: Usage) -> D
             "model": model, "system_fingerprint": None, "choices": [], "usage": openai_usage(usage)}
 
 
-class ChatJSON(Encoder):
+class ChatJSON(JSONBody):
     """OpenAI chat completions, one JSON body."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.response_id = "chatcmpl-" + secrets.token_hex(12)
+    id_prefix = "chatcmpl-"
 
-    def write(self, kind: str, value: Any) -> None:
-        if kind != DONE:
-            return
-        outcome: Outcome = value
-        if outcome.error is not None:
-            raise outcome.error
-        self.settle(outcome)
-        self.out.send_json(200, chat_completion(self.response_id, self.created, self.request.model.id, outcome,
-                                                self.request.legacy_functions),
-                           {"x-ocp-plan-overage": "true"} if outcome.overage else None)
+    def body(self, outcome: Outcome) -> Dict[str, Any]:
+        return chat_completion(self.response_id, self.created, self.request.model.id, outcome,
+                               self.request.legacy_functions)
 
 
 class ChatSSE(EventStream):
     """OpenAI chat completions, streamed: chunks, `: keepalive` comments, `data: [DONE]`."""
 
     DELTA_FIELDS = {TEXT: "content", REASONING: "reasoning_content", REFUSAL: "refusal"}
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.response_id = "chatcmpl-" + secrets.token_hex(12)
+    id_prefix = "chatcmpl-"
 
     def opening(self) -> None:
         self.chunk({"role": "assistant", "content": ""})
@@ -5223,23 +5228,14 @@ def anthropic_message(message_id: str, model: str, outcome: Outcome, thinking: b
             "usage": anthropic_usage(outcome.usage)}
 
 
-class MessagesJSON(Encoder):
+class MessagesJSON(JSONBody):
     """Anthropic messages, one JSON body."""
 
     error_body = staticmethod(anthropic_error)
+    id_prefix = "msg_"
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.response_id = "msg_" + secrets.token_hex(12)
-
-    def write(self, kind: str, value: Any) -> None:
-        if kind != DONE:
-            return
-        if value.error is not None:
-            raise value.error
-        self.settle(value)
-        self.out.send_json(200, anthropic_message(self.response_id, self.request.model.id, value,
-                                                  self.request.show_reasoning))
+    def body(self, outcome: Outcome) -> Dict[str, Any]:
+        return anthropic_message(self.response_id, self.request.model.id, outcome, self.request.show_reasoning)
 
 
 class MessagesSSE(EventStream):
@@ -5248,10 +5244,10 @@ class MessagesSSE(EventStream):
 
     heartbeat_frame = b'event: ping\ndata: {"type": "ping"}\n\n'
     error_body = staticmethod(anthropic_error)
+    id_prefix = "msg_"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.response_id = "msg_" + secrets.token_hex(12)
         self.index = -1
         self.open = ""  # the open block's type
         self.call_blocks: Dict[int, int] = {}  # tool call index -> block index
@@ -5339,7 +5335,7 @@ def responses_items(outcome: Outcome, ids: Dict[str, str], reasoning: bool) -> L
     return items
 
 
-class ResponsesJSON(Encoder):
+class ResponsesJSON(JSONBody):
     """OpenAI responses, one JSON body (the response object)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -5356,13 +5352,8 @@ class ResponsesJSON(Encoder):
                 body.update(status="incomplete", incomplete_details={"reason": "max_output_tokens"})
         return body
 
-    def write(self, kind: str, value: Any) -> None:
-        if kind != DONE:
-            return
-        if value.error is not None:
-            raise value.error
-        self.settle(value)
-        self.out.send_json(200, self.response("completed", value))
+    def body(self, outcome: Outcome) -> Dict[str, Any]:
+        return self.response("completed", outcome)
 
 
 class ResponsesSSE(EventStream, ResponsesJSON):
