@@ -961,11 +961,14 @@ class Store:
         tokens before it has one), at least `floor_tokens` (the prompt and max_tokens) —
         until `finish` puts the real figures: token and cost quotas hold under
         concurrency up to what requests use beyond their estimates. Raises QuotaExceeded.
-        (Before a key has answers, everyone's last 20 are its estimate.)
+        (Before a key has answers, everyone's last 20 are its estimate; a key without token or
+        cost quotas needs none.)
         """
         with self.transaction():
             counts = self.window_counts(key, bounds) if key else {}
-            estimate = self.estimate(key, floor_tokens) if key else {"tokens": 0, "USD": 0.0}
+            metered = key is not None and any(key.quota.get(f) is not None for f, _, _, unit in QUOTA_PERIODS
+                                              if unit != "requests")
+            estimate = self.estimate(key, floor_tokens) if metered else {"tokens": 0, "USD": 0.0}
             breach = quota_breach(key, counts, bounds, estimate) if key else None
             if breach:
                 raise QuotaExceeded(breach)
