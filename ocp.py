@@ -6915,7 +6915,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     log.info("dashboard: http://%s:%d/dashboard (%s)", "127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind,
              server.server_address[1], admin_login_hint(config))
     stop = install_shutdown(server)
-    server.serve_forever(poll_interval=0.5)
+    server.serve_forever(poll_interval=0.1)  # how soon a SIGTERM's shutdown is noticed
     stop.wait()
     stop_housekeeping.set()
     store.close()

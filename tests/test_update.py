@@ -94,7 +94,7 @@ class Update(TempHome):
         bin_dir = os.path.join(self.tmp, "bin")
         os.makedirs(bin_dir)
         with open(os.path.join(bin_dir, "systemctl"), "w") as f:  # "restart" = start ocp.py serve anew
-            f.write(f"#!/bin/sh\n[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; sleep 0.3\n"
+            f.write(f"#!/bin/sh\n[ -f {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; sleep 0.05\n"
                     f"{sys.executable} {self.installed}/ocp.py serve >/dev/null 2>&1 &\necho $! > {pidfile}\n")
         os.chmod(os.path.join(bin_dir, "systemctl"), 0o755)
         unit = os.path.join(self.home, ".config", "systemd", "user")
