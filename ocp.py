@@ -2542,9 +2542,10 @@ class Pool:
                     return None
                 found = min(same, key=lambda w: bool(w.conversation))  # warm first, else the oldest holder
                 self._entries.remove(found)
-                self.hits["reset" if found.conversation else "warm"] += 1
             lease = found.lease
             if lease.proc.popen.poll() is None and (not found.conversation or lease.reset()):
+                with self._cond:
+                    self.hits["reset" if found.conversation else "warm"] += 1
                 lease.pooled = ""
                 return lease
             log.warning("a pooled CLI had exited or did not confirm /clear: ended")
