@@ -66,15 +66,18 @@ ENCODE = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ": 
 
 
 def loads(text, strict=True):
-    """json.loads: one JSON value, else ValueError."""
+    """json.loads: one JSON value, else ValueError. Text that is not one JSON value goes to json
+    itself (imported then), for its error: _json raises through json.decoder, and without it
+    loaded reports a SystemError instead."""
     text = text.decode("utf-8") if isinstance(text, bytes) else text
     start = len(text) - len(text.lstrip())
     try:
         value, end = SCANNERS[strict](text, start)
-    except StopIteration:
-        raise ValueError("not JSON") from None
-    if text[end:].strip():
-        raise ValueError("extra data after a JSON value")
+    except Exception:  # StopIteration, or that SystemError
+        end = -1
+    if end < 0 or text[end:].strip():
+        import json
+        return json.loads(text, strict=strict)
     return value
 
 

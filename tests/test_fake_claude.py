@@ -126,6 +126,18 @@ class FakeBehaviour(unittest.TestCase):
         code, events = fake(PARTIAL, "x " + directive(text="a" * 30), False, {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "5"})
         self.assertEqual((code, events[-1]["is_error"]), (0, False))
 
+    def test_a_directive_quoted_as_a_json_string_still_steers_it(self):  # opencode quotes some prompts
+        quoted = json.dumps("x " + directive(text="steered"))[1:-1]
+        code, events = fake(PARTIAL, quoted)
+        self.assertEqual((code, events[-1]["result"]), (0, "steered"))
+
+    def test_a_malformed_stdin_line_ends_it_like_the_real_cli(self):
+        done = subprocess.run([FAKE_CLAUDE_BIN, "-p", "--output-format", "stream-json", "--verbose",
+                               "--input-format", "stream-json"], input="{not json\n", capture_output=True,
+                              text=True, timeout=30)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("Error parsing streaming input line", done.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()
