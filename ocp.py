@@ -1696,14 +1696,18 @@ class SlotTurn(threading.Event):
     """A place in the slot queue: set when the slot is handed over, or when shutdown refuses it."""
 
     refused = False
+    holder: Any = None
 
 
 class Slots:
     """A FIFO semaphore for CLI processes with a bounded waiting line.
 
     `waiting` raises ApiError 429 when the line is full or the deadline passes,
-    ClientGone when `cancelled()` turns true while waiting. Every slot taken
-    must be paired with exactly one `release`.
+    ClientGone when `cancelled()` turns true while waiting. A slot is taken for a
+    `holder` (a Lease) and `release(holder)` gives it back once: a second release
+    of the same holder is a no-op, so no path can give back a slot twice or keep
+    one for good by releasing "the wrong one". `leaked()` counts slots whose
+    holder has ended — a bug, reported by /health, never a silent queue_full.
     """
 
     def __init__(self, limit: int, max_queue: int):
@@ -1711,6 +1715,7 @@ class Slots:
         self._lock = threading.Lock()
         self._running = 0
         self._waiting: "collections.deque[SlotTurn]" = collections.deque()
+        self._holders: List[Any] = []  # who holds each running slot (None: an anonymous taker)
         self.closed = False
 
     def close(self) -> int:
@@ -1727,17 +1732,32 @@ class Slots:
         with self._lock:
             return {"running": self._running, "queued": len(self._waiting), "limit": self.limit}
 
+    def leaked(self) -> int:
+        """Slots held by a holder that has ended (its `ended` is set): each one lost for good."""
+        with self._lock:
+            return sum(1 for holder in self._holders if getattr(holder, "ended", ""))
+
+    def _grant(self, holder: Any) -> None:
+        self._running += 1
+        self._holders.append(holder)
+
+    def _hand_over(self) -> None:
+        turn = self._waiting.popleft()
+        self._holders.append(turn.holder)
+        turn.set()
+
     def resize(self, limit: int, max_queue: int) -> None:
         """Take new limits now: a higher limit lets waiting requests in at once."""
         with self._lock:
             self.limit, self.max_queue = limit, max_queue
             while self._running < self.limit and self._waiting:
                 self._running += 1
-                self._waiting.popleft().set()
+                self._hand_over()
 
     def waiting(self, deadline: float, cancelled: Callable[[], bool],
-                clock: Callable[[], float] = time.monotonic, tick_s: float = 0) -> Iterator[None]:
-        """Take a slot, yielding after each `tick_s` spent in the line (for heartbeats).
+                clock: Callable[[], float] = time.monotonic, tick_s: float = 0,
+                holder: Any = None) -> Iterator[None]:
+        """Take a slot for `holder`, yielding after each `tick_s` spent in the line (for heartbeats).
 
         However the wait ends — given up, refused, or the generator closed while it
         waits — the place in the line is left, or a slot handed over meanwhile is passed on.
@@ -1746,11 +1766,12 @@ class Slots:
             if self.closed:
                 raise shutting_down()
             if self._running < self.limit and not self._waiting:
-                self._running += 1
+                self._grant(holder)
                 return
             if len(self._waiting) >= self.max_queue:
                 raise queue_full("all CLI slots are busy and the queue is full")
             turn = SlotTurn()
+            turn.holder = holder
             self._waiting.append(turn)
         taken = False
         try:
@@ -1772,12 +1793,12 @@ class Slots:
             if not taken:
                 self._give_up(turn)
 
-    def try_take(self) -> bool:
+    def try_take(self, holder: Any = None) -> bool:
         """A slot now if one is free and nobody waits (the pool's speculative spawns), else False."""
         with self._lock:
             if self.closed or self._running >= self.limit or self._waiting:
                 return False
-            self._running += 1
+            self._grant(holder)
             return True
 
     def _give_up(self, turn: SlotTurn) -> None:
@@ -1787,14 +1808,19 @@ class Slots:
             if not turn.is_set():
                 self._waiting.remove(turn)
                 return
-        self.release()  # handed a slot while giving up: pass it on
+        self.release(turn.holder)  # handed a slot while giving up: pass it on
 
-    def release(self) -> None:
+    def release(self, holder: Any = None) -> bool:
+        """Give back `holder`'s slot; False (nothing happens) when it holds none."""
         with self._lock:
+            if holder not in self._holders:
+                return False
+            self._holders.remove(holder)
             if self._waiting and self._running <= self.limit:
-                self._waiting.popleft().set()  # hand the slot over, FIFO
+                self._hand_over()  # hand the slot over, FIFO
             else:
                 self._running -= 1
+            return True
 
 
 def shutting_down() -> ApiError:
@@ -2237,6 +2263,10 @@ def timeout_error() -> ApiError:
     return ApiError(504, "The claude CLI did not finish within CLAUDE_TIMEOUT.", "timeout", "timeout")
 
 
+class LeaseEnded(RuntimeError):
+    """A lease that has ended was asked to run again: a bug in its caller, never a request's fault."""
+
+
 class Lease:
     """A CLI process lent to one request, which may carry it through several exchanges.
 
@@ -2246,6 +2276,8 @@ class Lease:
     each silent interval. A lease ends in exactly one `release()` (the CLI
     finished: stdin closed, process reaped) or `kill()`; `park()` gives the slot
     back while the process waits for a later exchange, `resume()` takes one again.
+    An ended lease cannot be resumed (LeaseEnded), and a slot it took is given back
+    whatever state it is in: ending it twice, or being ended while it waits in line.
     """
 
     def __init__(self, runner: "Runner", job: Job, cancelled: Callable[[], bool],
@@ -2329,12 +2361,24 @@ class Lease:
 
     def _take_slot(self) -> Iterator[None]:
         runner = self.runner
+        if self.ended:
+            raise LeaseEnded(f"lease {self.job.request_id} has ended ({self.ended})")
         now = runner.clock()
         self.deadline = now + runner.config.timeout_ms / 1000
         queue_deadline = min(self.deadline, now + runner.config.queue_timeout_ms / 1000)
         yield from runner.slots.waiting(queue_deadline, self.cancelled, runner.clock,
-                                        runner.config.heartbeat_ms / 1000)
-        self.has_slot = True
+                                        runner.config.heartbeat_ms / 1000, self)
+        with runner.live_lock:  # against a kill() meanwhile: it ends the lease under this lock
+            ended = self.ended
+            self.has_slot = not ended
+        if ended:
+            runner.slots.release(self)
+            raise LeaseEnded(f"lease {self.job.request_id} ended while it waited for a slot")
+
+    def take_free_slot(self) -> bool:
+        """A slot now, if one is free and nobody waits (the pool's speculative spawns)."""
+        self.has_slot = self.runner.slots.try_take(self)
+        return self.has_slot
 
     def _take_refresh_lock(self) -> None:
         while not self.runner.refresh_lock.acquire(timeout=0.25):
@@ -2402,12 +2446,12 @@ class Lease:
 
     def park(self) -> None:
         """The process waits for a later exchange: its slot goes to the next request meanwhile."""
-        if self.has_slot:
-            self.has_slot = False
-            self.runner.slots.release()
+        self.has_slot = False
+        self.runner.slots.release(self)
 
     def resume(self) -> Iterator[None]:
-        """Take a slot again for the next exchange (yields while queued); a fresh deadline."""
+        """Take a slot again for the next exchange (yields while queued); a fresh deadline.
+        Raises LeaseEnded for a lease that has ended: its process is gone."""
         yield from self._take_slot()
 
     def release(self) -> bool:
@@ -2432,9 +2476,11 @@ class Lease:
 
     def _end(self, how: str) -> bool:
         with self.runner.live_lock:
-            if self.ended:
-                return False
-            self.ended = how
+            ended, self.ended = self.ended, self.ended or how
+        if ended:
+            self.has_slot = False
+            self.runner.slots.release(self)  # (none held: a no-op) — never a slot kept for good
+            return False
         self.runner.retire(self)
         return True
 
@@ -2627,8 +2673,7 @@ class Pool:
         lease = runner.lease(job, lambda: self.closed, ToolBridge(job.tools) if job.tools else None)
         kept = False
         try:
-            if runner.slots.try_take():  # a busy machine gets no speculative spawn
-                lease.has_slot = True
+            if lease.take_free_slot():  # a busy machine gets no speculative spawn
                 lease.start(creds, key)
                 ready = lease.reset()
                 self._started(key)  # from now on its measured size counts, not the guess
@@ -2850,9 +2895,8 @@ class Runner:
             if lease.has_refresh_lock:
                 lease.has_refresh_lock = False
                 self.refresh_lock.release()
-            if lease.has_slot:
-                lease.has_slot = False
-                self.slots.release()
+            lease.has_slot = False
+            self.slots.release(lease)  # whatever has_slot said: a slot it holds is given back
             if lease.run_dir:
                 self.sweeper.remove(lease.run_dir)
 
@@ -4557,8 +4601,9 @@ def canonical_hash(value: Any) -> str:
 
 
 def tool_shape(request: TurnRequest) -> str:
+    """What a parked round's follow-up must ask as the round did: its output format included."""
     return canonical_hash([request.model.id, request.system, request.tools, request.tool_choice,
-                           request.parallel_tool_calls])
+                           request.parallel_tool_calls, request.response_format, request.json_schema])
 
 
 class Parks:
@@ -4796,15 +4841,23 @@ class Turn:
         if rest:
             sent.append(rest)
             yield TEXT, rest
+        if answer.round_done:
+            return (yield from self._tool_round("".join(sent), answer, answer.usage()))
+        return self.outcome(content="".join(sent), reasoning="".join(answer.reasoning),
+                            finish="stop_sequence" if scanner.stopped else answer.finish(),
+                            stop_sequence=scanner.matched, usage=answer.usage())
+
+    def _tool_round(self, content: str, answer: Answer, usage: Usage) -> Iterator[Tuple[str, Any]]:
+        """A round of client tool calls as the turn's answer (its TOOL_CALL events went out as
+        they came): finish tool_use, the calls the client gets, with JSON arguments."""
         calls = self.delivered_calls(answer)
         for call in calls:
             if not call["arguments"]:  # a call without input still needs JSON arguments
                 call["arguments"] = "{}"
                 yield TOOL_ARGS, {"index": call["index"], "arguments": "{}"}
-        finish = "tool_use" if answer.round_done else ("stop_sequence" if scanner.stopped else answer.finish())
-        return self.outcome(content="".join(sent), reasoning="".join(answer.reasoning), finish=finish,
-                            stop_sequence=scanner.matched, usage=answer.usage(), tool_calls=tuple(
-                                {"id": c["id"], "name": c["name"], "arguments": c["arguments"]} for c in calls))
+        return self.outcome(content=content, reasoning="".join(answer.reasoning), finish="tool_use", usage=usage,
+                            tool_calls=tuple({"id": c["id"], "name": c["name"], "arguments": c["arguments"]}
+                                             for c in calls))
 
     def delivered_calls(self, answer: Answer) -> List[Dict[str, Any]]:
         """The round's calls the client gets: all, or the first when parallel_tool_calls is false."""
@@ -4813,19 +4866,25 @@ class Turn:
         return answer.tool_calls if self.request.parallel_tool_calls else answer.tool_calls[:1]
 
     def _structured(self) -> Iterator[Tuple[str, Any]]:
-        """A JSON answer is checked before anything is sent; one retry names the problem."""
+        """A JSON answer is checked before anything is sent; one retry names the problem. With
+        client tools, a round of tool calls is the answer (it is no JSON to check): the client
+        gets its calls, and the JSON comes once the model has its results."""
         scanner = StopScanner(self.request.stop)
         parts: List[str] = []
         answer = yield from self._run(self.job, scanner, parts, forward=False)
         raise_failure(answer)
         content = "".join(parts) + scanner.flush()
-        problem = json_problem(content, self.request)
         usage = answer.usage()
-        if problem:
+        if answer.round_done:
+            return (yield from self._tool_round(content, answer, usage))
+        problem = json_problem(content, self.request)
+        if problem:  # a fresh CLI with the whole history: the first one has ended (or went to the pool)
             answer = yield from self._run(self.retry_job(content, problem), StopScanner(()), [], forward=False)
             raise_failure(answer)
             usage += answer.usage()
             content = answer.text
+            if answer.round_done:
+                return (yield from self._tool_round(content, answer, usage))
             problem = json_problem(content, self.request)
         reasoning = "".join(answer.reasoning)
         if problem:
@@ -4850,13 +4909,16 @@ class Turn:
         sequence or max_tokens (the CLI would go on: it is killed), or parks at a round
         of client tool calls."""
         held, job = self.conversation_cli(job)
+        resume, self.resume = self.resume, None  # a turn resumes its park at most once
+        if resume is None and job.tools:  # a new CLI gets its own tool server
+            self.bridge = ToolBridge(job.tools)
         answer = Answer(self.bridge.client_names if self.bridge else None)
         self.answers.append(answer)
         ending = "kill"
-        lease = self._lease = self.resume.lease if self.resume else self.runner.lease(
+        lease = self._lease = resume.lease if resume else self.runner.lease(
             job, lambda: self.cancelled, self.bridge, held)
         try:
-            blocks = yield from self._start(lease, job)
+            blocks = yield from self._start(lease, job, resume)
             for event in lease.exchange(blocks):
                 for kind, value in self._feed(answer, event):
                     if kind == TEXT:
@@ -4903,9 +4965,9 @@ class Turn:
         history = self.history or history_digests(request.turns, 0)[1]
         return conversation_tag(request, history, answer.text)
 
-    def _start(self, lease: Lease, job: Job) -> Iterator[Tuple[str, Any]]:
+    def _start(self, lease: Lease, job: Job, resume: Optional[Park]) -> Iterator[Tuple[str, Any]]:
         """Get the lease going; return the user turn to send (None: a parked CLI continues)."""
-        if self.resume is None:
+        if resume is None:
             for _ in lease.acquire():
                 yield PING, None  # a streaming client hears from us while it waits in line
             return job.blocks
@@ -4915,10 +4977,10 @@ class Turn:
         limit = self.config.tool_result_max_chars
         for turn in self.request.turns:
             for block in turn["content"]:
-                if block["type"] == "tool_result" and block["id"] in self.resume.ids:
+                if block["type"] == "tool_result" and block["id"] in resume.ids:
                     self.bridge.answer(block["id"], tool_result(block["content"], limit, block.get("is_error", False),
                                                                 tuple(block.get("images", ()))))
-        for call_id in self.resume.undelivered:
+        for call_id in resume.undelivered:
             self.bridge.answer(call_id, tool_result("Not run: one tool call at a time.", limit, True))
         return None
 
@@ -6546,6 +6608,10 @@ class Server(ThreadingHTTPServer):
         hold = self.plan.snapshot()["hold_until"]
         if hold > self.wall():
             return "degraded", f"the subscription's usage limit is reached until {hold} (epoch seconds)"
+        leaked = self.runner.slots.leaked()
+        if leaked:
+            return "degraded", (f"{leaked} CLI slot(s) are held by no live request (a bug: please report it); "
+                                "`ocp.py restart` gives them back")
         return "ok", ""
 
     def health(self, admin: bool = False) -> Dict[str, Any]:
@@ -6560,7 +6626,8 @@ class Server(ThreadingHTTPServer):
             keys = self.store.keys()
             body["detail"] = {
                 "claude": self.runner.claude, "claude_version": self.runner.version() or None,
-                "slots": self.runner.slots.snapshot(), "running": self.runner.live(), "tools": self.parks.snapshot(),
+                "slots": dict(self.runner.slots.snapshot(), leaked=self.runner.slots.leaked()),
+                "running": self.runner.live(), "tools": self.parks.snapshot(),
                 "pool": self.runner.pool.snapshot(),
                 "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
                          sum(1 for k in keys if k.revoked_at)},

@@ -323,3 +323,47 @@ class ToolsWithOperatorTools(ToolTest):
         self.chat("plain question")
         argv = self.runs()[1]["argv"]
         self.assertEqual(argv[argv.index("--tools") + 1], "Read,Bash", "plain requests keep the operator's choice")
+
+
+class ToolsWithStructuredOutput(ToolTest):
+    """tools + response_format: a round of tool calls is the answer (no JSON to check); the JSON
+    is checked once the model answers, and nothing of it ever keeps a CLI slot."""
+
+    env = {"CLAUDE_MAX_CONCURRENT": "2"}
+    JSON = {"type": "json_object"}
+
+    def test_a_fresh_request_gets_its_tool_calls(self):
+        _, (status, _, body) = self.ask([[call("get_weather", city="Paris")]], final='{"ok": true}',
+                                        response_format=self.JSON)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+        (tool_call,) = body["choices"][0]["message"]["tool_calls"]
+        self.assertEqual(len(self.parked()), 1, "the client holds the parked CLI's call ids")
+
+    def test_the_follow_up_answers_json_from_the_parked_cli(self):
+        messages, (_, _, body) = self.ask([[call("get_weather", city="Paris")]], final='{"ok": true}',
+                                          response_format=self.JSON)
+        _, (status, _, body) = self.follow_up(messages, body, ["Sunny"], response_format=self.JSON)
+        self.assertEqual((status, json.loads(body["choices"][0]["message"]["content"])), (200, {"ok": True}))
+        self.assertEqual(len(self.runs()), 1)
+
+    def test_a_follow_up_whose_json_is_retried_leaks_no_slot(self):
+        for number in range(3):  # more than the slots: one leak each would lock everyone out
+            messages, (_, _, body) = self.ask([[call("get_weather", city=f"City {number}")]], final="not json",
+                                              response_format=self.JSON)
+            self.assertEqual(body["choices"][0]["finish_reason"], "tool_calls")
+            _, (status, _, body) = self.follow_up(messages, body, ["Sunny"], response_format=self.JSON)
+            self.assertEqual(status, 200, body)
+            self.assertIn("did not produce the requested JSON", body["choices"][0]["message"]["refusal"])
+        wait_until(lambda: self.server.runner.slots.snapshot()["running"] == 0)
+        self.assertEqual(self.server.runner.slots.leaked(), 0)
+        self.assertEqual(self.server.health()["status"], "ok")
+        status, _, body = self.chat("still served")
+        self.assertEqual((status, body["choices"][0]["message"]["content"]), (200, "Echo: still served"))
+
+    def test_a_follow_up_asking_another_output_format_does_not_continue_the_round(self):
+        messages, (_, _, body) = self.ask([[call("get_weather", city="Paris")]], final='{"ok": true}')
+        _, (status, _, body) = self.follow_up(messages, body, ["Sunny"], response_format=self.JSON)
+        self.assertEqual(status, 200)
+        self.assertEqual(len(self.runs()), 2, "a new CLI with the whole history, not the parked one")
+        self.assertEqual(self.server.parks.snapshot()["fallback"], 1)

@@ -127,6 +127,78 @@ class Leases(ServerTest):
         self.assertEqual(runner.slots.snapshot()["running"], 0)
 
 
+class LeaseInvariants(ServerTest):
+    """A lease's life cannot be got wrong: it resumes only while it lives, and a slot it took
+    comes back whatever state it is in."""
+
+    env = {"CLAUDE_MAX_CONCURRENT": "1"}
+
+    def lease(self, request_id="inv", cancelled=lambda: False):
+        job = ocp.Job("claude-sonnet-5-5", "sys", (), request_id=request_id, owner="tests")
+        return self.server.runner.lease(job, cancelled)
+
+    def test_an_ended_lease_cannot_be_resumed(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        lease.park()
+        self.assertTrue(lease.kill())
+        with self.assertRaises(ocp.LeaseEnded):
+            drain(lease.resume())
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+        self.assertEqual(self.server.runner.slots.leaked(), 0)
+
+    def test_a_released_lease_cannot_be_resumed_either(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        lease.release()
+        with self.assertRaises(ocp.LeaseEnded):
+            drain(lease.resume())
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+
+    def test_a_slot_taken_by_an_ended_lease_is_given_back_when_it_ends_again(self):
+        lease = self.lease()
+        drain(lease.acquire())
+        lease.ended = "killed"  # a path that marked it ended without retiring it (the old bug's state)
+        self.assertEqual(self.server.runner.slots.leaked(), 1)
+        self.assertEqual(self.server.health()["status"], "degraded")
+        self.assertIn("1 CLI slot", self.server.health()["reason"])
+        self.assertFalse(lease.kill())  # already ended: but the slot comes back
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+        self.assertEqual(self.server.health()["status"], "ok")
+        lease.proc.close()
+
+    def test_a_lease_ended_while_it_waits_in_line_gives_back_the_slot_it_is_handed(self):
+        holder = self.lease("holder")
+        drain(holder.acquire())
+        waiter = self.lease("waiter")
+        errors = []
+
+        def wait():
+            try:
+                drain(waiter.acquire())
+            except ocp.LeaseEnded as e:
+                errors.append(e)
+        thread = threading.Thread(target=wait)
+        thread.start()
+        wait_until(lambda: self.server.runner.slots.snapshot()["queued"] == 1)
+        waiter.kill()  # e.g. shutdown or DELETE /sessions while it waits
+        holder.release()  # the slot is handed to the waiter, which has ended
+        thread.join(5)
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(self.server.runner.slots.snapshot(), {"running": 0, "queued": 0, "limit": 1})
+
+    def test_releasing_a_slot_twice_gives_back_one(self):
+        slots = ocp.Slots(2, 2)
+        a, b = object(), object()
+        for holder in (a, b):
+            drain(slots.waiting(time.monotonic() + 5, lambda: False, holder=holder))
+        self.assertTrue(slots.release(a))
+        self.assertFalse(slots.release(a))
+        self.assertEqual(slots.snapshot()["running"], 1)
+        self.assertTrue(slots.release(b))
+        self.assertEqual(slots.snapshot()["running"], 0)
+
+
 class PlainText(ocp.Encoder):
     """A wire format of the test's own: the answer as text/plain, errors as 'error: …' lines."""
 
