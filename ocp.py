@@ -6754,6 +6754,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
+        if not self.body_read and not self.close_connection:
+            self.discard_body()  # one request, one response: an unread body is no next request
         self.count_response(self.status_sent)  # (none left: the client hung up first, 0)
         log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
                  extra={"request_id": self.request_id, "method": self.command, "route": key,
@@ -6913,10 +6915,11 @@ class Handler(BaseHTTPRequestHandler):
             self.server.deadlines.done(watch)
 
     def discard_body(self) -> None:
-        """Consume a body we won't use so it isn't parsed as the next request."""
+        """Consume a body we won't use so it isn't parsed as the next request; one over the cap,
+        malformed or cut short closes the connection instead."""
         try:
             self.read_body()
-        except ApiError:
+        except (ApiError, ClientGone, OSError):
             self.close_connection = True
 
     def read_json(self) -> Any:

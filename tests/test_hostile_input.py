@@ -5,6 +5,7 @@ may close the connection without answering or buffer a body past the cap.
 """
 
 import concurrent.futures
+import dataclasses
 import io
 import json
 import logging
@@ -81,6 +82,68 @@ def post(path, body, headers=b""):
     return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\n"
             + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+ADMIN = "ocp_admin_key_for_tests_0000000000"
+
+
+def responses_on_one_connection(port, data, quiet_s=0.2):
+    """Send raw bytes; return every status line that comes back before the connection goes
+    quiet (or closes)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    received = b""
+    try:
+        sock.sendall(data)
+        sock.settimeout(quiet_s)
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (socket.timeout, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        sock.close()
+    return re.findall(rb"HTTP/1\.1 (\d{3})", received)
+
+
+class OneRequestOneResponse(ServerTest):
+    """A body a route never reads is not the connection's next request (request smuggling)."""
+
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN}
+    SMUGGLED = b"GET /api/keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + ADMIN.encode() + b"\r\n\r\n"
+
+    def test_no_route_answers_a_request_hidden_in_a_body(self):
+        key = self.server.store.add_key("victim", {}, None, time.time())[0]
+        routes = [("GET", "/health"), ("GET", "/v1/models"), ("HEAD", "/api/hello"), ("GET", "/dashboard/me"),
+                  ("GET", "/usage"), ("GET", "/sessions"), ("DELETE", f"/api/keys/{key.id}"),
+                  ("DELETE", "/cache"), ("GET", "/metrics"), ("GET", "/nowhere"), ("PUT", "/health")]
+        for method, path in routes:
+            with self.subTest(f"{method} {path}"):
+                head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN}\r\n"
+                        f"Content-Length: {len(self.SMUGGLED)}\r\n\r\n").encode()
+                statuses = responses_on_one_connection(self.port, head + self.SMUGGLED)
+                self.assertEqual(len(statuses), 1, statuses)
+
+    def test_a_chunked_body_on_a_get_is_no_request_either(self):
+        chunk = b"%x\r\n" % len(self.SMUGGLED) + self.SMUGGLED + b"\r\n0\r\n\r\n"
+        statuses = responses_on_one_connection(
+            self.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk)
+        self.assertEqual(statuses, [b"200"])
+
+    def test_the_next_real_request_on_the_connection_is_still_answered(self):
+        body = b'{"ignored": true}'
+        statuses = responses_on_one_connection(
+            self.port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        self.assertEqual(statuses, [b"200", b"200"])
+
+    def test_a_body_over_the_cap_closes_the_connection(self):
+        self.server.config = dataclasses.replace(self.server.config, max_body_bytes=1000)
+        head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n\r\n"
+        statuses = responses_on_one_connection(self.port, head + self.SMUGGLED + b"x" * (5000 - len(self.SMUGGLED)))
+        self.assertEqual(statuses, [b"200"])
 
 
 class BodyFraming(ServerTest):
