@@ -143,10 +143,12 @@ class Config:
     client_tools: bool = True
     tool_park_ttl_ms: int = 600_000
     tool_park_max: int = 0  # 0: as many as max_concurrent
+    tool_park_max_per_key: int = 0  # 0: half of tool_park_max, at least 1
     tool_result_max_chars: int = 100_000
     plan_headers: bool = True
     pool: bool = True
     pool_max_mb: int = 0  # 0: derived from the machine's memory (default_pool_mb)
+    pool_max_clis: int = 0  # 0: twice max_concurrent
     pool_idle_ttl_ms: int = 3_600_000
     reserve_5h: int = 0  # percent of the 5-hour window kept for higher-priority keys (0: off)
     reserve_7d: int = 0
@@ -218,10 +220,12 @@ SETTINGS = (
     ("client_tools", "OCP_CLIENT_TOOLS", "--client-tools", "bool", None),
     ("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int", (100, 24 * 3600 * 1000)),
     ("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", (0, 1024)),
+    ("tool_park_max_per_key", "OCP_TOOL_PARK_MAX_PER_KEY", "--tool-park-max-per-key", "int", (0, 1024)),
     ("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int", (1000, 1 << 26)),
     ("plan_headers", "OCP_PLAN_HEADERS", "--plan-headers", "bool", None),
     ("pool", "OCP_POOL", "--pool", "bool", None),
     ("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", (0, 1 << 20)),
+    ("pool_max_clis", "OCP_POOL_MAX_CLIS", "--pool-max-clis", "int", (0, 1024)),
     ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (100, 7 * 24 * 3600 * 1000)),
     ("reserve_5h", "OCP_RESERVE_5H", "--reserve-5h", "int", (0, 100)),
     ("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", (0, 100)),
@@ -254,11 +258,16 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
     "audit_retention_days": "days audit rows are kept",
     "client_tools": "let clients' function tools reach the model (0: tools ignored, text only)",
     "tool_park_ttl_ms": "milliseconds a CLI waits parked for a client's tool results",
-    "tool_park_max": "parked CLIs kept at most (0 = CLAUDE_MAX_CONCURRENT); the oldest goes first",
+    "tool_park_max": "parked CLIs kept at most (0 = CLAUDE_MAX_CONCURRENT); the lowest priority, "
+                     "then the oldest goes first",
+    "tool_park_max_per_key": "parked CLIs one key may keep (0 = half of OCP_TOOL_PARK_MAX, at least 1); "
+                             "its own oldest goes first",
     "tool_result_max_chars": "characters of one tool result passed to the model (longer: cut, marked)",
     "plan_headers": "send the plan's use to Claude Code and Codex (anthropic-ratelimit-unified-*, x-codex-*)",
     "pool": "keep idle CLI processes warm for the next request, and conversations in their process",
-    "pool_max_mb": "MiB of memory idle warm CLIs may use (0 = an eighth of the machine's, at least 256)",
+    "pool_max_mb": "MiB of memory the kept CLIs (pooled and parked) may use (0 = an eighth of the "
+                   "machine's, at least 256)",
+    "pool_max_clis": "idle CLIs the pool keeps at most, whatever their size (0 = 2 x CLAUDE_MAX_CONCURRENT)",
     "pool_idle_ttl_ms": "milliseconds an idle warm CLI is kept",
     "reserve_5h": "percent of the 5-hour window kept back: low-priority keys wait past 100 minus it, normal "
                   "ones past 100 minus half of it (0 = off)",
@@ -1558,6 +1567,7 @@ class Job:
     owner: str = ""  # who asked (a key name): shown by GET /sessions
     tools: Tuple[Dict[str, Any], ...] = ()  # the client's function tools: served as MCP server "ocp"
     account: str = ""  # the API key it runs for (its id): a pooled CLI never serves another
+    priority: str = "normal"  # its key's priority: kept (parked, pooled) CLIs of higher keys stay longer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1633,6 +1643,9 @@ def child_env(environ: Mapping[str, str], config: Config, creds: Credentials,
         env["ANTHROPIC_BASE_URL"] = config.upstream_base_url
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
     env["DISABLE_AUTOUPDATER"] = "1"
+    # The client owns the history: a CLI that summarised it on its own would spend ~176K tokens
+    # a time (measured: 55 upstream requests for a 52-round tool session, 52 with this).
+    env["DISABLE_AUTO_COMPACT"] = "1"
     env.setdefault("CLAUDE_CODE_MAX_RETRIES", "3")
     if max_tokens:
         env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(max_tokens)
@@ -1973,8 +1986,8 @@ class ClaudeProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def cancel(self, reason: str = "") -> None:
-        """End the run now: SIGTERM to the group, SIGKILL if it lingers.
+    def cancel(self, reason: str = "", hard: bool = False) -> None:
+        """End the run now: SIGTERM to the group, SIGKILL if it lingers — or at once when `hard`.
 
         `reason` ("client", "shutdown", "operator") says who ended it; the
         request then says so instead of "ended without an answer".
@@ -1982,7 +1995,7 @@ class ClaudeProcess:
         if self.popen.poll() is None:
             self.cancelled = True
             self.stop_reason = self.stop_reason or reason
-            self.signal_group(signal.SIGTERM)
+            self.signal_group(signal.SIGKILL if hard else signal.SIGTERM)
             self.events.put(EOF)  # whoever reads stops now, even if the CLI ignores SIGTERM
 
     def wait(self, timeout_s: float) -> int:
@@ -2440,9 +2453,12 @@ class Lease:
         return dict(result, total_cost_usd=total - spent if total >= spent else total)
 
     def cancel(self, reason: str) -> None:
-        """Ask the running CLI to end (another thread may call this); the exchange then raises."""
+        """Ask the CLI to end (another thread may call this); the exchange then raises. An idle
+        one (parked on a tool round, pooled) is killed outright: on SIGTERM the real CLI answers
+        its pending tool call as interrupted and asks the model to go on — one more upstream
+        request, billed for nothing (measured, 2.1.330); idle, it has nothing to flush."""
         if self.proc is not None:
-            self.proc.cancel(reason)
+            self.proc.cancel(reason, hard=not self.has_slot)
 
     def park(self) -> None:
         """The process waits for a later exchange: its slot goes to the next request meanwhile."""
@@ -2469,9 +2485,10 @@ class Lease:
         return kept
 
     def kill(self, reason: str = "") -> bool:
-        """End the CLI now (stop sequence, max_tokens, error, hang-up). False if already ended."""
+        """End the CLI now (stop sequence, max_tokens, error, hang-up; an idle one outright, see
+        `cancel`). False if already ended."""
         if self.proc is not None and not self.ended:
-            self.proc.cancel(reason)
+            self.cancel(reason)
         return self._end("killed")
 
     def _end(self, how: str) -> bool:
@@ -2540,6 +2557,33 @@ class Warm:
     since: float  # idle since (monotonic)
     rss_mb: float
 
+    @property
+    def account(self) -> str:
+        return self.lease.job.account
+
+    @property
+    def rank(self) -> int:
+        return PRIORITIES.index(self.lease.job.priority)
+
+
+def pool_to_end(entries: List[Warm], room_mb: float, max_count: int) -> List[Warm]:
+    """Which pooled CLIs end so that the rest fit in `room_mb` and number at most `max_count`
+    (`entries` least recently used first). Each key has a fair share — the room over the keys
+    present — and the key furthest over its share loses its own least recently used first,
+    among the keys of the lowest priority present: a high key's CLIs outlast a low key's."""
+    rest, ending = list(entries), []
+    while rest and (len(rest) > max_count or sum(w.rss_mb for w in rest) > room_mb):
+        share = room_mb / len({w.account for w in rest})
+        used = collections.Counter()
+        for warm in rest:
+            used[warm.account] += warm.rss_mb
+        lowest = min(w.rank for w in rest)
+        victim = min((w for w in rest if w.rank == lowest),
+                     key=lambda w: (-(used[w.account] - share), rest.index(w)))
+        rest.remove(victim)
+        ending.append(victim)
+    return ending
+
 
 class Pool:
     """Idle CLI processes kept for the next request, within a memory budget (OCP_POOL_MAX_MB).
@@ -2549,13 +2593,16 @@ class Pool:
     for the follow-up that continues it (`claim`). `take(key)` lends a warm one,
     else resets (/clear) the least recently used holder with that spawn key; the
     key includes the API key, so nothing crosses keys. Idle ones end after
-    OCP_POOL_IDLE_TTL; over the budget the least recently used go first. A pooled
-    CLI holds no slot and makes no upstream request. Thread-safe.
+    OCP_POOL_IDLE_TTL. The budget is shared with the parked tool rounds, which come
+    first (`parked_mb`); over it, or past OCP_POOL_MAX_CLIS, pool_to_end says who goes
+    (each key a fair share, a high key's kept over a low key's). A pooled CLI holds no
+    slot and makes no upstream request; an ended one is killed outright. Thread-safe.
     """
 
     def __init__(self, runner: "Runner"):
         self.runner = runner
         self.may_spawn: Callable[[], bool] = lambda: True  # the server's word: not while the plan is held
+        self.parked_mb: Callable[[], float] = lambda: 0.0  # the server's: parked CLIs, in the same budget
         self.memory_mb = machine_memory_mb()
         self._cond = threading.Condition()
         self._entries: List[Warm] = []  # least recently used first
@@ -2571,7 +2618,33 @@ class Pool:
         return self.runner.config.pool and not self.closed
 
     def budget_mb(self) -> int:
+        """MiB the kept CLIs — pooled and parked — may use together."""
         return self.runner.config.pool_max_mb or default_pool_mb(self.memory_mb)
+
+    def max_count(self) -> int:
+        """Idle CLIs kept at most: each costs the daemon a reader thread and descriptors."""
+        return self.runner.config.pool_max_clis or 2 * self.runner.config.max_concurrent
+
+    def room_mb(self) -> float:
+        """What the pool may use: the budget less the parked CLIs'."""
+        return self.budget_mb() - self.parked_mb()
+
+    def fit(self) -> int:
+        """End pooled CLIs until the pool fits its room and count (a park just took some)."""
+        room = self.room_mb()
+        with self._cond:
+            evicted = self._shed(room)
+        for warm in evicted:
+            warm.lease.kill("evicted")
+        return len(evicted)
+
+    def _shed(self, room_mb: float) -> List[Warm]:
+        """(under the lock) Take out what pool_to_end names; return it for the caller to end."""
+        evicted = pool_to_end(self._entries, room_mb - sum(self._spawning.values()), self.max_count())
+        for warm in evicted:
+            self._entries.remove(warm)
+        self.evictions["budget"] += len(evicted)
+        return evicted
 
     # -- lending -------------------------------------------------------------
 
@@ -2627,18 +2700,18 @@ class Pool:
         may not be pooled, exited, or grew past POOL_MAX_CLI_MB or the budget. Older ones make room."""
         if not (self.enabled() and lease.key and lease.proc.popen.poll() is None):
             return False
-        rss, budget = rss_mb(lease.proc.pid), self.budget_mb()
+        rss, room = rss_mb(lease.proc.pid), self.room_mb()
         with self._cond:
-            if self.closed or rss > min(budget, POOL_MAX_CLI_MB):
+            if self.closed or rss > min(room, POOL_MAX_CLI_MB):
                 return False
             self.largest_mb = max(self.largest_mb, rss)
+            warm = Warm(lease, conversation, self.runner.clock(), rss)
+            if warm in pool_to_end(self._entries + [warm], room - sum(self._spawning.values()), self.max_count()):
+                return False  # it would push out a higher key's CLI, or a fairer share: it goes itself
+            self._entries.append(warm)
+            evicted = self._shed(room)
             lease.park()
             lease.pooled = "conversation" if conversation else "warm"
-            self._entries.append(Warm(lease, conversation, self.runner.clock(), rss))
-            evicted = []
-            while self._used_mb() > budget and len(self._entries) > 1:
-                evicted.append(self._entries.pop(0))
-            self.evictions["budget"] += len(evicted)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._reap, name="ocp-pool", daemon=True)
                 self._thread.start()
@@ -2661,7 +2734,7 @@ class Pool:
             if lease.key in self._spawning or any(w.lease.key == lease.key and not w.conversation
                                                   for w in self._entries):
                 return
-            if self._used_mb() + guess > self.budget_mb():
+            if self._used_mb() + guess > self.room_mb() or len(self._entries) >= self.max_count():
                 return
             self._spawning[lease.key] = guess
         threading.Thread(target=self._warm_up, args=(lease.spawn_job, lease.creds, lease.key),
@@ -2789,7 +2862,8 @@ class Runner:
         now = time.monotonic()
         with self.live_lock:
             return [{"id": rid, "pid": lease.proc.pid, "key": lease.job.owner, "model": lease.job.model,
-                     "age_s": round(now - lease.proc.started, 1), "parked": not lease.has_slot,
+                     "age_s": round(now - lease.proc.started, 1),
+                     "parked": not lease.has_slot and not lease.pooled,
                      "state": lease.pooled or ("running" if lease.has_slot else "parked")}
                     for rid, lease in self._live.items()]
 
@@ -4573,13 +4647,41 @@ class Park:
     """A CLI waiting on its client's tool calls (AGENTS-SPEC §1.6), found by the calls' ids."""
 
     owner: str  # the key it belongs to: no one else may continue it
+    priority: str  # its key's priority: a lower key's round never pushes it out
     lease: Lease
     bridge: ToolBridge
     ids: Tuple[str, ...]  # the calls the client was given
     undelivered: Tuple[str, ...]  # further calls held back (parallel_tool_calls false)
     prefix: str  # canonical hash of the conversation that made the round
-    shape: str  # hash of model, system texts, tools, tool_choice, parallel_tool_calls
+    shape: str  # hash of model, system texts, tools, tool_choice, parallel_tool_calls, output format
     expires_at: float
+    rss_mb: float = 0.0  # measured when parked: it counts in the kept CLIs' budget (OCP_POOL_MAX_MB)
+
+    def call_ids(self) -> Tuple[str, ...]:
+        return self.ids + self.undelivered
+
+
+def park_limits(config: Config) -> Tuple[int, int]:
+    """(parked CLIs at most, parked CLIs one key may keep)."""
+    limit = config.tool_park_max or config.max_concurrent
+    return limit, config.tool_park_max_per_key or max(1, limit // 2)
+
+
+def parks_to_end(parks: List[Park], newcomer: Park, limit: int, per_key: int, budget_mb: float) -> List[Park]:
+    """Which parked rounds end so that `newcomer` fits: its key's own oldest beyond `per_key`
+    first; then, while more than `limit` are parked or they pass `budget_mb` (at least one
+    stays), the lowest priority, of the key with the most, oldest first. The newcomer is
+    among the candidates, so a lower key's round never ends a higher key's: it goes itself."""
+    own = [p for p in parks if p.owner == newcomer.owner]
+    ending = own[:max(0, len(own) - per_key)]
+    rest = [p for p in parks if p not in ending]
+    while len(rest) > limit or (len(rest) > 1 and sum(p.rss_mb for p in rest) > budget_mb):
+        counts = collections.Counter(p.owner for p in rest)
+        victim = min(enumerate(rest), key=lambda item: (PRIORITIES.index(item[1].priority),
+                                                        -counts[item[1].owner], item[0]))[1]
+        rest.remove(victim)
+        ending.append(victim)
+    return ending
 
 
 def canonical_hash(value: Any) -> str:
@@ -4607,32 +4709,60 @@ def tool_shape(request: TurnRequest) -> str:
 
 
 class Parks:
-    """The parked CLIs, by tool-call id. A TTL and a cap (the oldest goes first) bound them;
-    a reaper thread ends expired ones and forgets those whose CLI exited. Thread-safe."""
+    """The parked CLIs, by tool-call id. A TTL, a cap, a share per key and the kept CLIs' memory
+    budget bound them (parks_to_end says which go); a reaper thread ends expired ones and
+    forgets those whose CLI exited. An ended park's CLI is killed outright (Lease.cancel).
+    Thread-safe."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._cond = threading.Condition()
         self._parks: List[Park] = []  # oldest first
         self._thread: Optional[threading.Thread] = None
-        self.counters = {"parked": 0, "resumed": 0, "fallback": 0, "expired": 0, "evicted": 0, "exited": 0}
+        self.counters = {"parked": 0, "resumed": 0, "fallback": 0, "expired": 0, "evicted": 0, "exited": 0,
+                         "abandoned": 0}
 
-    def put(self, park: Park, limit: int) -> None:
-        """Park a CLI; past `limit` the oldest parked one is ended."""
+    def put(self, park: Park, limit: int, per_key: int, budget_mb: float) -> bool:
+        """Park a CLI, ending the rounds parks_to_end names; False when the newcomer itself went."""
         park.lease.park()
+        park.rss_mb = rss_mb(park.lease.proc.pid)
         with self._cond:
             self._parks.append(park)
             self.counters["parked"] += 1
-            evicted = self._parks[:-limit] if len(self._parks) > limit else []
-            del self._parks[:len(evicted)]
+            evicted = parks_to_end(self._parks, park, limit, per_key, budget_mb)
+            for old in evicted:
+                self._parks.remove(old)
             self.counters["evicted"] += len(evicted)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._reap, name="ocp-parks", daemon=True)
                 self._thread.start()
             self._cond.notify()
         for old in evicted:
-            log.info("a parked CLI was ended to make room (OCP_TOOL_PARK_MAX)")
+            log.info("a parked CLI was ended to make room (OCP_TOOL_PARK_MAX, _PER_KEY, OCP_POOL_MAX_MB)")
             old.lease.kill("evicted")
+        return park not in evicted
+
+    def rss_mb(self) -> float:
+        with self._cond:
+            return sum(p.rss_mb for p in self._parks)
+
+    def end_abandoned(self, request: TurnRequest) -> int:
+        """End the key's parked rounds that this request's history has left behind: it carries
+        one of their call ids without continuing it (a killed client, `--continue` after a
+        kill, a 400 on the resumed round, client-side compaction). Return how many."""
+        with self._cond:
+            if not any(p.owner == request.owner for p in self._parks):
+                return 0
+            mentioned = {b.get("id") for turn in request.turns for b in turn["content"]
+                         if b["type"] in ("tool_call", "tool_result")}
+            gone = [p for p in self._parks if p.owner == request.owner and mentioned & set(p.call_ids())]
+            for park in gone:
+                self._parks.remove(park)
+            self.counters["abandoned"] += len(gone)
+        for park in gone:
+            log.info("a parked CLI was ended: its key's next request left its tool round behind")
+            park.lease.kill("abandoned")
+        return len(gone)
 
     def claim(self, ids: List[str], owner: str) -> Optional[Park]:
         """Take the park that emitted any of `ids`, if `owner` owns it (once: a retry falls back)."""
@@ -4992,12 +5122,13 @@ class Turn:
             lease.kill()  # (legacy function calls carry no ids to continue a CLI by)
         else:
             delivered = [c["id"] for c in self.delivered_calls(answer)]
-            request = self.request
-            self.parks.put(Park(request.owner, lease, self.bridge, tuple(delivered),
+            request, pool = self.request, self.runner.pool
+            self.parks.put(Park(request.owner, self.job.priority, lease, self.bridge, tuple(delivered),
                                 tuple(c["id"] for c in answer.tool_calls if c["id"] not in delivered),
                                 canonical_hash(list(request.turns)), tool_shape(request),
                                 self.parks.clock() + self.config.tool_park_ttl_ms / 1000),
-                           self.config.tool_park_max or self.config.max_concurrent)
+                           *park_limits(self.config), pool.budget_mb())
+            pool.fit()  # parked CLIs come first in the kept CLIs' budget: pooled ones make room
 
     def _feed(self, answer: Answer, event: Any) -> List[Tuple[str, Any]]:
         if event is HEARTBEAT:
@@ -5817,7 +5948,7 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         log.info("%s user=%s model=%s", h.request_id, request.user[:64], request.model.id)
     tools = request.tools if request.tool_choice != "none" else ()
     job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name, tools,
-              request.owner)
+              request.owner, caller.priority)
     if request.tools_ignored:
         h.response_headers["x-ocp-tools-ignored"] = "true"
     encoder = route.encoder(request)(h, request, int(server.wall()), lambda: server.plan.in_overage(server.wall()))
@@ -5835,6 +5966,7 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         h.response_headers.update(ticket.headers)
         server.plan.check(server.wall(), server.config.plan_only)
         resume = tool_followup(request, server.parks) if tools else None
+        server.parks.end_abandoned(request)
         turn = ticket.turn = Turn(request, job, server.runner, server.plan, server.config, server.turn_secret,
                                   server.wall, server.parks, resume, followup)
         ticket.job = job
@@ -6470,6 +6602,7 @@ class Server(ThreadingHTTPServer):
         self.ledger = Ledger(self)
         self.parks = Parks()
         self.runner.pool.may_spawn = lambda: self.plan.snapshot()["hold_until"] <= self.wall()
+        self.runner.pool.parked_mb = self.parks.rss_mb  # one budget for the kept CLIs, parked first
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()

@@ -225,7 +225,9 @@ class Conversations(PoolTest):
         self.assertEqual(self.snapshot()["hits"]["continued"], 2)
 
 
-class Keys(PoolTest):
+class KeyedPool(PoolTest):
+    """(no tests) Keys in multi mode, every pooled CLI measured at 100 MiB."""
+
     env = {"OCP_POOL": "1", "CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_POOL_MAX_MB": "450"}
 
     def setUp(self):
@@ -247,6 +249,8 @@ class Keys(PoolTest):
         self.settled()
         return said(body)
 
+
+class Keys(KeyedPool):
     def test_two_keys_and_two_conversations_interleaved_never_see_each_other(self):
         keys = {"alice": self.key("alice"), "bob": self.key("bob")}
         talks = {(who, n): [] for who in keys for n in (1, 2)}
@@ -288,6 +292,32 @@ class Keys(PoolTest):
                                    {"role": "assistant", "content": "Echo: conversation sonnet"},
                                    {"role": "user", "content": "and? " + RECALL}])
         self.assertIn('role="assistant"', answer, "its CLI was evicted: the history went as text")
+
+
+class FairShares(KeyedPool):
+    """The pool's budget is shared: a member's flood of varied system prompts ends its own CLIs,
+    not the owner's kept conversation; a low key's CLI never pushes out a high key's."""
+
+    def test_a_members_flood_leaves_the_owners_conversation_in_its_cli(self):
+        ben = self.key("ben")
+        mine = [{"role": "user", "content": "my name is Ada"}]
+        mine.append({"role": "assistant", "content": self.ask(ADMIN, mine)})
+        with mock.patch.object(self.pool, "replenish"):
+            for number in range(8):
+                self.ask(ben, [{"role": "system", "content": f"You are helper {number}."},
+                               {"role": "user", "content": "hi"}])
+        self.assertLessEqual(self.snapshot()["conversations"], 4)
+        mine.append({"role": "user", "content": "who? " + RECALL})
+        self.assertEqual(self.ask(ADMIN, mine), "Recall: my name is Ada | who?", "continued in its own CLI")
+
+    def test_a_guests_cli_does_not_push_out_the_owners(self):
+        self.server.runner.config = ocp.dataclasses.replace(self.server.config, pool_max_mb=150)  # one CLI
+        guest = self.key("guest-ish")
+        with mock.patch.object(self.pool, "replenish"):
+            self.ask(ADMIN, [{"role": "user", "content": "owner's"}])
+            self.ask(guest, [{"role": "user", "content": "member's"}])
+        (kept,) = [w for w in self.pool._entries]
+        self.assertEqual(kept.lease.job.priority, "high")
 
 
 class IdleTtl(PoolTest):

@@ -2,8 +2,11 @@
 tool rounds answered as OpenAI tool_calls, the CLI parked until the results come back."""
 
 import contextlib
+import dataclasses
 import json
 import time
+import types
+import unittest
 
 import ocp
 from helpers import ServerTest, directive, pid_alive, wait_until
@@ -367,3 +370,143 @@ class ToolsWithStructuredOutput(ToolTest):
         self.assertEqual(status, 200)
         self.assertEqual(len(self.runs()), 2, "a new CLI with the whole history, not the parked one")
         self.assertEqual(self.server.parks.snapshot()["fallback"], 1)
+
+
+class SharedParks(ToolTest):
+    """Parked rounds are owned and bounded per key: one member's flood never ends the owner's
+    round, a lower key never ends a higher key's, and an ended park's CLI is killed outright."""
+
+    ADMIN = "ocp_admin_key_for_the_parks_tests_0"
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "PROXY_ANONYMOUS_KEY": "ocp_guest_key_parks"}
+
+    def setUp(self):
+        super().setUp()
+        self.keys = {name: self.server.store.add_key(name, {}, None, time.time())[1] for name in ("anna", "ben")}
+        self.keys.update(owner=self.ADMIN, guest="ocp_guest_key_parks")
+
+    def round_of(self, who, city):
+        messages = [{"role": "user", "content": f"w {city} " + directive(calls=[[call("get_weather", city=city)]])}]
+        status, _, body = self.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": messages, "tools": [WEATHER]},
+            headers={"Authorization": f"Bearer {self.keys[who]}"})
+        self.assertEqual(status, 200, body)
+        pid = max(self.runs(), key=lambda r: r["started"])["pid"]
+        return messages, body, pid
+
+    def finish(self, who, messages, body, result="sunny"):
+        message = body["choices"][0]["message"]
+        messages = messages + [{"role": "assistant", "content": None, "tool_calls": message["tool_calls"]},
+                               {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": result}]
+        return self.request("POST", "/v1/chat/completions", {"model": "sonnet", "messages": messages,
+                                                              "tools": [WEATHER]},
+                            headers={"Authorization": f"Bearer {self.keys[who]}"})
+
+    def test_one_keys_flood_leaves_the_owners_and_others_rounds_resumable(self):
+        owner = self.round_of("owner", "Oslo")
+        anna = self.round_of("anna", "Rome")
+        for number in range(12):
+            self.round_of("ben", f"City{number}")
+        limit, per_key = ocp.park_limits(self.server.config)
+        self.assertLessEqual(len(self.parked()), limit)
+        self.assertEqual(sum(1 for p in self.server.parks._parks if p.owner != "admin"
+                             and self.server.store.find_key(p.owner).name == "ben"), per_key)
+        runs = len(self.runs())
+        for who, (messages, body, pid) in (("owner", owner), ("anna", anna)):
+            status, _, answer = self.finish(who, messages, body)
+            self.assertEqual((status, answer["choices"][0]["message"]["content"]), (200, "Done: sunny"), who)
+        self.assertEqual(len(self.runs()), runs, "both continued their own parked CLI: no new spawn")
+
+    def test_a_lower_key_never_ends_a_higher_keys_round(self):
+        self.server.config = dataclasses.replace(self.server.config, tool_park_max=2, tool_park_max_per_key=2)
+        owner = self.round_of("owner", "Oslo")
+        self.round_of("guest", "Lima")
+        _, _, anna_pid = self.round_of("anna", "Rome")  # three for two places: the guest's (low) goes
+        self.assertEqual(sorted(self.server.parks.snapshot().items())[-1], ("resumed", 0))
+        keys = sorted(p.priority for p in self.server.parks._parks)
+        self.assertEqual(keys, ["high", "normal"])
+        _, _, guest_pid = self.round_of("guest", "Quito")  # a low key's newcomer goes itself
+        wait_until(lambda: not pid_alive(guest_pid))
+        self.assertEqual(sorted(p.priority for p in self.server.parks._parks), ["high", "normal"])
+        status, _, answer = self.finish("owner", *owner[:2])
+        self.assertEqual(answer["choices"][0]["message"]["content"], "Done: sunny")
+
+    def test_an_ended_park_is_killed_outright_not_asked_to_stop(self):
+        self.server.config = dataclasses.replace(self.server.config, tool_park_max=1)
+        _, _, first = self.round_of("anna", "Oslo")
+        self.round_of("ben", "Rome")
+        wait_until(lambda: not pid_alive(first))
+        (run,) = [r for r in self.runs() if r["pid"] == first]
+        self.assertEqual(run["ended"], "running", "SIGKILL: it had no chance to answer its tool call as "
+                                                  "interrupted and call the model again (it records a SIGTERM)")
+
+    def test_a_round_the_next_request_leaves_behind_ends_at_once(self):
+        messages, body, pid = self.round_of("anna", "Oslo")
+        self.round_of("ben", "Rome")  # another key's round is not anna's to end
+        message = body["choices"][0]["message"]
+        interrupted = messages + [
+            {"role": "assistant", "content": None, "tool_calls": message["tool_calls"]},
+            {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "[Tool call interrupted]"},
+            {"role": "assistant", "content": "Stopped."}, {"role": "user", "content": "never mind, hi"}]
+        status, _, _ = self.request("POST", "/v1/chat/completions", {
+            "model": "sonnet", "messages": interrupted, "tools": [WEATHER]},
+            headers={"Authorization": f"Bearer {self.keys['anna']}"})
+        self.assertEqual(status, 200)
+        wait_until(lambda: not pid_alive(pid))
+        self.assertEqual(self.server.parks.snapshot()["abandoned"], 1)
+        self.assertEqual(len(self.parked()), 1, "ben's round stays")
+
+    def test_parks_share_the_kept_clis_budget_and_one_always_stays(self):
+        self.server.config = dataclasses.replace(self.server.config, pool_max_mb=1)
+        self.server.runner.apply(self.server.config)
+        self.round_of("anna", "Oslo")
+        _, _, second = self.round_of("anna", "Rome")
+        wait_until(lambda: len(self.parked()) == 1)
+        self.assertEqual(self.parked()[0]["pid"], second)
+
+
+class ParksToEnd(unittest.TestCase):
+    """The pure rule of which parked rounds end."""
+
+    def park(self, owner, priority, rss=100.0):
+        return ocp.Park(owner, priority, None, None, (owner,), (), "", "", 0.0, rss)
+
+    def test_a_key_past_its_share_loses_its_own_oldest(self):
+        mine = [self.park("ben", "normal") for _ in range(3)]
+        other = self.park("anna", "normal")
+        self.assertEqual(ocp.parks_to_end([mine[0], other, mine[1], mine[2]], mine[2], 10, 2, 1e9), [mine[0]])
+
+    def test_over_the_cap_the_lowest_priority_then_the_key_with_most_goes(self):
+        high, low = self.park("owner", "high"), self.park("guest", "low")
+        a1, a2, b = self.park("anna", "normal"), self.park("anna", "normal"), self.park("ben", "normal")
+        self.assertEqual(ocp.parks_to_end([high, low, a1, a2, b], b, 4, 4, 1e9), [low])
+        self.assertEqual(ocp.parks_to_end([high, a1, a2, b], b, 3, 4, 1e9), [a1])
+
+    def test_a_lower_newcomer_goes_itself(self):
+        high, low = self.park("owner", "high"), self.park("guest", "low")
+        self.assertEqual(ocp.parks_to_end([high, low], low, 1, 4, 1e9), [low])
+
+    def test_the_memory_budget_keeps_at_least_one(self):
+        parks = [self.park("anna", "normal"), self.park("ben", "normal")]
+        self.assertEqual(ocp.parks_to_end(parks, parks[1], 10, 10, 150.0), [parks[0]])
+        self.assertEqual(ocp.parks_to_end(parks[1:], parks[1], 10, 10, 50.0), [])
+
+
+class PoolToEnd(unittest.TestCase):
+    """The pure rule of which pooled CLIs end: a fair share per key, high keys kept over low."""
+
+    def warm(self, account, priority="normal", rss=100.0):
+        lease = types.SimpleNamespace(job=types.SimpleNamespace(account=account, priority=priority))
+        return ocp.Warm(lease, "", 0.0, rss)
+
+    def test_the_key_over_its_share_loses_its_own_least_recently_used(self):
+        owner = self.warm("owner")
+        flood = [self.warm("ben") for _ in range(4)]
+        self.assertEqual(ocp.pool_to_end([owner] + flood, 400.0, 10), [flood[0]])
+
+    def test_a_high_keys_clis_outlast_a_low_keys(self):
+        high, low = self.warm("owner", "high"), self.warm("guest", "low")
+        self.assertEqual(ocp.pool_to_end([high, low], 100.0, 10), [low])
+
+    def test_the_count_bounds_them_whatever_their_size(self):
+        tiny = [self.warm("anna", rss=1.0) for _ in range(5)]
+        self.assertEqual(ocp.pool_to_end(tiny, 1e9, 3), tiny[:2])
