@@ -164,6 +164,8 @@ ExecStart=${PYTHON} ${PREFIX}/ocp.py serve
 Restart=on-failure
 RestartSec=3
 NoNewPrivileges=yes
+# Each client connection and each CLI's pipes take descriptors: 1,024 is too few for a house
+LimitNOFILE=65536
 
 [Install]
 WantedBy=${wanted}
@@ -189,6 +191,8 @@ install_launchd() {
   <array><string>/bin/sh</string><string>-c</string><string>set -a; . "${ENV_FILE}"; set +a; exec "${PYTHON}" "${PREFIX}/ocp.py" serve</string></array>
   <key>RunAtLoad</key><true/>
   <key>KeepAlive</key><true/>
+  <key>SoftResourceLimits</key><dict><key>NumberOfFiles</key><integer>65536</integer></dict>
+  <key>HardResourceLimits</key><dict><key>NumberOfFiles</key><integer>65536</integer></dict>
   <key>StandardErrorPath</key><string>${HOME}/Library/Logs/ocp.log</string>
 </dict>
 </plist>

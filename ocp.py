@@ -41,6 +41,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import json
@@ -150,6 +151,7 @@ class Config:
     pool_max_mb: int = 0  # 0: derived from the machine's memory (default_pool_mb)
     pool_max_clis: int = 0  # 0: twice max_concurrent
     pool_idle_ttl_ms: int = 3_600_000
+    max_connections: int = 0  # 0: derived from the open-files limit (connection_cap)
     reserve_5h: int = 0  # percent of the 5-hour window kept for higher-priority keys (0: off)
     reserve_7d: int = 0
     environ: Mapping[str, str] = dataclasses.field(
@@ -227,6 +229,7 @@ SETTINGS = (
     ("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", (0, 1 << 20)),
     ("pool_max_clis", "OCP_POOL_MAX_CLIS", "--pool-max-clis", "int", (0, 1024)),
     ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (100, 7 * 24 * 3600 * 1000)),
+    ("max_connections", "OCP_MAX_CONNECTIONS", "--max-connections", "int", (0, 1 << 20)),
     ("reserve_5h", "OCP_RESERVE_5H", "--reserve-5h", "int", (0, 100)),
     ("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", (0, 100)),
 )
@@ -269,6 +272,8 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
                    "machine's, at least 256)",
     "pool_max_clis": "idle CLIs the pool keeps at most, whatever their size (0 = 2 x CLAUDE_MAX_CONCURRENT)",
     "pool_idle_ttl_ms": "milliseconds an idle warm CLI is kept",
+    "max_connections": "client connections open at once (0 = half the open-files limit, 16 to 4096); past "
+                       "it the newest that have not sent a keyed request are closed",
     "reserve_5h": "percent of the 5-hour window kept back: low-priority keys wait past 100 minus it, normal "
                   "ones past 100 minus half of it (0 = off)",
     "reserve_7d": "the same for the weekly window",
@@ -2007,8 +2012,10 @@ class ClaudeProcess:
                 fd = os.pidfd_open(self.pid)
         if fd < 0:
             return self.popen.wait(timeout=timeout_s)
-        try:
-            exited = select.select([fd], [], [], timeout_s)[0]
+        try:  # poll, not select: a descriptor past 1023 (many connections) is beyond select
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            exited = poller.poll(max(0, timeout_s) * 1000)
         finally:
             os.close(fd)
         if not exited:
@@ -6577,6 +6584,88 @@ class Hangups:
         return [fd for fd in fired if fd != wake]
 
 
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (services get 1,024 by default); return it."""
+    import resource  # (POSIX only; the daemon's start, never a request's path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_cap(config: Config, open_files: int) -> int:
+    """Client connections at once: OCP_MAX_CONNECTIONS, else half the open-files limit (the
+    rest: CLIs' pipes, the database, logs), between 16 and 4,096."""
+    return config.max_connections or max(16, min(4096, open_files // 2))
+
+
+class Connections:
+    """The open client connections and what each is doing, so that a flood of keyless or
+    half-sent ones cannot take the daemon: past the cap, a new connection closes the newest
+    one that has not sent a keyed request (none idle: the new one is refused). Thread-safe.
+
+    A connection is "new" until its first request head is in, "busy" while a request runs,
+    then "idle" — "trusted" when a request on it came with a key (or the admin key).
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._open: Dict[socket.socket, List[Any]] = {}  # sock -> [state, trusted]; in accept order
+        self.shed = self.refused = 0
+
+    def opened(self, sock: socket.socket) -> bool:
+        """Count a new connection; False (the caller closes it) when there is no room for it."""
+        with self._lock:
+            victim = self._victim() if len(self._open) >= self.cap else None
+            if len(self._open) >= self.cap and victim is None:
+                self.refused += 1
+                return False
+            self._open[sock] = ["new", False]
+            if victim is not None:
+                self._open.pop(victim)
+                self.shed += 1
+        if victim is not None:
+            with contextlib.suppress(OSError):
+                victim.shutdown(socket.SHUT_RDWR)  # its thread reads EOF and ends
+        return True
+
+    def _victim(self) -> Optional[socket.socket]:
+        """(under the lock) The newest connection that is not busy and never sent a keyed request."""
+        for sock, (state, trusted) in reversed(list(self._open.items())):
+            if state != "busy" and not trusted:
+                return sock
+        return None
+
+    def mark(self, sock: socket.socket, state: str, trusted: bool = False) -> None:
+        with self._lock:
+            entry = self._open.get(sock)
+            if entry is not None:
+                entry[0], entry[1] = state, entry[1] or trusted
+
+    def closed(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def make_room(self) -> bool:
+        """Out of descriptors: close one connection that may go; False when none may."""
+        with self._lock:
+            victim = self._victim()
+            if victim is not None:
+                self._open.pop(victim)
+                self.shed += 1
+        if victim is None:
+            return False
+        with contextlib.suppress(OSError):
+            victim.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._lock:
+            return {"open": len(self._open), "cap": self.cap, "shed": self.shed, "refused": self.refused}
+
+
 class Server(ThreadingHTTPServer):
     """The daemon: owns config, models, runner and plan state; handlers reach it as self.server."""
 
@@ -6618,7 +6707,29 @@ class Server(ThreadingHTTPServer):
         hostname = socket.gethostname().lower()
         self.own_names = (hostname, hostname.split(".")[0], hostname.split(".")[0] + ".local")
         self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
+        import resource  # (POSIX; see raise_open_files_limit)
+        self.connections = Connections(connection_cap(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         super().__init__((config.bind, config.port), Handler)
+
+    def get_request(self) -> Tuple[socket.socket, Any]:
+        """accept(), but out of descriptors it closes a connection that may go and pauses: the
+        listening socket stays readable, and the loop would spin a core on EMFILE."""
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                log.warning("out of file descriptors with %d connections open", self.connections.snapshot()["open"])
+                self.connections.make_room()
+                time.sleep(0.05)
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """A place for the connection within OCP_MAX_CONNECTIONS, or it is closed unanswered."""
+        return self.connections.opened(request)
+
+    def shutdown_request(self, request: Any) -> None:
+        self.connections.closed(request)
+        super().shutdown_request(request)
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
         """Wait until `condition()` holds or `timeout_s` passes (shutdown's steps; it is polled)."""
@@ -6839,11 +6950,15 @@ class Handler(BaseHTTPRequestHandler):
         return sorted(m for m, p in ROUTES if p == pattern)
 
     def dispatch(self) -> None:
+        connections = self.server.connections
+        connections.mark(self.connection, "busy")
         self.server.request_started()
         try:
             self.dispatch_request()
         finally:
             self.server.request_ended()
+            caller = self.caller
+            connections.mark(self.connection, "idle", bool(caller and (caller.admin or caller.key)))
 
     def dispatch_request(self) -> None:
         self.request_id = "req_" + secrets.token_hex(12)
@@ -7100,6 +7215,7 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     admin_key = load_admin_key(config, create=True)  # every mode: the owner's way into the dashboard
     runner = Runner(config)
     runner.prepare()
+    open_files = raise_open_files_limit()
     try:
         server = Server(config, models, runner, store, admin_key)
     except OSError as e:
@@ -7114,8 +7230,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     else:
         log.warning("claude CLI not found: completions answer 503 until it is installed "
                     "(npm i -g @anthropic-ai/claude-code)")
-    log.info("OCP %s listening on http://%s:%d (auth: %s)", __version__, config.bind,
-             server.server_address[1], config.auth_mode)
+    log.info("OCP %s listening on http://%s:%d (auth: %s; %d connections at once, %d open files)", __version__,
+             config.bind, server.server_address[1], config.auth_mode, server.connections.cap, open_files)
     log.info("dashboard: http://%s:%d/dashboard (%s)", "127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind,
              server.server_address[1], admin_login_hint(config))
     stop = install_shutdown(server)

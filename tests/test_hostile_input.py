@@ -9,8 +9,12 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
+import shutil
 import socket
+import sys
+import tempfile
 import time
 import unittest
 
@@ -367,3 +371,72 @@ class BodyChecks(unittest.TestCase):
             self.assertEqual((caught.exception.status, caught.exception.code), (400, code), raw[:30])
         fine = b'{"a": "\\ud83d\\ude00 \xf0\x9f\x98\x80"}'  # a surrogate pair and real UTF-8 are fine
         self.assertEqual(ocp.parse_json_body(fine), {"a": "\U0001F600 \U0001F600"})
+
+
+class ConnectionFlood(ServerTest):
+    """A keyless client holding many half-sent requests cannot keep the owner out."""
+
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_MAX_CONNECTIONS": "20"}
+
+    def flood(self, count):
+        socks = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the rest
+            socks.append(sock)
+            self.addCleanup(sock.close)
+        return socks
+
+    def owner_health(self, conn=None):
+        conn = conn or self.connection(timeout=5)
+        started = time.monotonic()
+        conn.request("GET", "/health", headers={"Authorization": f"Bearer {ADMIN}"})
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        return time.monotonic() - started, response.status, body
+
+    def test_the_owner_is_answered_at_once_through_a_flood(self):
+        self.flood(40)
+        wait_until(lambda: self.server.connections.snapshot()["shed"] >= 20)
+        elapsed, status, body = self.owner_health()
+        self.assertEqual(status, 200)
+        self.assertLess(elapsed, 2)
+        self.assertLessEqual(self.server.connections.snapshot()["open"], 20)
+        self.assertIn("detail", body, "the owner's key was read: the admin view")
+
+    def test_a_keyed_keep_alive_connection_is_kept_over_keyless_newcomers(self):
+        conn = self.connection(timeout=5)
+        self.owner_health(conn)
+        self.flood(40)
+        _, status, _ = self.owner_health(conn)
+        self.assertEqual(status, 200, "the same connection, still open")
+
+    def test_the_newest_keyless_connections_are_the_ones_closed(self):
+        socks = self.flood(25)  # five past the cap: each newcomer closes the newest before it
+        for sock in socks[19:24]:
+            sock.settimeout(2)
+            try:
+                self.assertEqual(sock.recv(1), b"")
+            except ConnectionResetError:
+                pass
+        self.assertEqual(self.server.connections.snapshot()["shed"], 5)
+
+
+class DescriptorsPastSelectsReach(unittest.TestCase):
+    def test_a_cli_exit_is_waited_for_with_a_descriptor_past_1023(self):
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            self.skipTest("the hard open-files limit is below 1200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        held = []
+        self.addCleanup(lambda: [os.close(fd) for fd in held])
+        while not held or held[-1] < 1030:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        scratch = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, scratch, True)
+        proc = ocp.ClaudeProcess([sys.executable, "-c", "import time; time.sleep(0.2)"], dict(os.environ),
+                                 scratch, scratch)
+        self.assertEqual(proc.wait(5), 0)
+        proc.close()

@@ -71,6 +71,7 @@ class InstallScript(TempHome):
         self.assertIn(f"EnvironmentFile={self.env_file}", unit)
         self.assertIn(f"ExecStart={os.path.join(self.bin, 'python3')} {self.prefix}/ocp.py serve", unit)
         self.assertNotIn("CLAUDE_BIND", unit, "settings live in the env file, not the unit")
+        self.assertIn("LimitNOFILE=65536", unit, "room for many connections (the default is 1,024)")
         self.assertNotIn("network-online", unit, "a user manager has no network-online.target")
         self.assertEqual(stat.S_IMODE(os.stat(self.env_file).st_mode), 0o600)
         with open(self.env_file) as f:
