@@ -655,23 +655,23 @@ SELECT_USAGE_ROWS = """SELECT id, key_name, model, status, http_status, prompt_t
     WHERE (:everyone OR (key_id IS :key_id AND key_name = :key_name))
       AND created_at >= :since AND created_at < :until
     ORDER BY id DESC LIMIT :limit"""
-SELECT_USAGE_BY_KEY = """SELECT key_name, SUM(requests) AS requests, SUM(ok) AS ok, SUM(errors) AS errors,
+SELECT_USAGE_BY_KEY = """SELECT key_id, key_name, SUM(requests) AS requests, SUM(ok) AS ok, SUM(errors) AS errors,
     SUM(cancelled) AS cancelled, SUM(cached) AS cached, SUM(refused) AS refused, SUM(prompt_tokens) AS prompt_tokens,
     SUM(completion_tokens) AS completion_tokens, ROUND(SUM(cost_usd), 4) AS cost_usd,
     CAST(AVG(duration_ms) AS INTEGER) AS avg_ms, MAX(at) AS last_at FROM (
-        SELECT key_name, 1 AS requests, status IN ('ok', 'partial') AS ok, status = 'error' AS errors,
+        SELECT key_id, key_name, 1 AS requests, status IN ('ok', 'partial') AS ok, status = 'error' AS errors,
             status = 'cancelled' AS cancelled, status = 'cached' AS cached, status = 'refused' AS refused,
             prompt_tokens, completion_tokens, cost_usd, duration_ms, created_at AS at
         FROM usage WHERE created_at >= :since AND created_at < :until
         UNION ALL
-        SELECT key_name, requests, CASE WHEN status IN ('ok', 'partial') THEN requests ELSE 0 END,
+        SELECT key_id, key_name, requests, CASE WHEN status IN ('ok', 'partial') THEN requests ELSE 0 END,
             CASE WHEN status = 'error' THEN requests ELSE 0 END,
             CASE WHEN status = 'cancelled' THEN requests ELSE 0 END,
             CASE WHEN status = 'cached' THEN requests ELSE 0 END,
             CASE WHEN status = 'refused' THEN requests ELSE 0 END, prompt_tokens, completion_tokens,
             cost_usd, NULL, day
         FROM usage_daily WHERE day >= :since AND day < :until)
-    GROUP BY key_name ORDER BY requests DESC"""
+    GROUP BY key_id, key_name ORDER BY requests DESC"""
 INSERT_REFUSED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, http_status, request_id, created_at)
     VALUES (?, ?, ?, 'refused', ?, ?, ?)"""
 INSERT_CACHED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, http_status, prompt_tokens,
@@ -1146,6 +1146,15 @@ QUOTA_PERIODS = (("daily", "day", "day", "requests"), ("weekly", "week", "week",
                  ("cost_weekly", "week", "cost_week", "USD"), ("cost_monthly", "month", "cost_month", "USD"))
 
 
+RESERVED_KEY_NAMES = ("admin", "anonymous", "shared", "local", "public")  # the built-in callers' names
+
+
+def account_label(key_id: Optional[int], name: str) -> str:
+    """A key's name, or "name#id" for a key made before its name was reserved: its figures never
+    merge with the built-in caller's of that name."""
+    return f"{name}#{key_id}" if key_id is not None and name.lower() in RESERVED_KEY_NAMES else name
+
+
 @dataclasses.dataclass(frozen=True)
 class Caller:
     """Who is asking: a key from the store, the shared or anonymous key, the admin, or nobody."""
@@ -1153,6 +1162,11 @@ class Caller:
     name: str
     key: Optional[ApiKey] = None
     admin: bool = False
+
+    @property
+    def label(self) -> str:
+        """Whose share of the plan this is: the name, kept apart from a built-in caller's."""
+        return account_label(self.key.id if self.key else None, self.name)
 
     @property
     def priority(self) -> str:
@@ -1390,6 +1404,9 @@ def check_key_name(name: Any) -> str:
     if not isinstance(name, str) or not KEY_NAME.fullmatch(name.strip()):
         raise bad_request("'name' must be 1-64 printable characters, not all digits, without leading "
                           "or trailing spaces", "name", "invalid_name")
+    if name.strip().lower() in RESERVED_KEY_NAMES:
+        raise bad_request(f"'{name.strip()}' is the name of a built-in caller; choose another "
+                          f"(reserved: {', '.join(RESERVED_KEY_NAMES)})", "name", "reserved_name")
     return name.strip()
 
 
@@ -3319,7 +3336,8 @@ def parse_responses_request(body: Any, models: Models, config: Config) -> TurnRe
         raise unsupported("tool_choice", "Forcing a tool call is not supported: nothing can make the model call "
                           "one; use tool_choice auto or none.")
     max_tokens = check_type(body, "max_output_tokens", (int,), "a positive integer") or 0
-    text_format = ((body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None) or {}
+    text_format = check_type(check_type(body, "text", (dict,), "an object") or {}, "format", (dict,),
+                             "an object") or {}
     format_type, schema = parse_response_format({"type": text_format.get("type"), "json_schema": {
         "schema": text_format.get("schema")}} if text_format.get("type") else None)
     reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None
@@ -5792,7 +5810,7 @@ class Ledger:
         except QuotaExceeded as e:
             raise quota_error(e.breach, now) from None
         headers = ratelimit_headers(caller.key, counts, bounds, now)
-        headers.update(plan_share_headers(server.plan.share_report(now), caller.name))
+        headers.update(plan_share_headers(server.plan.share_report(now), caller.label))
         return Ticket(self, caller, model_id, request_id, encoder, row, headers)
 
     def refused(self, caller: Caller, model_id: str, request_id: str, status: int) -> None:
@@ -5832,7 +5850,7 @@ class Ledger:
                               ttft_ms / 1000 if ttft_ms is not None else None)
         if status in ("ok", "partial"):
             server.metrics.count_tokens(ticket.model_id, ticket.caller.name, usage)
-            server.plan.spent(ticket.caller.name, usage.cost_usd or list_price(ticket.model_id, usage),
+            server.plan.spent(ticket.caller.label, usage.cost_usd or list_price(ticket.model_id, usage),
                               ticket.outcome is not None and ticket.outcome.overage)
         if server.config.log_prompts and ticket.job is not None:
             log_exchange(ticket.request_id, ticket.job, status, ticket.outcome)
@@ -5929,17 +5947,22 @@ def shared_events(h: Any, ticket: Ticket, turn: Turn, key: str) -> Iterator[Tupl
     yield from outcome_events(replayed(outcome))
 
 
+def check_model_for(caller: Caller, model: Model, status: int) -> None:
+    """The key's model allowlist, refused with the route's status (Anthropic's clients: 404)."""
+    try:
+        check_model_allowed(caller, model)
+    except ApiError as e:
+        if status == e.status:
+            raise
+        raise ApiError(status, e.message, "not_found_error", e.code, "model") from None
+
+
 def answer_turn(h: Any, route: TurnRoute) -> None:
     """The recipe of every model route: parse → check → cache → admit → run → encode."""
     server, caller, started = h.server, h.caller, time.monotonic()
     request = route.parse(h.read_json(), server.models, server.config)
     h.refused_model = request.model.id
-    try:
-        check_model_allowed(caller, request.model)
-    except ApiError as e:
-        if route.refused_model_status == e.status:
-            raise
-        raise ApiError(route.refused_model_status, e.message, "not_found_error", e.code, "model") from None
+    check_model_for(caller, request.model, route.refused_model_status)
     request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
     fetch = fetch_image if server.config.allow_image_urls else None
     followup = conversation_followup(request) if server.runner.pool.enabled() else None
@@ -6015,6 +6038,7 @@ def handle_count_tokens(h: Handler) -> None:
     body = h.read_json()
     request = parse_messages_request(dict(body, max_tokens=0) if isinstance(body, dict) else body,
                                      h.server.models, h.server.config)
+    check_model_for(h.caller, request.model, TURN_ROUTES["/v1/messages"].refused_model_status)
     images = sum(1 for t in request.turns for b in t["content"] if b["type"] == "image")
     text = json.dumps([request.system, [[b for b in t["content"] if b["type"] != "image"] for t in request.turns],
                        request.tools], ensure_ascii=False)
@@ -6086,7 +6110,7 @@ def handle_usage(h: Handler) -> None:
         h.audit("usage.all", "*", h.path.partition("?")[2][:200])
     rows = h.server.store.usage_rows(None if everyone else (caller.key.id if caller.key else None),
                                      None if everyone else caller.name, since, until, limit)
-    share = key_share(h.server.plan.share_report(h.server.wall()), None if everyone else caller.name)
+    share = key_share(h.server.plan.share_report(h.server.wall()), None if everyone else caller.label)
     h.send_json(200, {"object": "list", "since": since, "until": until, "data": rows, "plan_share": share})
 
 
@@ -6236,10 +6260,10 @@ def handle_dashboard_data(h: Handler) -> None:
     h.send_json(200, {
         "role": "admin" if caller.admin else "member", "name": caller.name, "now": int(now),
         "health": server.health(admin=caller.admin),
-        "plan": plan_report(server.plan, now, None if caller.admin else caller.name),
+        "plan": plan_report(server.plan, now, None if caller.admin else caller.label),
         "series": {"bucket_s": bucket, "points": server.store.usage_series(since, bucket, buckets, mine)},
         "keys": [quota_report(server.store, k, now, server.config.tzinfo) for k in keys],
-        "usage_by_key": usage if caller.admin else [u for u in usage if u["key_name"] == caller.name],
+        "usage_by_key": usage if caller.admin else [u for u in usage if u["key_id"] == caller.key.id],
         "recent": recent})
 
 
@@ -7444,7 +7468,8 @@ def cmd_usage(args: argparse.Namespace, config: Config) -> int:
     since = parse_time(args.since, "--since") if args.since else until - 1 - args.hours * 3600
     if args.by_key:
         share = PlanLimits(store.load_state("plan")).share_report(time.time())
-        rows = [dict(row, **share_columns(share, row["key_name"])) for row in store.usage_by_key(since, until)]
+        rows = [dict(row, **share_columns(share, account_label(row["key_id"], row["key_name"])))
+                for row in store.usage_by_key(since, until)]
         rows += [dict({"key_name": OUTSIDE}, **share_columns(share, OUTSIDE))] if any(
             k["key"] == OUTSIDE for w in share["windows"].values() for k in w["keys"]) else []
         columns = [("key_name", "KEY"), ("requests", "REQUESTS"), ("ok", "OK"), ("errors", "ERRORS"),

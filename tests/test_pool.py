@@ -320,6 +320,16 @@ class FairShares(KeyedPool):
         self.assertEqual(kept.lease.job.priority, "high")
 
 
+class SessionsList(PoolTest):
+    def test_pooled_clis_are_listed_as_warm_or_conversation_never_parked(self):
+        self.chat("hello")
+        self.settled(warm=1, conversations=1)
+        status, _, body = self.admin("GET", "/sessions")
+        self.assertEqual(status, 200)
+        self.assertEqual(sorted((s["state"], s["parked"]) for s in body["data"]),
+                         [("conversation", False), ("warm", False)])
+
+
 class IdleTtl(PoolTest):
     env = {"OCP_POOL": "1", "OCP_POOL_IDLE_TTL": "300"}
 

@@ -477,6 +477,51 @@ class MultiMode(ServerTest):
         self.assertIn("claude", detail)
 
 
+
+class SmallHolesFound(ServerTest):
+    """What the sharing audit found: a built-in caller's name, a model allowlist count_tokens
+    forgot, a Responses format that crashed the parser."""
+
+    GUEST = "ocp_guest_key_for_tests_00000000000"
+    env, admin, ask = MultiMode.env, MultiMode.admin, MultiMode.ask
+
+    def test_a_key_may_not_take_a_built_in_callers_name(self):
+        for name in ("anonymous", "Admin", "shared", "local"):
+            status, _, body = self.admin("POST", "/api/keys", {"name": name})
+            self.assertEqual((status, body["error"]["code"]), (400, "reserved_name"), name)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertNotEqual(ocp.main(["keys", "add", "anonymous"], self.environ()), 0)
+        self.assertIn("built-in caller", err.getvalue())
+
+    def test_an_older_key_named_like_the_guest_keeps_its_own_figures(self):
+        _, secret = self.server.store.add_key("anonymous", {}, None, time.time())  # made before names were reserved
+        self.assertEqual(self.ask(secret)[0], 200)
+        self.assertEqual(self.ask(self.GUEST)[0], 200)
+        self.assertEqual(self.ask(self.GUEST)[0], 200)
+        status, _, data = self.request("GET", "/dashboard/data", headers={"Authorization": f"Bearer {secret}"})
+        self.assertEqual(status, 200)
+        self.assertEqual([(u["key_name"], u["requests"]) for u in data["usage_by_key"]], [("anonymous", 1)])
+        everyone = self.server.store.usage_by_key(0, 2 ** 40)
+        self.assertEqual(sorted((u["key_id"] is None, u["requests"]) for u in everyone), [(False, 1), (True, 2)])
+        key = self.server.store.find_key("anonymous")
+        self.assertEqual(ocp.Caller("anonymous", key).label, f"anonymous#{key.id}")
+
+    def test_count_tokens_keeps_the_keys_model_allowlist(self):
+        status, _, body = self.admin("POST", "/api/keys", {"name": "kid", "models": ["haiku"]})
+        secret = body["key"]
+        status, _, body = self.request("POST", "/v1/messages/count_tokens", {
+            "model": "opus", "messages": [{"role": "user", "content": "hi"}]}, headers={"x-api-key": secret})
+        self.assertEqual((status, body["type"], body["error"]["type"]), (404, "error", "not_found_error"))
+        status, _, body = self.request("POST", "/v1/messages/count_tokens", {
+            "model": "haiku", "messages": [{"role": "user", "content": "hi"}]}, headers={"x-api-key": secret})
+        self.assertEqual(status, 200)
+
+    def test_a_responses_text_format_that_is_no_object_is_a_400(self):
+        for text in ({"format": "json"}, {"format": 5}, "plain", [1]):
+            status, _, body = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "hi", "text": text},
+                                           headers={"Authorization": f"Bearer {ADMIN}"})
+            self.assertEqual((status, body["error"]["type"]), (400, "invalid_request_error"), text)
+
 class AdvertisedGuestKey(ServerTest):
     env = {"CLAUDE_AUTH_MODE": "multi", "PROXY_ANONYMOUS_KEY": "ocp_guest", "PROXY_ADVERTISE_ANON_KEY": "1"}
 
