@@ -1,8 +1,11 @@
 """The seams of the turn layer: CLI leases that outlive one exchange, and wire formats plugged
 into a route without touching the Turn or the runner."""
 
+import json
+import socket
 import threading
 import time
+from unittest import mock
 
 import ocp
 from helpers import ServerTest, directive, pid_alive, wait_until
@@ -290,3 +293,52 @@ class PluggedEncoder(ServerTest):
         self.assertEqual(status, 200)
         self.assertIn("event: ping\ndata: {}\n\n", body)
         self.assertTrue(body.endswith('"}\n\n') and "event: error\ndata: {\"plain_error\": " in body, body)
+
+
+class SafeByConstruction(ServerTest):
+    """A route nobody declared otherwise is the admin's; a streaming encoder that says nothing
+    about delivery still has its hang-ups billed right."""
+
+    ADMIN = "ocp_admin_key_for_the_turn_layer_00"
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN}
+
+    def test_a_new_route_is_admin_only_unless_declared(self):
+        _, member = self.server.store.add_key("member", {}, None, time.time())
+        answered = lambda h: h.send_json(200, {"ok": True})
+        routes = {("GET", "/test/undeclared"): ocp.Route(answered),
+                  ("GET", "/test/keyed"): ocp.Route(answered, ocp.KEYED),
+                  ("GET", "/test/public"): ocp.Route(answered, ocp.PUBLIC)}
+        with mock.patch.dict(ocp.ROUTES, routes):
+            def status(path, key=None):
+                return self.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})[0]
+            self.assertEqual([status("/test/undeclared"), status("/test/undeclared", member),
+                              status("/test/undeclared", self.ADMIN)], [401, 403, 200])
+            self.assertEqual([status("/test/keyed"), status("/test/keyed", member)], [401, 200])
+            self.assertEqual(status("/test/public"), 200)
+
+    def test_every_admin_route_refuses_a_member_before_it_runs(self):
+        _, member = self.server.store.add_key("member", {}, None, time.time())
+        for (method, pattern), route in ocp.ROUTES.items():
+            if route.access != "admin":
+                continue
+            with self.subTest(f"{method} {pattern}"):
+                path = pattern.replace("*", "1")
+                status, _, body = self.request(method, path, {} if method in ("POST", "PATCH") else None,
+                                               headers={"Authorization": f"Bearer {member}"})
+                self.assertEqual((status, body["error"]["code"]), (403, "admin_required"))
+        self.assertIsNone(self.server.store.find_key("member").revoked_at, "nothing ran: the key was not revoked")
+
+    def test_a_plugged_stream_that_leaves_mid_answer_is_billed_as_partial(self):
+        self.server.turn_routes["/v1/plain"] = ocp.TurnRoute(parse_plain, PlainText, NamedEvents)
+        data = json.dumps({"stream": True, "prompt": "hi " + directive(text="a" * 60, deltas=30, pace_ms=40)}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        sock.sendall(b"POST /v1/plain HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + self.ADMIN.encode()
+                     + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        received = b""
+        while b"event: delta" not in received:
+            received += sock.recv(4096)
+        sock.close()
+        wait_until(lambda: self.server.store.usage_rows(None, None, 0, 2 ** 40, 10)
+                   and self.server.store.usage_rows(None, None, 0, 2 ** 40, 10)[0]["status"] != "pending")
+        (row,) = self.server.store.usage_rows(None, None, 0, 2 ** 40, 10)
+        self.assertEqual(row["status"], "partial", "the answer had begun to arrive")
