@@ -2805,6 +2805,8 @@ class Pool:
                 warm.lease.kill("idle")
             for warm in entries:
                 warm.rss_mb = rss_mb(warm.lease.proc.pid) or warm.rss_mb
+            if entries:
+                self.fit()  # CLIs grow: measured past the room, the fair order says who goes
             with self._cond:
                 if self.closed:
                     return
@@ -4824,6 +4826,9 @@ class Parks:
                     self._parks.remove(park)
                     self.counters["expired" if park.expires_at <= now else "exited"] += 1
                 wait = min((p.expires_at for p in self._parks), default=now + 5) - now
+                parks = list(self._parks)
+            for park in parks:  # they grow while they wait: the kept CLIs' budget counts them as they are
+                park.rss_mb = rss_mb(park.lease.proc.pid) or park.rss_mb
             for park in gone:
                 log.info("a parked CLI was ended: its client's tool results did not come in time (OCP_TOOL_PARK_TTL)")
                 park.lease.kill("expired")
@@ -6856,6 +6861,13 @@ class Server(ThreadingHTTPServer):
         for reason, n in pool["evictions"].items():
             gauges.append(("ocp_pool_evictions_total", "counter", "Pooled CLIs ended: over the budget, idle past the "
                            "TTL, exited, cleared.", {"reason": reason}, n))
+        connections = self.connections.snapshot()
+        gauges.append(("ocp_connections", "gauge", "Client connections open.", {}, connections["open"]))
+        gauges.append(("ocp_connections_max", "gauge", "Client connections allowed at once (OCP_MAX_CONNECTIONS).",
+                       {}, connections["cap"]))
+        for event in ("shed", "refused"):
+            gauges.append(("ocp_connections_closed_total", "counter", "Connections closed to make room (shed) or "
+                           "refused for want of it.", {"why": event}, connections[event]))
         for name, n in self.flights.snapshot().items():
             gauges.append(("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.",
                            {"event": name}, n))
@@ -6904,7 +6916,7 @@ class Server(ThreadingHTTPServer):
                 "claude": self.runner.claude, "claude_version": self.runner.version() or None,
                 "slots": dict(self.runner.slots.snapshot(), leaked=self.runner.slots.leaked()),
                 "running": self.runner.live(), "tools": self.parks.snapshot(),
-                "pool": self.runner.pool.snapshot(),
+                "pool": self.runner.pool.snapshot(), "connections": self.connections.snapshot(),
                 "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
                          sum(1 for k in keys if k.revoked_at)},
                 "plan": plan_report(self.plan, self.wall()), "timezone": self.config.timezone or "local",
