@@ -2335,6 +2335,8 @@ class Lease:
         self.spawn_job, self.creds = job, Credentials("none")  # what its CLI was started for, and as whom
         self.spent_usd = 0.0  # its CLI's total_cost_usd so far
         self.pooled = ""  # while idle in the pool: "warm" (no conversation) or "conversation"
+        self.parked_round = False  # while it waits in Parks for its client's tool results
+        self.rss_mb = 0.0  # measured when it last went idle: idle CLIs outside the pool count in its budget
 
     def acquire(self) -> Iterator[None]:
         """Take a slot, then a pooled CLI or a new one; yields while queued. Raises 429/503/504/ClientGone."""
@@ -2627,7 +2629,7 @@ class Pool:
     def __init__(self, runner: "Runner"):
         self.runner = runner
         self.may_spawn: Callable[[], bool] = lambda: True  # the server's word: not while the plan is held
-        self.parked_mb: Callable[[], float] = lambda: 0.0  # the server's: parked CLIs, in the same budget
+        self.parked_mb: Callable[[], float] = runner.idle_mb  # idle CLIs outside the pool: the same budget
         self.memory_mb = machine_memory_mb()
         self._cond = threading.Condition()
         self._entries: List[Warm] = []  # least recently used first
@@ -2651,7 +2653,8 @@ class Pool:
         return self.runner.config.pool_max_clis or 2 * self.runner.config.max_concurrent
 
     def room_mb(self) -> float:
-        """What the pool may use: the budget less the parked CLIs'."""
+        """What the pool may use: the budget less the idle CLIs' outside it (parked, or taken by a
+        request still waiting for a slot)."""
         return self.budget_mb() - self.parked_mb()
 
     def fit(self) -> int:
@@ -2715,7 +2718,7 @@ class Pool:
             return None
         with self._cond:
             self.hits["continued"] += 1
-        lease.pooled = ""
+        lease.pooled, lease.rss_mb = "", found[0].rss_mb  # until it runs, it counts as idle outside the pool
         return lease
 
     # -- keeping -------------------------------------------------------------
@@ -2842,6 +2845,16 @@ class Pool:
                     "evictions": dict(self.evictions)}
 
 
+def lease_state(lease: Lease) -> str:
+    """What a live CLI is doing: running (it holds a slot), parked (on a tool round), warm or
+    conversation (pooled), or waiting (taken from the pool or a park by a request still in line)."""
+    if lease.pooled:
+        return lease.pooled
+    if lease.has_slot:
+        return "running"
+    return "parked" if lease.parked_round else "waiting"
+
+
 class Runner:
     """Starts CLI processes for jobs: slots, credentials, scratch dirs, live set, warm pool."""
 
@@ -2889,10 +2902,14 @@ class Runner:
         now = time.monotonic()
         with self.live_lock:
             return [{"id": rid, "pid": lease.proc.pid, "key": lease.job.owner, "model": lease.job.model,
-                     "age_s": round(now - lease.proc.started, 1),
-                     "parked": not lease.has_slot and not lease.pooled,
-                     "state": lease.pooled or ("running" if lease.has_slot else "parked")}
-                    for rid, lease in self._live.items()]
+                     "age_s": round(now - lease.proc.started, 1), "parked": lease.parked_round,
+                     "state": lease_state(lease)} for rid, lease in self._live.items()]
+
+    def idle_mb(self) -> float:
+        """MiB of the live CLIs that hold no slot and are not pooled: parked on a tool round, or
+        taken from the pool or a park by a request still in line."""
+        with self.live_lock:
+            return sum(lease.rss_mb for lease in self._live.values() if not lease.has_slot and not lease.pooled)
 
     def cancel(self, run_id: str, reason: str = "operator") -> bool:
         with self.live_lock:
@@ -4753,7 +4770,8 @@ class Parks:
     def put(self, park: Park, limit: int, per_key: int, budget_mb: float) -> bool:
         """Park a CLI, ending the rounds parks_to_end names; False when the newcomer itself went."""
         park.lease.park()
-        park.rss_mb = rss_mb(park.lease.proc.pid)
+        park.lease.parked_round = True
+        park.rss_mb = park.lease.rss_mb = rss_mb(park.lease.proc.pid)
         with self._cond:
             self._parks.append(park)
             self.counters["parked"] += 1
@@ -4769,10 +4787,6 @@ class Parks:
             log.info("a parked CLI was ended to make room (OCP_TOOL_PARK_MAX, _PER_KEY, OCP_POOL_MAX_MB)")
             old.lease.kill("evicted")
         return park not in evicted
-
-    def rss_mb(self) -> float:
-        with self._cond:
-            return sum(p.rss_mb for p in self._parks)
 
     def end_abandoned(self, request: TurnRequest) -> int:
         """End the key's parked rounds that this request's history has left behind: it carries
@@ -4798,6 +4812,7 @@ class Parks:
             for park in self._parks:
                 if set(ids) & set(park.ids) and park.owner == owner:
                     self._parks.remove(park)
+                    park.lease.parked_round = False
                     return park
         return None
 
@@ -4828,7 +4843,7 @@ class Parks:
                 wait = min((p.expires_at for p in self._parks), default=now + 5) - now
                 parks = list(self._parks)
             for park in parks:  # they grow while they wait: the kept CLIs' budget counts them as they are
-                park.rss_mb = rss_mb(park.lease.proc.pid) or park.rss_mb
+                park.rss_mb = park.lease.rss_mb = rss_mb(park.lease.proc.pid) or park.rss_mb
             for park in gone:
                 log.info("a parked CLI was ended: its client's tool results did not come in time (OCP_TOOL_PARK_TTL)")
                 park.lease.kill("expired")
@@ -6728,7 +6743,6 @@ class Server(ThreadingHTTPServer):
         self.ledger = Ledger(self)
         self.parks = Parks()
         self.runner.pool.may_spawn = lambda: self.plan.snapshot()["hold_until"] <= self.wall()
-        self.runner.pool.parked_mb = self.parks.rss_mb  # one budget for the kept CLIs, parked first
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()

@@ -222,13 +222,13 @@ def memory(daemon):
     stop.set()
     sampler.join()
     per_cli = [v for s in samples for k, v in s.items() if k == "running"]
-    kept = [s.get("parked", 0) + s.get("warm", 0) + s.get("conversation", 0) for s in samples]
+    kept = [sum(v for k, v in s.items() if k != "running") for s in samples]  # parked, waiting, pooled
     total = [sum(s.values()) for s in samples]
     running = max(per_cli or [0])
     return {"requests": 30, "samples": len(samples), "max_total_mib": round(max(total), 1),
-            "max_kept_mib": round(max(kept), 1), "budget_mib": BUDGET_MB, "slots": SLOTS,
+            "max_idle_mib": round(max(kept), 1), "budget_mib": BUDGET_MB, "slots": SLOTS,
             "max_running_mib": round(running, 1),
-            "rule": f"running <= {SLOTS} CLIs, kept (parked + pooled) <= {BUDGET_MB} MiB"}
+            "rule": f"running <= {SLOTS} CLIs, idle (parked, waiting, pooled) <= {BUDGET_MB} MiB"}
 
 
 def main():
