@@ -244,7 +244,8 @@ class AbandonedConversations(RealCliTest):
         self.assertEqual(parks["parked_now"], 0)
         self.assertGreater(parks["parked"], 30, parks)
         self.assertGreater(parks["resumed"], 10, parks)
-        self.assertGreater(parks["expired"], 10, parks)
+        # one key's abandoned rounds end by expiry, or by its own newer rounds past its share of the parks
+        self.assertGreater(parks["expired"] + parks["evicted"], 10, parks)
         leftovers = subprocess.run(["pgrep", "-f", self.claude], capture_output=True, text=True).stdout.split()
         self.assertEqual(leftovers, [], "no claude process outlives its conversation")
 
