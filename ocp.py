@@ -153,6 +153,7 @@ class Config:
     pool_max_clis: int = 0  # 0: twice max_concurrent
     pool_idle_ttl_ms: int = 3_600_000
     max_connections: int = 0  # 0: derived from the open-files limit (connection_cap)
+    wall_status: str = "auto"  # auto: each client its own final refusal (wall_for); 429: a plain 429 for all
     reserve_5h: int = 0  # percent of the 5-hour window kept for higher-priority keys (0: off)
     reserve_7d: int = 0
     environ: Mapping[str, str] = dataclasses.field(
@@ -231,6 +232,7 @@ SETTINGS = (
     ("pool_max_clis", "OCP_POOL_MAX_CLIS", "--pool-max-clis", "int", (0, 1024)),
     ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (100, 7 * 24 * 3600 * 1000)),
     ("max_connections", "OCP_MAX_CONNECTIONS", "--max-connections", "int", (0, 1 << 20)),
+    ("wall_status", "OCP_WALL_STATUS", "--wall-status", "str", None),
     ("reserve_5h", "OCP_RESERVE_5H", "--reserve-5h", "int", (0, 100)),
     ("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", (0, 100)),
 )
@@ -273,6 +275,8 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
                    "machine's, at least 256)",
     "pool_max_clis": "idle CLIs the pool keeps at most, whatever their size (0 = 2 x CLAUDE_MAX_CONCURRENT)",
     "pool_idle_ttl_ms": "milliseconds an idle warm CLI is kept",
+    "wall_status": "auto: a refusal waiting will not fix (a quota, the plan, a model) is answered so each "
+                   "client stops and shows it; 429: a plain 429 for every client",
     "max_connections": "client connections open at once (0 = half the open-files limit, 16 to 4096); past "
                        "it the newest that have not sent a keyed request are closed",
     "reserve_5h": "percent of the 5-hour window kept back: low-priority keys wait past 100 minus it, normal "
@@ -433,11 +437,14 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  code: Optional[str] = None, param: Optional[str] = None,
-                 headers: Optional[Dict[str, str]] = None, extra: Optional[Dict[str, Any]] = None):
+                 headers: Optional[Dict[str, str]] = None, extra: Optional[Dict[str, Any]] = None,
+                 wall: bool = False, resets_at: int = 0):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.code, self.param, self.headers = code, param, dict(headers or {})
         self.extra = dict(extra or {})
+        self.wall = wall  # waiting will not fix it (a quota, the plan, a model refused): see wall_for
+        self.resets_at = resets_at  # when a wall falls (epoch seconds; 0: it does not)
 
     def body(self) -> Dict[str, Any]:
         return {"error": dict({"message": self.message, "type": self.type,
@@ -1232,12 +1239,14 @@ def quota_error(breach: Dict[str, Any], now_s: float) -> ApiError:
     if breach["unit"] != "requests":
         message += (f" (Running requests count at their estimates; this one is estimated at about "
                     f"{breach['estimate']:g} {breach['unit']}.)")
+    message += " For more, ask the owner of this OCP to raise this key's quota."
     quota = {k: breach[k] for k in ("period", "limit", "used", "resets_at")}
     quota["unit"] = breach["unit"]
     headers = {"Retry-After": str(max(1, int(wait)))}
     if wait > 60:  # the SDKs (and the agents built on them) would otherwise retry a wall for minutes
         headers["x-should-retry"] = "false"
-    return ApiError(429, message, "insufficient_quota", "quota_exceeded", headers=headers, extra={"quota": quota})
+    return ApiError(429, message, "insufficient_quota", "quota_exceeded", headers=headers, extra={"quota": quota},
+                    wall=wait > 60, resets_at=int(breach["resets_at"]))
 
 
 def ratelimit_headers(key: Optional[ApiKey], counts: Dict[str, Any],
@@ -1397,8 +1406,9 @@ def model_allowed(caller: Caller, model: Model) -> bool:
 def check_model_allowed(caller: Caller, model: Model) -> None:
     allowed = caller.key.models if caller.key else None
     if not model_allowed(caller, model):
-        raise ApiError(403, f"This key may not use {model.id}; allowed: {', '.join(allowed) or 'none'}.",
-                       "permission_error", "model_not_allowed", "model")
+        raise ApiError(403, f"This key may not use {model.id}; allowed: {', '.join(allowed) or 'none'}. "
+                       "Pick one of those, or ask the owner of this OCP to allow it.",
+                       "permission_error", "model_not_allowed", "model", wall=True)
 
 
 def check_key_name(name: Any) -> str:
@@ -3821,8 +3831,16 @@ def check_prompt_budget(size: int, request: TurnRequest, config: Config) -> None
     """400 context_length_exceeded for a prompt of `size` characters over the budget."""
     budget = config.max_prompt_chars or request.model.context_window * CHARS_PER_TOKEN
     if size > budget:
-        raise ApiError(400, f"The prompt is {size} characters; the limit for {request.model.id} "
-                       f"is {budget}.", "invalid_request_error", "context_length_exceeded", "messages")
+        raise context_error(f"the prompt is {size} characters; the limit for {request.model.id} is {budget}")
+
+
+def context_error(detail: str) -> ApiError:
+    """The conversation no longer fits the model: 400 context_length_exceeded, worded as clients
+    recognise it (OpenAI's "maximum context length", Anthropic's "prompt is too long"), so an
+    agent compacts or tells its user instead of retrying."""
+    return ApiError(400, f"This model's maximum context length is exceeded (prompt is too long): {detail}. "
+                    "Compact the conversation or start a new one.", "invalid_request_error",
+                    "context_length_exceeded", "messages")
 
 
 # -- the CLI's events → deltas -------------------------------------------------
@@ -4027,8 +4045,9 @@ def result_error(result: Dict[str, Any], api_error: Dict[str, Any],
                         "`claude setup-token` and set CLAUDE_CODE_OAUTH_TOKEN, or run "
                         "`claude auth login`.", "upstream_auth_error", "upstream_auth_error",
                         headers={"x-should-retry": "false"})  # the caller's key is fine: retrying cannot help
-    if result.get("terminal_reason") == "prompt_too_long":
-        return ApiError(400, text, "invalid_request_error", "context_length_exceeded", "messages")
+    if result.get("terminal_reason") in ("prompt_too_long", "blocking_limit") or (
+            not status and text.lower().startswith("prompt is too long")):
+        return context_error(f"the claude CLI refused it ({text})")
     if status == 529:
         return ApiError(502, f"Anthropic is overloaded: {text}", "upstream_error", "overloaded")
     if status == 400:
@@ -4053,7 +4072,8 @@ def plan_limit_error(message: str, resets_at: int, now_s: float) -> ApiError:
     headers = {"Retry-After": str(wait)}
     if wait > 60:
         headers["x-should-retry"] = "false"
-    return ApiError(429, message, "rate_limit_error", "usage_limit_reached", headers=headers)
+    return ApiError(429, message, "rate_limit_error", "usage_limit_reached", headers=headers,
+                    wall=wait > 60, resets_at=int(resets_at or now_s + wait))
 
 
 class StopScanner:
@@ -4300,7 +4320,8 @@ class PlanLimits:
         with self._lock:
             until, message, overage_until = self.hold_until, self.hold_message, self.overage_until
         if until > now_s:
-            raise plan_limit_error(message + " (answered by OCP without calling Claude)", until, now_s)
+            raise plan_limit_error(message + f" (answered by OCP without calling Claude). Every key of this OCP "
+                                   f"waits for the plan's reset, in {format_wait(until - now_s)}.", until, now_s)
         if plan_only and overage_until > now_s:
             error = plan_limit_error("The plan's included usage is used up and this OCP refuses to pay "
                                      "from extra usage (OCP_PLAN_ONLY=1).", overage_until, now_s)
@@ -5905,6 +5926,7 @@ class TurnRoute:
     request_id_header: str = ""  # the API's own name for OCP's request id (Anthropic: request-id)
     refused_model_status: int = 403  # a model the key may not use (Anthropic clients: 404)
     plan_headers: Optional[Callable[[Dict[str, Any], float], Dict[str, str]]] = None  # the plan's use, its way
+    api: str = "openai"  # whose API it is: how a wall is answered (wall_for)
 
     def encoder(self, request: TurnRequest) -> type:
         """The encoder class for this request: SSE when it asked to stream."""
@@ -5913,9 +5935,9 @@ class TurnRoute:
 
 TURN_ROUTES = {"/v1/chat/completions": TurnRoute(parse_chat_request, ChatJSON, ChatSSE),
                "/v1/responses": TurnRoute(parse_responses_request, ResponsesJSON, ResponsesSSE,
-                                          plan_headers=codex_headers),
+                                          plan_headers=codex_headers, api="responses"),
                "/v1/messages": TurnRoute(parse_messages_request, MessagesJSON, MessagesSSE, "request-id", 404,
-                                         unified_headers)}
+                                         unified_headers, "anthropic")}
 ANTHROPIC_ROUTES = ("/v1/messages/count_tokens", "/api/hello")  # their errors in Anthropic's shape
 
 
@@ -5986,7 +6008,7 @@ def check_model_for(caller: Caller, model: Model, status: int) -> None:
     except ApiError as e:
         if status == e.status:
             raise
-        raise ApiError(status, e.message, "not_found_error", e.code, "model") from None
+        raise ApiError(status, e.message, "not_found_error", e.code, "model", wall=True) from None
 
 
 def answer_turn(h: Any, route: TurnRoute) -> None:
@@ -6939,6 +6961,54 @@ class Server(ThreadingHTTPServer):
         return body
 
 
+# -- walls: refusals waiting will not fix, answered so that each client stops and says why ------
+
+# What clients match to decide to retry (opencode's loose patterns, litellm's, Continue's): kept out
+# of a wall's text, or the client retries a wall for minutes and never shows it.
+RETRY_BAIT = re.compile(r"429|500|502|503|504|524|rate[ _-]?limit|too many requests|try again|overloaded|"
+                        r"time ?out|timed out|aborted", re.I)
+BAIT_REWORDS = ((re.compile(r"rate[ _-]?limit", re.I), "usage limit"), (re.compile(r"too many requests", re.I),
+                "too many calls"), (re.compile(r"try again", re.I), "ask again"), (re.compile(r"overloaded", re.I),
+                "busy"), (re.compile(r"time ?out|timed out", re.I), "out of time"), (re.compile(r"aborted", re.I),
+                "stopped"))
+WORD_JOINER = "\u2060"  # invisible: "500" still reads as 500, and no longer matches /500/
+# Clients that retry every 429 whatever Retry-After and x-should-retry say (README: walls): the AI
+# SDK (opencode: "ai-sdk/…" in its User-Agent), litellm (aider), Continue (a bundled OpenAI SDK
+# whose class name was minified: "ls/JS 5.23.2").
+RETRYING_CLIENTS = re.compile(r"\bai-sdk/|^litellm/|^(?!OpenAI/)[A-Za-z]{1,4}/JS \d")
+
+
+def unbaited(text: str) -> str:
+    """`text` with nothing a client's retry patterns match: digit runs split, phrases reworded."""
+    for run in ("429", "500", "502", "503", "504", "524"):
+        text = text.replace(run, run[0] + WORD_JOINER + run[1:])
+    for pattern, words in BAIT_REWORDS:
+        text = pattern.sub(words, text)
+    return text
+
+
+def wall_for(error: ApiError, api: str, user_agent: str, force_429: bool = False) -> ApiError:
+    """The answer to a wall that makes this client stop at once and show OCP's message: Codex
+    (Responses) gets its usage_limit_reached with resets_at; a client that retries every 429
+    gets a 400 (insufficient_quota for a quota or the plan) without Retry-After, whose text and
+    body hold nothing its retry patterns match; the rest keep the 429 with x-should-retry:
+    false (the OpenAI and Anthropic SDKs, Claude Code, llm). Anything else passes unchanged."""
+    if not error.wall:
+        return error
+    message, headers = unbaited(error.message), dict(error.headers)
+    if api == "responses" and error.status == 429:
+        return ApiError(429, message, "usage_limit_reached", error.code, error.param, headers,
+                        dict(error.extra, resets_at=error.resets_at), wall=True, resets_at=error.resets_at)
+    if force_429 or not RETRYING_CLIENTS.search(user_agent):
+        return ApiError(error.status, message, error.type, error.code, error.param, headers, error.extra,
+                        wall=True, resets_at=error.resets_at)
+    headers.pop("Retry-After", None)  # opencode waits it out as sent: a 12-hour sleep
+    quota = error.status == 429
+    return ApiError(400, message, "insufficient_quota" if quota else "invalid_request_error",
+                    "insufficient_quota" if quota else error.code, error.param, headers, wall=True,
+                    resets_at=error.resets_at)
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection: reads the request, finds its route (TURN_ROUTES, ROUTES), and answers
     every failure as JSON in the route's error shape (OpenAI's unless the route says)."""
@@ -6957,6 +7027,7 @@ class Handler(BaseHTTPRequestHandler):
         self.request_id = ""
         self.response_headers: Dict[str, str] = {}  # http.server's own errors come before dispatch
         self.error_body = Encoder.error_body
+        self.api = "openai"
         self.counted_as: Optional[Tuple[str, str]] = ("(unknown)", "-")
         self.caller: Optional[Caller] = None
         self.body_read = False
@@ -6986,9 +7057,11 @@ class Handler(BaseHTTPRequestHandler):
             path = "/v1" + path
         turn_route = self.server.turn_routes.get(path)
         if path in ANTHROPIC_ROUTES:
+            self.api = "anthropic"
             self.error_body = anthropic_error
             self.response_headers["request-id"] = self.request_id
         if turn_route is not None:
+            self.api = turn_route.api
             self.error_body = turn_route.json.error_body
             if turn_route.request_id_header:
                 self.response_headers[turn_route.request_id_header] = self.request_id
@@ -7026,6 +7099,7 @@ class Handler(BaseHTTPRequestHandler):
         self.admitted = False  # a Ticket holds this request's usage row
         self.refused_model = "-"
         self.error_body = Encoder.error_body  # the route's error shape (OpenAI's unless it says)
+        self.api = "openai"
         started = time.monotonic()
         self.status_sent = 0
         route, key, args = self.route()
@@ -7082,11 +7156,16 @@ class Handler(BaseHTTPRequestHandler):
             self.counted_as = None
 
     def send_api_error(self, error: ApiError) -> None:
-        """Answer with `error`; a client that already left gets nothing and no traceback."""
+        """Answer with `error` (a wall as this client stops at: wall_for); a client that already
+        left gets nothing and no traceback."""
         if error.status >= 500 or error.status == 429:
             log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
-        try:
-            self.send_json(error.status, self.error_body(error, self.request_id), error.headers)
+        if error.wall:
+            error = wall_for(error, self.api, self.headers.get("User-Agent", "") if self.headers else "",
+                             self.server.config.wall_status == "429")
+        try:  # (a wall's body names no request id: its digits could match a retry pattern; the header has it)
+            self.send_json(error.status, self.error_body(error, "" if error.wall else self.request_id),
+                           error.headers)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
 

@@ -10,7 +10,7 @@ Keys: text (the answer; default "Echo: <last text block>"), texts (a list: the
 reply for the input's count of earlier assistant turns), deltas (how many
 text deltas), pace_ms (pause between deltas), thinking (a thinking block
 first), error (plan_limit, rate_limit, auth, not_logged_in, overloaded,
-server_error, prompt_too_long, mid_stream, bad_request), crash (exit code,
+server_error, prompt_too_long, blocking_limit, mid_stream, bad_request), crash (exit code,
 no result), hang (print init, then wait to be killed), slow_start_ms, drop
 (a dropped connection: partial deltas, abandoned, retried non-streamed),
 garbage (unparsable lines between events), usage ({input, output,
@@ -327,6 +327,8 @@ ERRORS = {
     "prompt_too_long": (400, "invalid_request", "invalid_request_error",
                         "Prompt is too long · the request is ~250000 tokens (limit 200000)",
                         "prompt_too_long", 0),
+    # The CLI's own refusal, made locally (AGENTS-SPEC §6.3): no API status, not prompt_too_long.
+    "blocking_limit": (None, "invalid_request", None, "Prompt is too long", "blocking_limit", 0),
     "bad_request": (400, "invalid_request", "invalid_request_error",
                     "API Error: 400 messages.0.content.1.image.source: image exceeds 5 MB maximum "
                     "at /home/owner/secret/path.png", "api_error", 0),

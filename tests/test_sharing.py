@@ -67,7 +67,8 @@ class QuotaWindows(unittest.TestCase):
         error = ocp.quota_error(breach, 1000)
         self.assertEqual(error.status, 429)
         self.assertEqual(error.body(), {"error": {
-            "message": "Quota exceeded: 20/20 requests today. Resets in 6h 12m.", "type": "insufficient_quota",
+            "message": "Quota exceeded: 20/20 requests today. Resets in 6h 12m. For more, ask the owner of this OCP "
+                       "to raise this key's quota.", "type": "insufficient_quota",
             "param": None, "code": "quota_exceeded",
             "quota": {"period": "day", "limit": 20, "used": 20, "resets_at": 23320, "unit": "requests"}}})
         self.assertEqual(error.headers["Retry-After"], str(6 * 3600 + 12 * 60))
