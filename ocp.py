@@ -7123,6 +7123,8 @@ class Handler(BaseHTTPRequestHandler):
                 require_admin(self.caller)
             route.handle(self, *args)
         except ApiError as e:
+            if e.wall:  # as this client stops at it (its usage row says what the client got)
+                e = wall_for(e, self.api, self.headers.get("User-Agent", ""), self.server.config.wall_status == "429")
             if key in self.server.turn_routes and self.caller is not None and not self.admitted:
                 # Before the answer leaves, as every usage row: a client that asks at once sees it.
                 self.server.ledger.refused(self.caller, self.refused_model, self.request_id, e.status)
@@ -7156,13 +7158,9 @@ class Handler(BaseHTTPRequestHandler):
             self.counted_as = None
 
     def send_api_error(self, error: ApiError) -> None:
-        """Answer with `error` (a wall as this client stops at: wall_for); a client that already
-        left gets nothing and no traceback."""
-        if error.status >= 500 or error.status == 429:
+        """Answer with `error`; a client that already left gets nothing and no traceback."""
+        if error.status >= 500 or error.status == 429 or error.wall:
             log.warning("%s %s %s", self.request_id, error.status, error.message[:200])
-        if error.wall:
-            error = wall_for(error, self.api, self.headers.get("User-Agent", "") if self.headers else "",
-                             self.server.config.wall_status == "429")
         try:  # (a wall's body names no request id: its digits could match a retry pattern; the header has it)
             self.send_json(error.status, self.error_body(error, "" if error.wall else self.request_id),
                            error.headers)
