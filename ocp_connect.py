@@ -352,16 +352,41 @@ def plan_openclaw(home, models, api, key, steps, default="", limits=None):
     return changes
 
 
-def plan_codex(home, environ, models, api, steps):
+CODEX_EFFORTS = ("low", "medium", "high", "xhigh")  # what OCP passes on to the CLI's --effort
+
+
+def codex_catalog(models, limits):
+    """Codex's model metadata for OCP's models (its ModelInfo, as its `model_catalog_json` reads
+    it): without it Codex warns "Model metadata … not found" and guesses the context window."""
+    entries = []
+    for priority, model in enumerate(models):
+        window, _ = limits.get(model, DEFAULT_LIMITS)
+        entries.append({
+            "slug": model, "display_name": model, "description": f"{model} through OCP (Claude subscription)",
+            "default_reasoning_level": "medium",
+            "supported_reasoning_levels": [{"effort": e, "description": f"{e} effort"} for e in CODEX_EFFORTS],
+            "shell_type": "shell_command", "visibility": "list", "supported_in_api": True, "priority": priority,
+            "upgrade": None, "base_instructions": "", "supports_reasoning_summaries": False,
+            "support_verbosity": False, "default_verbosity": None, "apply_patch_tool_type": None,
+            "truncation_policy": {"mode": "bytes", "limit": 10000}, "supports_parallel_tool_calls": True,
+            "context_window": window, "experimental_supported_tools": [], "input_modalities": ["text", "image"]})
+    return {"models": entries}
+
+
+def plan_codex(home, environ, models, api, steps, limits=None, listed=()):
     """Codex: its own profile file (`codex -p ocp` layers $CODEX_HOME/ocp.config.toml over the
     owner's config.toml): a model provider `ocp` on the Responses API with the key from OCP_API_KEY
-    of the env file. The owner's config.toml, model and provider stay as they are."""
+    of the env file, and a model catalog of OCP's models (context windows, efforts). The owner's
+    config.toml, model and provider stay as they are."""
     folder = environ.get("CODEX_HOME") or os.path.join(home, ".codex")
-    text = "\n".join(["# Written by ocp_connect.py: codex -p ocp", 'model_provider = "ocp"', f'model = "{models[0]}"', "",
+    catalog = os.path.join(folder, "ocp-models.json")
+    text = "\n".join(["# Written by ocp_connect.py: codex -p ocp", 'model_provider = "ocp"', f'model = "{models[0]}"',
+                      f"model_catalog_json = {json.dumps(catalog)}", "",
                       "[model_providers.ocp]", 'name = "OCP (Claude subscription)"', f'base_url = "{api}"',
                       'env_key = "OCP_API_KEY"', 'wire_api = "responses"']) + "\n"
     steps.append("Codex: codex -p ocp (the key comes from OCP_API_KEY in ~/.config/ocp/env: open a new shell first)")
-    return [(os.path.join(folder, "ocp.config.toml"), text, 0o600, OWN)]
+    return [(os.path.join(folder, "ocp.config.toml"), text, 0o600, OWN),
+            (catalog, json.dumps(codex_catalog(list(listed) or models, limits or {}), indent=1) + "\n", 0o600, OWN)]
 
 
 def written_env(home, path):
@@ -448,7 +473,7 @@ def plan(home, environ, platform, api, key, ids, shell_env=False, limits=None, m
     if tools["openclaw"]:
         changes += plan_openclaw(home, models, api, key, steps, models[0] if make_default else "", limits)
     if tools["codex"]:
-        changes += plan_codex(home, environ, models, api, steps)
+        changes += plan_codex(home, environ, models, api, steps, limits, ids)  # every model OCP lists
     if tools["claude-code"]:
         changes += plan_claude_code(home, environ, api[:-len("/v1")], key, steps, force)
     return changes, steps, [name for name, found in tools.items() if found]

@@ -304,6 +304,13 @@ class ConnectCodexAndClaudeCode(ServerTest):
         self.assertIn('wire_api = "responses"', codex)
         self.assertIn('env_key = "OCP_API_KEY"', codex)
         self.assertIn("codex -p ocp", out)
+        catalog_path = os.path.join(self.home, ".codex", "ocp-models.json")
+        self.assertIn(f"model_catalog_json = {json.dumps(catalog_path)}", codex, "Codex knows OCP's models")
+        catalog = {m["slug"]: m for m in json.loads(self.read(".codex/ocp-models.json"))["models"]}
+        self.assertEqual(set(catalog), {m.id for m in self.server.models.models})
+        self.assertEqual(catalog["claude-sonnet-4-6"]["context_window"], 200000)
+        self.assertEqual([e["effort"] for e in catalog["claude-sonnet-5-5"]["supported_reasoning_levels"]],
+                         ["low", "medium", "high", "xhigh"])
         settings = json.loads(self.read(".claude/settings.json"))
         self.assertEqual(settings["env"]["ANTHROPIC_BASE_URL"], f"http://127.0.0.1:{self.port}")
         self.assertEqual(settings["theme"], "dark")
@@ -318,6 +325,7 @@ class ConnectCodexAndClaudeCode(ServerTest):
         self.assertEqual(self.read(".codex/config.toml"),
                          'model = "gpt-5"\n\n[tui]\nnotifications = true\n\n[projects.x]\ntrust_level = "trusted"\n')
         self.assertFalse(os.path.exists(os.path.join(self.home, ".codex", "ocp.config.toml")))
+        self.assertFalse(os.path.exists(catalog_path))
         self.assertEqual(json.loads(self.read(".claude/settings.json")), {"theme": "dark"})
 
     def test_claude_code_with_a_login_of_its_own_is_left_alone_unless_forced(self):

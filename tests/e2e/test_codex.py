@@ -38,6 +38,21 @@ class CodexThroughOcp(ConnectedClientTest):
         done = self.codex("say hi")
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         self.assertIn("Echo: say hi", done.stdout)
+        self.assertNotIn("Model metadata", done.stdout + done.stderr, "Codex knows OCP's models (ocp-models.json)")
+
+    def test_codex_knows_every_model_ocp_lists(self):
+        for model in ("claude-opus-5-5", "claude-sonnet-4-6", "claude-haiku-4-5-20251001"):
+            env = {"HOME": self.home, "PATH": os.environ["PATH"]}
+            with open(os.path.join(self.home, ".config", "ocp", "env")) as f:
+                for line in f:
+                    if line.startswith("export "):
+                        name, _, value = line[7:].strip().partition("=")
+                        env[name] = value.strip("'")
+            done = subprocess.run([CODEX, "exec", "-p", "ocp", "-m", model, "--skip-git-repo-check", "say hi"],
+                                  cwd=self.work, capture_output=True, text=True, timeout=180,
+                                  stdin=subprocess.DEVNULL, env=env)
+            self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+            self.assertNotIn("Model metadata", done.stdout + done.stderr, model)
 
     def test_codex_runs_its_tool_and_answers_with_the_output(self):
         with open(os.path.join(self.work, "notes.txt"), "w") as f:
