@@ -199,3 +199,54 @@ class LongToolSessions(RealCliTest):
                                              "content": result}]
         posts = self.upstream.messages()
         self.assertEqual(len(posts), rounds + 1, [json.dumps(p)[-300:] for p in posts])
+
+
+class PastTheContextLimit(RealCliTest):
+    """A tool session driven past the context limit: the CLI refuses the next step itself
+    (blocking_limit, no upstream request), and every route answers its context-length error."""
+
+    env = {"OCP_TOOL_PARK_TTL": "600000"}
+    NEAR_FULL = 199_500  # of claude-sonnet-4-6's 200K: past the CLI's blocking limit (~177K; ~196K with max_tokens 1000)
+    SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
+
+    def setUp(self):
+        super().setUp()
+        self.addCleanup(self.server.parks.close)
+        self.upstream.script(Reply(text="", input_tokens=self.NEAR_FULL, tool_uses=[use("get_weather", city="Oslo")]),
+                             Reply(text="never reached"))
+
+    def post(self, path, body):
+        status, _, reply = self.request("POST", path, dict(body, model="claude-sonnet-4-6"))
+        return status, reply
+
+    def test_chat_completions(self):
+        messages = [{"role": "user", "content": "Weather?"}]
+        status, reply = self.post("/v1/chat/completions", {"messages": messages, "tools": [WEATHER]})
+        message = reply["choices"][0]["message"]
+        messages += [message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "cold"}]
+        status, reply = self.post("/v1/chat/completions", {"messages": messages, "tools": [WEATHER]})
+        self.assertEqual((status, reply["error"]["code"]), (400, "context_length_exceeded"), reply)
+        self.assertIn("maximum context length", reply["error"]["message"])
+        self.assertEqual(len(self.upstream.messages()), 1, "the CLI refused it itself")
+
+    def test_responses(self):
+        tools = [{"type": "function", "name": "get_weather", "parameters": self.SCHEMA}]
+        status, reply = self.post("/v1/responses", {"input": "Weather?", "tools": tools})
+        (call,) = [item for item in reply["output"] if item["type"] == "function_call"]
+        follow = [{"role": "user", "content": "Weather?"}, call,
+                  {"type": "function_call_output", "call_id": call["call_id"], "output": "cold"}]
+        status, reply = self.post("/v1/responses", {"input": follow, "tools": tools})
+        self.assertEqual((status, reply["error"]["code"]), (400, "context_length_exceeded"), reply)
+
+    def test_messages(self):
+        tools = [{"name": "get_weather", "input_schema": self.SCHEMA}]
+        messages = [{"role": "user", "content": "Weather?"}]
+        status, reply = self.post("/v1/messages", {"messages": messages, "tools": tools, "max_tokens": 1000})
+        (use_block,) = [b for b in reply["content"] if b["type"] == "tool_use"]
+        messages += [{"role": "assistant", "content": reply["content"]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use_block["id"],
+                                                   "content": "cold"}]}]
+        status, reply = self.post("/v1/messages", {"messages": messages, "tools": tools, "max_tokens": 1000})
+        self.assertEqual((status, reply.get("error", {}).get("type")), (400, "invalid_request_error"),
+                         (reply, [json.dumps(m)[-300:] for m in self.upstream.messages()]))
+        self.assertIn("prompt is too long", reply["error"]["message"])
