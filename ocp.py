@@ -2585,7 +2585,7 @@ def spawn_key(job: Job, creds: Credentials) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # each is its own: compared by identity
 class Warm:
     """An idle CLI in the pool."""
 
@@ -4708,7 +4708,7 @@ def raise_failure(answer: Answer) -> None:
 
 # -- client tool rounds: parked CLIs -------------------------------------------------------
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # each is its own: compared by identity
 class Park:
     """A CLI waiting on its client's tool calls (AGENTS-SPEC §1.6), found by the calls' ids."""
 
