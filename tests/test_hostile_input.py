@@ -440,3 +440,23 @@ class DescriptorsPastSelectsReach(unittest.TestCase):
                                  scratch, scratch)
         self.assertEqual(proc.wait(5), 0)
         proc.close()
+
+
+class OutOfDescriptors(ServerTest):
+    env = {"OCP_MAX_CONNECTIONS": "20"}
+
+    def test_accept_pauses_and_makes_room_instead_of_spinning(self):
+        import errno
+        import socketserver
+        from unittest import mock
+        idle = socket.create_connection(("127.0.0.1", self.port), timeout=5)  # a keyless connection that may go
+        self.addCleanup(idle.close)
+        wait_until(lambda: self.server.connections.snapshot()["open"] == 1)
+        with mock.patch.object(socketserver.TCPServer, "get_request", side_effect=OSError(errno.EMFILE, "Too many")):
+            started = time.monotonic()
+            with self.assertRaises(OSError):
+                self.server.get_request()
+            self.assertGreaterEqual(time.monotonic() - started, 0.04, "a pause: the loop does not spin a core")
+        self.assertEqual(self.server.connections.snapshot()["shed"], 1, "a connection that may go was closed")
+        idle.settimeout(2)
+        self.assertEqual(idle.recv(1), b"")
