@@ -40,6 +40,22 @@ import ocp  # noqa: E402  (the bench measures this checkout's ocp.py)
 BODY = {"model": "sonnet", "messages": [{"role": "user", "content": "benchmark prompt"}]}
 
 
+def real_cli_parser(doc):
+    """The argument parser of a benchmark that runs the real claude CLI: --claude PATH, --json."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--claude", default=os.environ.get("OCP_E2E_CLAUDE", ""))
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def real_cli_args(parser, script):
+    """Parse; exit with the reason when no real claude CLI was named."""
+    args = parser.parse_args()
+    if not args.claude:
+        raise SystemExit(f"bench/{script} needs the real claude CLI: --claude PATH (or OCP_E2E_CLAUDE)")
+    return args
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

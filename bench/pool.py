@@ -21,7 +21,6 @@ figures come from one run on one machine state:
               a new CLI) vs continued (only the new turn), median of --cost-runs
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -39,7 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 import ocp  # noqa: E402
-from bench import cpu_seconds, free_port, report, rss_kib  # noqa: E402
+from bench import cpu_seconds, free_port, real_cli_args, real_cli_parser, report, rss_kib  # noqa: E402
 from e2e.fake_anthropic import FakeAnthropic, Reply  # noqa: E402
 
 ADMIN = "ocp_admin_key_for_the_pool_bench_00"
@@ -206,15 +205,11 @@ def pool_rss(pool):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claude", default=os.environ.get("OCP_E2E_CLAUDE", ""))
+    parser = real_cli_parser(__doc__)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--lengths", default="1,10,50,200")
     parser.add_argument("--cost-runs", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if not args.claude:
-        raise SystemExit("bench/pool.py needs the real claude CLI: --claude PATH (or OCP_E2E_CLAUDE)")
+    args = real_cli_args(parser, "pool.py")
     upstream = FakeAnthropic()
     upstream.responder = lambda body: Reply(text="Fine, thanks.", deltas=2)
     tmp = tempfile.mkdtemp(prefix="ocp-bench-pool-")

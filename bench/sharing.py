@@ -20,7 +20,6 @@ real CLI (PATH, or OCP_E2E_CLAUDE) against the fake Anthropic API of tests/e2e, 
                CLIs (sampled every 0.2 s) against the README's rule
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -37,7 +36,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench import free_port, report, rss_kib  # noqa: E402
+from bench import free_port, real_cli_args, real_cli_parser, report, rss_kib  # noqa: E402
 from e2e.fake_anthropic import FakeAnthropic, Reply  # noqa: E402
 
 ADMIN = "ocp_admin_key_for_the_sharing_bench"
@@ -232,13 +231,9 @@ def memory(daemon):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claude", default=os.environ.get("OCP_E2E_CLAUDE", ""))
+    parser = real_cli_parser(__doc__)
     parser.add_argument("--connections", type=int, default=1100)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if not args.claude:
-        raise SystemExit("bench/sharing.py needs the real claude CLI: --claude PATH (or OCP_E2E_CLAUDE)")
+    args = real_cli_args(parser, "sharing.py")
     upstream = FakeAnthropic()
     upstream.responder = respond
     results = {}

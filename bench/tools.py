@@ -16,7 +16,6 @@ came back, then for each run:
 Figures are medians over --runs rounds; the two kinds alternate.
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -30,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from bench import free_port, report, rss_kib  # noqa: E402
+from bench import free_port, real_cli_args, real_cli_parser, report, rss_kib  # noqa: E402
 from e2e.fake_anthropic import FakeAnthropic, Reply  # noqa: E402
 
 ADMIN = "ocp_admin_key_for_the_tools_bench_0"
@@ -84,13 +83,9 @@ def group_rss_kib(pgid):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--claude", default=os.environ.get("OCP_E2E_CLAUDE", ""))
+    parser = real_cli_parser(__doc__)
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    if not args.claude:
-        raise SystemExit("bench/tools.py needs the real claude CLI: --claude PATH (or OCP_E2E_CLAUDE)")
+    args = real_cli_args(parser, "tools.py")
     upstream = FakeAnthropic()
     upstream.responder = respond
     tmp = tempfile.mkdtemp(prefix="ocp-bench-tools-")
