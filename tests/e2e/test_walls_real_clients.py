@@ -101,6 +101,15 @@ class WallsWithRealClients(ConnectedClientTest):
                     "run .ci/run, which installs every client")
         return clients
 
+    @staticmethod
+    def as_run(name, argv, secret):
+        """The client's command as its user runs it: the script with the key, llm from a login shell."""
+        if name == "openai-python":
+            return argv[:-1] + [secret]
+        if name == "llm":  # (its OCP models come from what connect added to the shell's rc)
+            return ["bash", "-c", ". ~/.bashrc 2>/dev/null; exec " + " ".join(f"'{a}'" for a in argv)]
+        return argv
+
     def stops_at(self, wall, words):
         """Each client, over its key's wall, exits fast after at most two requests showing `words`."""
         figures = {}
@@ -111,11 +120,7 @@ class WallsWithRealClients(ConnectedClientTest):
             with self.subTest(name):
                 key, secret = wall(name)
                 self.connect("--key", secret)
-                if name == "openai-python":
-                    argv = argv[:-1] + [secret]
-                if name == "llm":
-                    argv = ["bash", "-c", ". ~/.bashrc 2>/dev/null; exec " + " ".join(f"'{a}'" for a in argv)]
-                seconds, code, output = self.run_client(argv)
+                seconds, code, output = self.run_client(self.as_run(name, argv, secret))
                 requests = len(self.refused(key))
                 if only:
                     print(output[-3000:], self.refused(key), file=sys.stderr)
@@ -154,11 +159,7 @@ class WallsWithRealClients(ConnectedClientTest):
             with self.subTest(name):
                 key, secret = self.member(name)
                 self.connect("--key", secret)
-                if name == "openai-python":
-                    argv = argv[:-1] + [secret]
-                if name == "llm":
-                    argv = ["bash", "-c", ". ~/.bashrc 2>/dev/null; exec " + " ".join(f"'{a}'" for a in argv)]
-                proc = subprocess.Popen(argv, cwd=self.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                proc = subprocess.Popen(self.as_run(name, argv, secret), cwd=self.work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         stdin=subprocess.DEVNULL, env=self.shell_env(), start_new_session=True)
                 try:
                     wait_until(lambda: len(self.refused(key)) >= 2, timeout=40, interval=0.2)
