@@ -2669,9 +2669,8 @@ class Pool:
 
     def fit(self) -> int:
         """End pooled CLIs until the pool fits its room and count (a park just took some)."""
-        room = self.room_mb()
-        with self._cond:
-            evicted = self._shed(room)
+        with self._cond:  # (the room is read under the pool's lock: see keep)
+            evicted = self._shed(self.room_mb())
         for warm in evicted:
             warm.lease.kill("evicted")
         return len(evicted)
@@ -2738,8 +2737,10 @@ class Pool:
         may not be pooled, exited, or grew past POOL_MAX_CLI_MB or the budget. Older ones make room."""
         if not (self.enabled() and lease.key and lease.proc.popen.poll() is None):
             return False
-        rss, room = rss_mb(lease.proc.pid), self.room_mb()
+        rss = rss_mb(lease.proc.pid)
         with self._cond:
+            # The room is read under the lock: a park put meanwhile is seen here, or its fit() sees this CLI.
+            room = self.room_mb()
             if self.closed or rss > min(room, POOL_MAX_CLI_MB):
                 return False
             self.largest_mb = max(self.largest_mb, rss)
@@ -4790,9 +4791,9 @@ class Parks:
 
     def put(self, park: Park, limit: int, per_key: int, budget_mb: float) -> bool:
         """Park a CLI, ending the rounds parks_to_end names; False when the newcomer itself went."""
-        park.lease.park()
+        park.rss_mb = park.lease.rss_mb = rss_mb(park.lease.proc.pid)  # measured first: idle, it counts as this
         park.lease.parked_round = True
-        park.rss_mb = park.lease.rss_mb = rss_mb(park.lease.proc.pid)
+        park.lease.park()
         with self._cond:
             self._parks.append(park)
             self.counters["parked"] += 1
