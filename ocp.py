@@ -407,6 +407,8 @@ def validate_config(config: Config) -> None:
     """Raise ConfigError when the settings cannot make a safe daemon."""
     if config.auth_mode not in AUTH_MODES:
         raise ConfigError(f"CLAUDE_AUTH_MODE={config.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
+    if config.wall_status not in ("auto", "429"):
+        raise ConfigError(f"OCP_WALL_STATUS={config.wall_status!r} is not auto or 429")
     if config.auth_mode == "shared" and not config.api_key:
         raise ConfigError("CLAUDE_AUTH_MODE=shared needs PROXY_API_KEY")
     if config.allowed_tools and (config.auth_mode == "multi" or not config.loopback

@@ -103,6 +103,14 @@ class QuotaWall(WallTest):
         self.assertEqual((status, headers["x-should-retry"]), (429, "false"))
 
 
+class WallSetting(unittest.TestCase):
+    def test_only_auto_or_429(self):
+        for value in ("auto", "429"):
+            ocp.validate_config(ocp.Config(wall_status=value))
+        with self.assertRaises(ocp.ConfigError):
+            ocp.validate_config(ocp.Config(wall_status="400"))
+
+
 class OtherWalls(WallTest):
     def test_a_model_the_key_may_not_use_stops_every_client(self):
         secret = self.server.store.add_key("kid", {}, ["haiku"], time.time())[1]
