@@ -7356,10 +7356,14 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     runner = Runner(config)
     runner.prepare()
     open_files = raise_open_files_limit()
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a SIGTERM once the port answers waits for its handler
     try:
         server = Server(config, models, runner, store, admin_key)
     except OSError as e:
         raise SystemExit(f"ocp: cannot listen on {config.bind}:{config.port}: {e.strerror}")
+    stop = install_shutdown(server)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     setup_logging(config, server.ring)
     tighten_home(config)
     stop_housekeeping = threading.Event()
@@ -7374,7 +7378,6 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
              config.bind, server.server_address[1], config.auth_mode, server.connections.cap, open_files)
     log.info("dashboard: http://%s:%d/dashboard (%s)", "127.0.0.1" if config.bind in ("0.0.0.0", "::") else config.bind,
              server.server_address[1], admin_login_hint(config))
-    stop = install_shutdown(server)
     server.serve_forever(poll_interval=0.1)  # how soon a SIGTERM's shutdown is noticed
     stop.wait()
     stop_housekeeping.set()
