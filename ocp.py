@@ -6680,10 +6680,11 @@ def connection_cap(config: Config, open_files: int) -> int:
 class Connections:
     """The open client connections and what each is doing, so that a flood of keyless or
     half-sent ones cannot take the daemon: past the cap, a new connection closes the newest
-    one that has not sent a keyed request (none idle: the new one is refused). Thread-safe.
+    one that has not sent a keyed request, else the oldest idle one of a member's key (the
+    admin's are kept; none that may go: the new one is refused). Thread-safe.
 
     A connection is "new" until its first request head is in, "busy" while a request runs,
-    then "idle" — "trusted" when a request on it came with a key (or the admin key).
+    then "idle"; its trust is 0 until a request on it came with a key (1) or the admin key (2).
     """
 
     def __init__(self, cap: int):
@@ -6699,7 +6700,7 @@ class Connections:
             if len(self._open) >= self.cap and victim is None:
                 self.refused += 1
                 return False
-            self._open[sock] = ["new", False]
+            self._open[sock] = ["new", 0]
             if victim is not None:
                 self._open.pop(victim)
                 self.shed += 1
@@ -6709,17 +6710,21 @@ class Connections:
         return True
 
     def _victim(self) -> Optional[socket.socket]:
-        """(under the lock) The newest connection that is not busy and never sent a keyed request."""
-        for sock, (state, trusted) in reversed(list(self._open.items())):
-            if state != "busy" and not trusted:
+        """(under the lock) The newest connection that is not busy and never sent a keyed
+        request; else the oldest idle one of a member's key."""
+        for sock, (state, trust) in reversed(list(self._open.items())):
+            if state != "busy" and not trust:
+                return sock
+        for sock, (state, trust) in self._open.items():
+            if state == "idle" and trust == 1:
                 return sock
         return None
 
-    def mark(self, sock: socket.socket, state: str, trusted: bool = False) -> None:
+    def mark(self, sock: socket.socket, state: str, trust: int = 0) -> None:
         with self._lock:
             entry = self._open.get(sock)
             if entry is not None:
-                entry[0], entry[1] = state, entry[1] or trusted
+                entry[0], entry[1] = state, max(entry[1], trust)
 
     def closed(self, sock: socket.socket) -> None:
         with self._lock:
@@ -7092,7 +7097,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.request_ended()
             caller = self.caller
-            connections.mark(self.connection, "idle", bool(caller and (caller.admin or caller.key)))
+            connections.mark(self.connection, "idle", 2 if caller and caller.admin else int(bool(caller and caller.key)))
 
     def dispatch_request(self) -> None:
         self.request_id = "req_" + secrets.token_hex(12)

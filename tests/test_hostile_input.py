@@ -460,3 +460,23 @@ class OutOfDescriptors(ServerTest):
         self.assertEqual(self.server.connections.snapshot()["shed"], 1, "a connection that may go was closed")
         idle.settimeout(2)
         self.assertEqual(idle.recv(1), b"")
+
+
+class KeyedConnectionFlood(ServerTest):
+    """A member holding many idle keep-alive connections cannot keep the owner out either."""
+
+    env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_MAX_CONNECTIONS": "10"}
+
+    def test_a_members_idle_connections_make_room_for_the_owner(self):
+        member = self.server.store.add_key("member", {}, None, time.time())[1]
+        held = []
+        for _ in range(10):
+            conn = self.connection(timeout=5)
+            conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {member}"})
+            conn.getresponse().read()
+            held.append(conn)
+        conn = self.connection(timeout=5)
+        conn.request("GET", "/health", headers={"Authorization": f"Bearer {ADMIN}"})
+        response = conn.getresponse()
+        self.assertEqual((response.status, "detail" in json.loads(response.read())), (200, True))
+        self.assertGreaterEqual(self.server.connections.snapshot()["shed"], 1)
