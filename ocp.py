@@ -278,7 +278,7 @@ SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
     "wall_status": "auto: a refusal waiting will not fix (a quota, the plan, a model) is answered so each "
                    "client stops and shows it; 429: a plain 429 for every client",
     "max_connections": "client connections open at once (0 = half the open-files limit, 16 to 4096); past "
-                       "it the newest that have not sent a keyed request are closed",
+                       "it the newest that never sent a keyed request close first, then members' idle ones",
     "reserve_5h": "percent of the 5-hour window kept back: low-priority keys wait past 100 minus it, normal "
                   "ones past 100 minus half of it (0 = off)",
     "reserve_7d": "the same for the weekly window",
