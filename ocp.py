@@ -7004,10 +7004,10 @@ def wall_for(error: ApiError, api: str, user_agent: str, force_429: bool = False
     if not error.wall:
         return error
     message, headers = unbaited(error.message), dict(error.headers)
-    if api == "responses" and error.status == 429:
-        return ApiError(429, message, "usage_limit_reached", error.code, error.param, headers,
-                        dict(error.extra, resets_at=error.resets_at), wall=True, resets_at=error.resets_at)
     if force_429 or not RETRYING_CLIENTS.search(user_agent):
+        if api == "responses" and error.status == 429 and not force_429:
+            return ApiError(429, message, "usage_limit_reached", error.code, error.param, headers,
+                            dict(error.extra, resets_at=error.resets_at), wall=True, resets_at=error.resets_at)
         return ApiError(error.status, message, error.type, error.code, error.param, headers, error.extra,
                         wall=True, resets_at=error.resets_at)
     headers.pop("Retry-After", None)  # opencode waits it out as sent: a 12-hour sleep

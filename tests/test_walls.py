@@ -80,6 +80,12 @@ class QuotaWall(WallTest):
         self.assertGreater(body["error"]["resets_at"], time.time() + 60)
         self.assertIn("Quota exceeded", body["error"]["message"])
 
+    def test_the_ai_sdk_on_responses_gets_the_400_too(self):
+        secret = self.over_quota()
+        status, headers, body, raw = self.ask(secret, "opencode", "/v1/responses")
+        self.assertEqual((status, body["error"]["type"]), (400, "insufficient_quota"))
+        self.assertIsNone(ocp.RETRY_BAIT.search(raw), raw)
+
     def test_claude_code_gets_anthropics_envelope_and_no_retry(self):
         secret = self.over_quota()
         status, headers, body, raw = self.ask(secret, "claude-code", "/v1/messages")
