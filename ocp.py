@@ -6905,17 +6905,19 @@ class Server(ThreadingHTTPServer):
         for reason, n in pool["evictions"].items():
             gauges.append(("ocp_pool_evictions_total", "counter", "Pooled CLIs ended: over the budget, idle past the "
                            "TTL, exited, cleared.", {"reason": reason}, n))
-        connections = self.connections.snapshot()
-        gauges.append(("ocp_connections", "gauge", "Client connections open.", {}, connections["open"]))
-        gauges.append(("ocp_connections_max", "gauge", "Client connections allowed at once (OCP_MAX_CONNECTIONS).",
-                       {}, connections["cap"]))
-        for event in ("shed", "refused"):
-            gauges.append(("ocp_connections_closed_total", "counter", "Connections closed to make room (shed) or "
-                           "refused for want of it.", {"why": event}, connections[event]))
+        gauges += self.connection_gauges()
         for name, n in self.flights.snapshot().items():
             gauges.append(("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.",
                            {"event": name}, n))
         return gauges
+
+    def connection_gauges(self) -> List[Tuple[str, str, str, Dict[str, str], float]]:
+        connections = self.connections.snapshot()
+        return [("ocp_connections", "gauge", "Client connections open.", {}, connections["open"]),
+                ("ocp_connections_max", "gauge", "Client connections allowed at once (OCP_MAX_CONNECTIONS).", {},
+                 connections["cap"])] + [
+                ("ocp_connections_closed_total", "counter", "Connections closed to make room (shed) or refused "
+                 "for want of it.", {"why": why}, connections[why]) for why in ("shed", "refused")]
 
     def record_outcome(self, status: str, error: Optional[ApiError]) -> None:
         """Real requests are the health evidence: no probe ever spends the plan."""
@@ -7131,12 +7133,7 @@ class Handler(BaseHTTPRequestHandler):
                 require_admin(self.caller)
             route.handle(self, *args)
         except ApiError as e:
-            if e.wall:  # as this client stops at it (its usage row says what the client got)
-                e = wall_for(e, self.api, self.headers.get("User-Agent", ""), self.server.config.wall_status == "429")
-            if key in self.server.turn_routes and self.caller is not None and not self.admitted:
-                # Before the answer leaves, as every usage row: a client that asks at once sees it.
-                self.server.ledger.refused(self.caller, self.refused_model, self.request_id, e.status)
-            self.send_api_error(e)
+            self.refuse(e, key)
         except (ClientGone, BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
             log.debug("%s client hung up", self.request_id)
@@ -7146,6 +7143,21 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
+        self.finish(key, started)
+
+    def refuse(self, error: ApiError, key: str) -> None:
+        """Answer a refusal in the route's shape — a wall as this client stops at it (wall_for) —
+        recording a model route's usage row first (it says what the client got)."""
+        if error.wall:
+            error = wall_for(error, self.api, self.headers.get("User-Agent", ""),
+                             self.server.config.wall_status == "429")
+        if key in self.server.turn_routes and self.caller is not None and not self.admitted:
+            # Before the answer leaves, as every usage row: a client that asks at once sees it.
+            self.server.ledger.refused(self.caller, self.refused_model, self.request_id, error.status)
+        self.send_api_error(error)
+
+    def finish(self, key: str, started: float) -> None:
+        """After the answer: drain what the route did not read, count the response, log it."""
         if not self.body_read and not self.close_connection:
             self.discard_body()  # one request, one response: an unread body is no next request
         self.count_response(self.status_sent)  # (none left: the client hung up first, 0)
