@@ -7146,7 +7146,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_api_error(ApiError(500, "Internal error in OCP; see its log for "
                                              + self.request_id, "server_error", "internal_error"))
             self.close_connection = True
-        self.finish(key, started)
+        self.wrap_up(key, started)
 
     def refuse(self, error: ApiError, key: str) -> None:
         """Answer a refusal in the route's shape — a wall as this client stops at it (wall_for) —
@@ -7159,7 +7159,7 @@ class Handler(BaseHTTPRequestHandler):
             self.server.ledger.refused(self.caller, self.refused_model, self.request_id, error.status)
         self.send_api_error(error)
 
-    def finish(self, key: str, started: float) -> None:
+    def wrap_up(self, key: str, started: float) -> None:
         """After the answer: drain what the route did not read, count the response, log it."""
         if not self.body_read and not self.close_connection:
             self.discard_body()  # one request, one response: an unread body is no next request
