@@ -2229,8 +2229,11 @@ class Keeper:
     def __init__(self):
         self._lock = threading.Lock()
         self._popen: Optional[subprocess.Popen] = None
+        self.closed = False  # shutdown: spawns are refused by then, and no keeper starts again
 
     def _ensure(self) -> Optional[subprocess.Popen]:
+        if self.closed:
+            return None
         if self._popen is None or self._popen.poll() is not None:
             try:  # -I -S: no site, no user paths; a new session, so a terminal's Ctrl-C is OCP's alone
                 self._popen = subprocess.Popen([sys.executable, "-I", "-S", "-c", KEEPER_SOURCE],
@@ -2244,6 +2247,8 @@ class Keeper:
 
     def _tell(self, line: str) -> None:
         with self._lock:
+            if line.startswith("-") and (self._popen is None or self._popen.poll() is not None):
+                return  # a keeper that is gone knew the group; a new one would not: nothing to tell
             popen = self._ensure()
             if popen is None:
                 return
@@ -2263,6 +2268,7 @@ class Keeper:
     def close(self) -> None:
         """Shutdown: everything was reaped, so the keeper exits with nothing to do."""
         with self._lock:
+            self.closed = True
             if self._popen is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self._popen.stdin.close()
@@ -2790,7 +2796,7 @@ class Pool:
         lease = runner.lease(job, lambda: self.closed, ToolBridge(job.tools) if job.tools else None)
         kept = False
         try:
-            if lease.take_free_slot():  # a busy machine gets no speculative spawn
+            if not self.closed and lease.take_free_slot():  # a busy machine gets no speculative spawn
                 lease.start(creds, key)
                 ready = lease.reset()
                 self._started(key)  # from now on its measured size counts, not the guess
