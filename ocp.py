@@ -54,6 +54,7 @@ import logging.handlers
 import os
 import queue
 import re
+import resource
 import secrets
 import select
 import shutil
@@ -2642,7 +2643,7 @@ class Pool:
     else resets (/clear) the least recently used holder with that spawn key; the
     key includes the API key, so nothing crosses keys. Idle ones end after
     OCP_POOL_IDLE_TTL. The budget is shared with the parked tool rounds, which come
-    first (`parked_mb`); over it, or past OCP_POOL_MAX_CLIS, pool_to_end says who goes
+    first (Runner.idle_mb); over it, or past OCP_POOL_MAX_CLIS, pool_to_end says who goes
     (each key a fair share, a high key's kept over a low key's). A pooled CLI holds no
     slot and makes no upstream request; an ended one is killed outright. Thread-safe.
     """
@@ -2650,7 +2651,6 @@ class Pool:
     def __init__(self, runner: "Runner"):
         self.runner = runner
         self.may_spawn: Callable[[], bool] = lambda: True  # the server's word: not while the plan is held
-        self.parked_mb: Callable[[], float] = runner.idle_mb  # idle CLIs outside the pool: the same budget
         self.memory_mb = machine_memory_mb()
         self._cond = threading.Condition()
         self._entries: List[Warm] = []  # least recently used first
@@ -2676,7 +2676,7 @@ class Pool:
     def room_mb(self) -> float:
         """What the pool may use: the budget less the idle CLIs' outside it (parked, or taken by a
         request still waiting for a slot)."""
-        return self.budget_mb() - self.parked_mb()
+        return self.budget_mb() - self.runner.idle_mb()
 
     def fit(self) -> int:
         """End pooled CLIs until the pool fits its room and count (a park just took some)."""
@@ -4733,7 +4733,11 @@ class Park:
     prefix: str  # canonical hash of the conversation that made the round
     shape: str  # hash of model, system texts, tools, tool_choice, parallel_tool_calls, output format
     expires_at: float
-    rss_mb: float = 0.0  # measured when parked: it counts in the kept CLIs' budget (OCP_POOL_MAX_MB)
+
+    @property
+    def rss_mb(self) -> float:
+        """Its CLI's size as last measured: it counts in the kept CLIs' budget (OCP_POOL_MAX_MB)."""
+        return self.lease.rss_mb
 
     def call_ids(self) -> Tuple[str, ...]:
         return self.ids + self.undelivered
@@ -4800,9 +4804,9 @@ class Parks:
         self.counters = {"parked": 0, "resumed": 0, "fallback": 0, "expired": 0, "evicted": 0, "exited": 0,
                          "abandoned": 0}
 
-    def put(self, park: Park, limit: int, per_key: int, budget_mb: float) -> bool:
-        """Park a CLI, ending the rounds parks_to_end names; False when the newcomer itself went."""
-        park.rss_mb = park.lease.rss_mb = rss_mb(park.lease.proc.pid)  # measured first: idle, it counts as this
+    def put(self, park: Park, limit: int, per_key: int, budget_mb: float) -> None:
+        """Park a CLI, ending the rounds parks_to_end names (the newcomer itself, maybe)."""
+        park.lease.rss_mb = rss_mb(park.lease.proc.pid)  # measured first: idle, it counts as this
         park.lease.parked_round = True
         park.lease.park()
         with self._cond:
@@ -4819,7 +4823,6 @@ class Parks:
         for old in evicted:
             log.info("a parked CLI was ended to make room (OCP_TOOL_PARK_MAX, _PER_KEY, OCP_POOL_MAX_MB)")
             old.lease.kill("evicted")
-        return park not in evicted
 
     def end_abandoned(self, request: TurnRequest) -> int:
         """End the key's parked rounds that this request's history has left behind: it carries
@@ -4876,7 +4879,7 @@ class Parks:
                 wait = min((p.expires_at for p in self._parks), default=now + 5) - now
                 parks = list(self._parks)
             for park in parks:  # they grow while they wait: the kept CLIs' budget counts them as they are
-                park.rss_mb = park.lease.rss_mb = rss_mb(park.lease.proc.pid) or park.rss_mb
+                park.lease.rss_mb = rss_mb(park.lease.proc.pid) or park.lease.rss_mb
             for park in gone:
                 log.info("a parked CLI was ended: its client's tool results did not come in time (OCP_TOOL_PARK_TTL)")
                 park.lease.kill("expired")
@@ -6672,7 +6675,6 @@ class Hangups:
 
 def raise_open_files_limit() -> int:
     """Raise the soft open-files limit to the hard one (services get 1,024 by default); return it."""
-    import resource  # (POSIX only; the daemon's start, never a request's path)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         with contextlib.suppress(ValueError, OSError):
@@ -6797,7 +6799,6 @@ class Server(ThreadingHTTPServer):
         hostname = socket.gethostname().lower()
         self.own_names = (hostname, hostname.split(".")[0], hostname.split(".")[0] + ".local")
         self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
-        import resource  # (POSIX; see raise_open_files_limit)
         self.connections = Connections(connection_cap(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         super().__init__((config.bind, config.port), Handler)
 

@@ -468,7 +468,7 @@ class ParksToEnd(unittest.TestCase):
     """The pure rule of which parked rounds end."""
 
     def park(self, owner, priority, rss=100.0):
-        return ocp.Park(owner, priority, None, None, (owner,), (), "", "", 0.0, rss)
+        return ocp.Park(owner, priority, types.SimpleNamespace(rss_mb=rss), None, (owner,), (), "", "", 0.0)
 
     def test_a_key_past_its_share_loses_its_own_oldest(self):
         mine = [self.park("ben", "normal") for _ in range(3)]

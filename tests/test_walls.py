@@ -6,7 +6,7 @@ import time
 import unittest
 
 import ocp
-from helpers import ServerTest, directive
+from helpers import ServerTest, directive, wait_until
 
 ADMIN = "ocp_admin_key_for_the_walls_tests_0"
 CLIENTS = {  # User-Agents as the real clients send them (measured through OCP)
@@ -95,7 +95,6 @@ class QuotaWall(WallTest):
         self.assertNotIn(headers["request-id"], raw, "the request id only in a header")
 
     def test_a_limit_of_five_hundred_reads_as_one_and_matches_no_pattern(self):
-        secret = self.key("big", daily=500)
         error = ocp.quota_error({"period": "day", "unit": "requests", "limit": 500, "used": 500,
                                  "resets_at": time.time() + 3600, "estimate": 1}, time.time())
         shaped = ocp.wall_for(error, "openai", CLIENTS["opencode"])
@@ -153,7 +152,6 @@ class OtherWalls(WallTest):
         self.server.runner.apply(self.server.config)
         sock = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]},
                              ADMIN)
-        from helpers import wait_until
         wait_until(lambda: self.server.runner.live())
         status, headers, body, _ = self.ask(self.key(), "opencode")
         self.assertEqual((status, body["error"]["code"], headers["Retry-After"]), (429, "queue_full", "5"))
