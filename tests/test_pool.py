@@ -310,12 +310,12 @@ class FairShares(KeyedPool):
         mine.append({"role": "user", "content": "who? " + RECALL})
         self.assertEqual(self.ask(ADMIN, mine), "Recall: my name is Ada | who?", "continued in its own CLI")
 
-    def test_a_guests_cli_does_not_push_out_the_owners(self):
+    def test_a_members_cli_does_not_push_out_the_owners(self):
         self.server.runner.config = ocp.dataclasses.replace(self.server.config, pool_max_mb=150)  # one CLI
-        guest = self.key("guest-ish")
+        member = self.key("member")  # normal priority; the owner is high
         with mock.patch.object(self.pool, "replenish"):
             self.ask(ADMIN, [{"role": "user", "content": "owner's"}])
-            self.ask(guest, [{"role": "user", "content": "member's"}])
+            self.ask(member, [{"role": "user", "content": "member's"}])
         (kept,) = [w for w in self.pool._entries]
         self.assertEqual(kept.lease.job.priority, "high")
 
