@@ -33,6 +33,7 @@ class EndedClisCallNoModel(RealCliTest):
     def setUp(self):
         super().setUp()
         self.addCleanup(self.server.parks.close)
+        self.seen = set()  # the parked CLIs' pids so far
         self.upstream.script(Reply(text="", tool_uses=[use("get_weather", city="Oslo")]), Reply(text="Cold."))
 
     def posts_by_session(self):
@@ -54,7 +55,6 @@ class EndedClisCallNoModel(RealCliTest):
         time.sleep(TOOL_RUN_S)
         return messages, reply, parked["pid"]
 
-    seen: set = set()
 
     def assert_no_more_requests(self, pid, before):
         wait_until(lambda: not pid_alive(pid), timeout=15)
@@ -62,7 +62,6 @@ class EndedClisCallNoModel(RealCliTest):
         self.assertEqual(self.posts_by_session(), before, "an ended CLI called the model again")
 
     def test_a_park_that_expires(self):
-        self.seen = set()
         _, _, pid = self.round()
         before = self.posts_by_session()
         self.server.parks._parks[0].expires_at = 0  # (the reaper ends it within a second)
@@ -70,7 +69,6 @@ class EndedClisCallNoModel(RealCliTest):
         self.assertEqual(self.server.parks.snapshot()["expired"], 1)
 
     def test_a_park_evicted_by_another(self):
-        self.seen = set()
         self.server.config = self.server.config.__class__(**dict(
             self.server.config.__dict__, tool_park_max=1))
         self.upstream.script(Reply(text="", tool_uses=[use("get_weather", city="Oslo")]),
@@ -82,7 +80,6 @@ class EndedClisCallNoModel(RealCliTest):
         self.assertTrue(pid_alive(second))
 
     def test_a_park_whose_follow_up_does_not_match(self):
-        self.seen = set()
         messages, reply, pid = self.round()
         message = reply["choices"][0]["message"]
         edited = [{"role": "user", "content": "Weather in Paris?"}, message,
@@ -97,7 +94,6 @@ class EndedClisCallNoModel(RealCliTest):
         self.assertEqual(sorted(sessions.values()), [1, 1], "the ended CLI made its one request only")
 
     def test_a_park_left_behind_by_the_next_request(self):
-        self.seen = set()
         messages, reply, pid = self.round()
         message = reply["choices"][0]["message"]
         later = messages + [message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"],
@@ -113,7 +109,6 @@ class EndedClisCallNoModel(RealCliTest):
         self.assertEqual(self.server.parks.snapshot()["abandoned"], 1)
 
     def test_parks_at_shutdown(self):
-        self.seen = set()
         _, _, pid = self.round()
         before = self.posts_by_session()
         self.server.runner.stop()
@@ -121,7 +116,6 @@ class EndedClisCallNoModel(RealCliTest):
         self.assert_no_more_requests(pid, before)
 
     def test_parks_cleared_by_the_operator(self):
-        self.seen = set()
         _, _, pid = self.round()
         before = self.posts_by_session()
         status, _, body = self.request("DELETE", "/sessions", headers={"Authorization": f"Bearer {ADMIN}"})
