@@ -190,125 +190,157 @@ class Config:
         return zoneinfo.ZoneInfo(self.timezone)
 
 
-# (field, env name, serve flag, kind, (min, max)); kind: int | str | bool.
-SETTINGS = (
-    ("port", "CLAUDE_PROXY_PORT", "--port", "int", (0, 65535)),
-    ("bind", "CLAUDE_BIND", "--bind", "str", None),
-    ("auth_mode", "CLAUDE_AUTH_MODE", "--auth-mode", "str", None),
-    ("claude_bin", "CLAUDE_BIN", "--claude-bin", "str", None),
-    ("timeout_ms", "CLAUDE_TIMEOUT", "--timeout", "int", (1000, 24 * 3600 * 1000)),
-    ("max_concurrent", "CLAUDE_MAX_CONCURRENT", "--max-concurrent", "int", (1, 256)),
-    ("max_queue", "CLAUDE_MAX_QUEUE", "--max-queue", "int", (0, 10_000)),
-    ("queue_timeout_ms", "OCP_QUEUE_TIMEOUT", "--queue-timeout", "int", (100, 3600 * 1000)),
-    ("heartbeat_ms", "CLAUDE_HEARTBEAT_INTERVAL", "--heartbeat", "int", (0, 600_000)),
-    ("cache_ttl_ms", "CLAUDE_CACHE_TTL", "--cache-ttl", "int", (0, 30 * 24 * 3600 * 1000)),
-    ("max_prompt_chars", "CLAUDE_MAX_PROMPT_CHARS", "--max-prompt-chars", "int", (0, 1 << 31)),
-    ("allowed_tools", "CLAUDE_ALLOWED_TOOLS", "--allowed-tools", "str", None),
-    ("system_prompt", "CLAUDE_SYSTEM_PROMPT", "--system-prompt", "str", None),
-    ("no_context", "CLAUDE_NO_CONTEXT", "--no-context", "bool", None),
-    ("home", "OCP_HOME", "--home", "str", None),
-    ("upstream_base_url", "OCP_UPSTREAM_BASE_URL", "--upstream-base-url", "str", None),
-    ("default_model", "OCP_DEFAULT_MODEL", "--default-model", "str", None),
-    ("max_body_bytes", "OCP_MAX_BODY_BYTES", "--max-body-bytes", "int", (1024, 1 << 30)),
-    ("max_image_bytes", "OCP_MAX_IMAGE_BYTES", "--max-image-bytes", "int", (1024, 1 << 28)),
-    ("max_images", "OCP_MAX_IMAGES", "--max-images", "int", (0, 100)),
-    ("allow_image_urls", "OCP_ALLOW_IMAGE_URLS", "--allow-image-urls", "bool", None),
-    ("socket_timeout_s", "OCP_SOCKET_TIMEOUT", "--socket-timeout", "int", (1, 3600)),
-    ("log_level", "OCP_LOG_LEVEL", "--log-level", "str", None),
-    ("timezone", "OCP_TIMEZONE", "--timezone", "str", None),
-    ("allowed_hosts", "OCP_ALLOWED_HOSTS", "--allowed-hosts", "list", None),
-    ("cors_origins", "OCP_CORS_ORIGINS", "--cors-origins", "list", None),
-    ("advertise_anon_key", "PROXY_ADVERTISE_ANON_KEY", "--advertise-anon-key", "bool", None),
-    ("cache_max_entries", "OCP_CACHE_MAX_ENTRIES", "--cache-max-entries", "int", (1, 1_000_000)),
-    ("cache_max_bytes", "OCP_CACHE_MAX_BYTES", "--cache-max-bytes", "int", (1024, 1 << 34)),
-    ("plan_only", "OCP_PLAN_ONLY", "--plan-only", "bool", None),
-    ("log_prompts", "OCP_LOG_PROMPTS", "--log-prompts", "bool", None),
-    ("usage_retention_days", "OCP_USAGE_RETENTION_DAYS", "--usage-retention-days", "int", (1, 36500)),
-    ("audit_retention_days", "OCP_AUDIT_RETENTION_DAYS", "--audit-retention-days", "int", (1, 36500)),
-    ("client_tools", "OCP_CLIENT_TOOLS", "--client-tools", "bool", None),
-    ("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int", (100, 24 * 3600 * 1000)),
-    ("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", (0, 1024)),
-    ("tool_park_max_per_key", "OCP_TOOL_PARK_MAX_PER_KEY", "--tool-park-max-per-key", "int", (0, 1024)),
-    ("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int", (1000, 1 << 26)),
-    ("plan_headers", "OCP_PLAN_HEADERS", "--plan-headers", "bool", None),
-    ("pool", "OCP_POOL", "--pool", "bool", None),
-    ("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", (0, 1 << 20)),
-    ("pool_max_clis", "OCP_POOL_MAX_CLIS", "--pool-max-clis", "int", (0, 1024)),
-    ("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int", (100, 7 * 24 * 3600 * 1000)),
-    ("max_connections", "OCP_MAX_CONNECTIONS", "--max-connections", "int", (0, 1 << 20)),
-    ("wall_status", "OCP_WALL_STATUS", "--wall-status", "str", None),
-    ("reserve_5h", "OCP_RESERVE_5H", "--reserve-5h", "int", (0, 100)),
-    ("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", (0, 100)),
-)
-SECRET_SETTINGS = (("api_key", "PROXY_API_KEY"), ("admin_key", "OCP_ADMIN_KEY"),
-                   ("anonymous_key", "PROXY_ANONYMOUS_KEY"))
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting, in one row: its Config field, environment variable, `serve` flag, kind, what
+    `serve --help` says of it (with its unit), its bounds or choices, and — for one that may change
+    while OCP runs (PATCH /settings, `ocp.py settings NAME VALUE`, settings.json) — its public name.
+
+    Kinds: int and float (within `bounds`), str (one of `choices` when given), bool (1/0,
+    true/false, yes/no, on/off), list (comma-separated), secret (environment only: never a flag,
+    which the process list would show)."""
+
+    field: str
+    env: str
+    flag: str
+    kind: str
+    help: str
+    bounds: Optional[Tuple[float, float]] = None
+    choices: Tuple[str, ...] = ()
+    runtime: str = ""
+
+    def parse(self, source: str, raw: str) -> Any:
+        """`raw` (a flag's, a variable's text) as this setting's kind; ConfigError naming `source`."""
+        raw = raw.strip()
+        if self.kind == "list":
+            return tuple(item.strip().lower() if self.field == "allowed_hosts" else item.strip()
+                         for item in raw.split(",") if item.strip())
+        if self.kind == "bool":
+            if raw.lower() in TRUE_WORDS + FALSE_WORDS:
+                return raw.lower() in TRUE_WORDS
+            raise ConfigError(f"{source}={raw!r} is not a boolean (use 1/0, true/false)")
+        if self.kind in ("int", "float"):
+            if not re.fullmatch(r"-?[0-9]+" if self.kind == "int" else r"-?[0-9]+(\.[0-9]+)?", raw):
+                raise ConfigError(f"{source}={raw!r} is not a {'whole ' if self.kind == 'int' else ''}number")
+            value = int(raw) if self.kind == "int" else float(raw)
+            if self.bounds and not self.bounds[0] <= value <= self.bounds[1]:
+                raise ConfigError(f"{source}={value} is out of range {self.bounds[0]}..{self.bounds[1]}")
+            return value
+        if self.choices and raw not in self.choices:
+            raise ConfigError(f"{source}={raw!r} is not one of {', '.join(self.choices)}")
+        return raw
+
+    def check(self, source: str, value: Any) -> Any:
+        """A JSON value (PATCH /settings, settings.json) as this setting's kind; ConfigError."""
+        if isinstance(value, bool):
+            if self.kind != "bool":
+                raise ConfigError(f"{source} must be {KIND_WORDS[self.kind]}")
+            return value
+        if isinstance(value, list) and self.kind == "list" and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        fits = {"int": (int, str), "float": (int, float, str), "bool": (int, str)}.get(self.kind, (str,))
+        if not isinstance(value, fits):
+            raise ConfigError(f"{source} must be {KIND_WORDS[self.kind]}")
+        return self.parse(source, str(value))
+
+
+KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
+              "list": "a comma-separated string or a list of strings", "secret": "a string"}
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-SETTING_HELP = {  # what `serve --help` says of each setting, with its unit
-    "port": "TCP port", "bind": "address to listen on (0.0.0.0 for the LAN)",
-    "auth_mode": "none, shared or multi", "claude_bin": "path of the claude executable",
-    "timeout_ms": "milliseconds for a whole request", "max_concurrent": "CLI processes at once",
-    "max_queue": "requests waiting for a slot", "queue_timeout_ms": "milliseconds a request may wait for a slot",
-    "heartbeat_ms": "milliseconds of stream silence before a keepalive (0 = off)",
-    "cache_ttl_ms": "milliseconds a cached answer stays valid (0 = cache off)",
-    "max_prompt_chars": "prompt budget in characters (0 = the model's context window x 4)",
-    "allowed_tools": "Claude Code tools the CLI may run on this machine (comma list)",
-    "system_prompt": "text appended to every system prompt",
-    "no_context": "run the CLI in a scratch HOME, without the owner's CLAUDE.md, hooks and MCP servers",
-    "home": "directory for OCP's database, keys, logs and scratch files",
-    "upstream_base_url": "ANTHROPIC_BASE_URL for the CLI (tests, gateways)",
-    "default_model": "model for unknown model ids (unset: 400)", "max_body_bytes": "request body cap in bytes",
-    "max_image_bytes": "image cap in bytes", "max_images": "images per request",
-    "allow_image_urls": "download http(s) image URLs", "socket_timeout_s": "seconds an idle or slow client is kept",
-    "log_level": "DEBUG, INFO, WARNING or ERROR", "timezone": "time zone of quota windows (e.g. Europe/Berlin)",
-    "allowed_hosts": "extra host names browsers may use (comma list)",
-    "cors_origins": "web origins allowed to call OCP (comma list)",
-    "advertise_anon_key": "show the guest key in /health", "cache_max_entries": "cached answers kept",
-    "cache_max_bytes": "bytes of cached answers kept", "plan_only": "refuse requests paid from extra usage",
-    "log_prompts": "log prompts and answers", "usage_retention_days": "days usage rows are kept one by one",
-    "audit_retention_days": "days audit rows are kept",
-    "client_tools": "let clients' function tools reach the model (0: tools ignored, text only)",
-    "tool_park_ttl_ms": "milliseconds a CLI waits parked for a client's tool results",
-    "tool_park_max": "parked CLIs kept at most (0 = CLAUDE_MAX_CONCURRENT); the lowest priority, "
-                     "then the oldest goes first",
-    "tool_park_max_per_key": "parked CLIs one key may keep (0 = half of OCP_TOOL_PARK_MAX, at least 1); "
-                             "its own oldest goes first",
-    "tool_result_max_chars": "characters of one tool result passed to the model (longer: cut, marked)",
-    "plan_headers": "send the plan's use to Claude Code and Codex (anthropic-ratelimit-unified-*, x-codex-*)",
-    "pool": "keep idle CLI processes warm for the next request, and conversations in their process",
-    "pool_max_mb": "MiB of memory the kept CLIs (pooled and parked) may use (0 = an eighth of the "
-                   "machine's, at least 256)",
-    "pool_max_clis": "idle CLIs the pool keeps at most, whatever their size (0 = 2 x CLAUDE_MAX_CONCURRENT)",
-    "pool_idle_ttl_ms": "milliseconds an idle warm CLI is kept",
-    "wall_status": "auto: a refusal waiting will not fix (a quota, the plan, a model) is answered so each "
-                   "client stops and shows it; 429: a plain 429 for every client",
-    "max_connections": "client connections open at once (0 = half the open-files limit, 16 to 4096); past "
-                       "it the newest that never sent a keyed request close first, then members' idle ones",
-    "reserve_5h": "percent of the 5-hour window kept back: low-priority keys wait past 100 minus it, normal "
-                  "ones past 100 minus half of it (0 = off)",
-    "reserve_7d": "the same for the weekly window",
-}
+HOUR_MS, DAY_MS = 3600 * 1000, 24 * 3600 * 1000
 
-
-def parse_setting(name: str, raw: str, kind: str, bounds: Optional[Tuple[int, int]]) -> Any:
-    """Return `raw` converted to `kind`; raise ConfigError naming `name`."""
-    raw = raw.strip()
-    if kind == "list":
-        return tuple(item.strip().lower() if name.endswith("HOSTS") else item.strip()
-                     for item in raw.split(",") if item.strip())
-    if kind == "bool":
-        if raw.lower() in TRUE_WORDS:
-            return True
-        if raw.lower() in FALSE_WORDS:
-            return False
-        raise ConfigError(f"{name}={raw!r} is not a boolean (use 1/0, true/false)")
-    if kind == "int":
-        if not re.fullmatch(r"-?[0-9]+", raw):
-            raise ConfigError(f"{name}={raw!r} is not a whole number")
-        value = int(raw)
-        if bounds and not bounds[0] <= value <= bounds[1]:
-            raise ConfigError(f"{name}={value} is out of range {bounds[0]}..{bounds[1]}")
-        return value
-    return raw
+SETTINGS = (
+    Setting("port", "CLAUDE_PROXY_PORT", "--port", "int", "TCP port", (0, 65535)),
+    Setting("bind", "CLAUDE_BIND", "--bind", "str", "address to listen on (0.0.0.0 for the LAN)"),
+    Setting("auth_mode", "CLAUDE_AUTH_MODE", "--auth-mode", "str", "none, shared or multi", choices=AUTH_MODES),
+    Setting("api_key", "PROXY_API_KEY", "", "secret", "the shared key (shared mode)"),
+    Setting("admin_key", "OCP_ADMIN_KEY", "", "secret", "the admin key (else OCP_HOME/admin-key)"),
+    Setting("anonymous_key", "PROXY_ANONYMOUS_KEY", "", "secret", "the guest key (multi mode)"),
+    Setting("claude_bin", "CLAUDE_BIN", "--claude-bin", "str", "path of the claude executable"),
+    Setting("timeout_ms", "CLAUDE_TIMEOUT", "--timeout", "int", "milliseconds for a whole request",
+            (1000, DAY_MS), runtime="timeout"),
+    Setting("max_concurrent", "CLAUDE_MAX_CONCURRENT", "--max-concurrent", "int", "CLI processes at once",
+            (1, 256), runtime="maxConcurrent"),
+    Setting("max_queue", "CLAUDE_MAX_QUEUE", "--max-queue", "int", "requests waiting for a slot", (0, 10_000),
+            runtime="maxQueue"),
+    Setting("queue_timeout_ms", "OCP_QUEUE_TIMEOUT", "--queue-timeout", "int",
+            "milliseconds a request may wait for a slot", (100, HOUR_MS)),
+    Setting("heartbeat_ms", "CLAUDE_HEARTBEAT_INTERVAL", "--heartbeat", "int",
+            "milliseconds of stream silence before a keepalive (0 = off)", (0, 600_000), runtime="heartbeat"),
+    Setting("cache_ttl_ms", "CLAUDE_CACHE_TTL", "--cache-ttl", "int",
+            "milliseconds a cached answer stays valid (0 = cache off)", (0, 30 * DAY_MS), runtime="cacheTTL"),
+    Setting("max_prompt_chars", "CLAUDE_MAX_PROMPT_CHARS", "--max-prompt-chars", "int",
+            "prompt budget in characters (0 = the model's context window x 4)", (0, 1 << 31),
+            runtime="maxPromptChars"),
+    Setting("allowed_tools", "CLAUDE_ALLOWED_TOOLS", "--allowed-tools", "str",
+            "Claude Code tools the CLI may run on this machine (comma list)"),
+    Setting("system_prompt", "CLAUDE_SYSTEM_PROMPT", "--system-prompt", "str", "text appended to every system prompt"),
+    Setting("no_context", "CLAUDE_NO_CONTEXT", "--no-context", "bool",
+            "run the CLI in a scratch HOME, without the owner's CLAUDE.md, hooks and MCP servers"),
+    Setting("home", "OCP_HOME", "--home", "str", "directory for OCP's database, keys, logs and scratch files"),
+    Setting("upstream_base_url", "OCP_UPSTREAM_BASE_URL", "--upstream-base-url", "str",
+            "ANTHROPIC_BASE_URL for the CLI (tests, gateways)"),
+    Setting("default_model", "OCP_DEFAULT_MODEL", "--default-model", "str", "model for unknown model ids (unset: 400)"),
+    Setting("max_body_bytes", "OCP_MAX_BODY_BYTES", "--max-body-bytes", "int", "request body cap in bytes",
+            (1024, 1 << 30)),
+    Setting("max_image_bytes", "OCP_MAX_IMAGE_BYTES", "--max-image-bytes", "int", "image cap in bytes",
+            (1024, 1 << 28)),
+    Setting("max_images", "OCP_MAX_IMAGES", "--max-images", "int", "images per request", (0, 100)),
+    Setting("allow_image_urls", "OCP_ALLOW_IMAGE_URLS", "--allow-image-urls", "bool", "download http(s) image URLs"),
+    Setting("socket_timeout_s", "OCP_SOCKET_TIMEOUT", "--socket-timeout", "int",
+            "seconds an idle or slow client is kept", (1, 3600)),
+    Setting("log_level", "OCP_LOG_LEVEL", "--log-level", "str", "DEBUG, INFO, WARNING or ERROR"),
+    Setting("timezone", "OCP_TIMEZONE", "--timezone", "str", "time zone of quota windows (e.g. Europe/Berlin)"),
+    Setting("allowed_hosts", "OCP_ALLOWED_HOSTS", "--allowed-hosts", "list",
+            "extra host names browsers may use (comma list)"),
+    Setting("cors_origins", "OCP_CORS_ORIGINS", "--cors-origins", "list", "web origins allowed to call OCP (comma list)"),
+    Setting("advertise_anon_key", "PROXY_ADVERTISE_ANON_KEY", "--advertise-anon-key", "bool",
+            "show the guest key in /health"),
+    Setting("cache_max_entries", "OCP_CACHE_MAX_ENTRIES", "--cache-max-entries", "int", "cached answers kept",
+            (1, 1_000_000)),
+    Setting("cache_max_bytes", "OCP_CACHE_MAX_BYTES", "--cache-max-bytes", "int", "bytes of cached answers kept",
+            (1024, 1 << 34)),
+    Setting("plan_only", "OCP_PLAN_ONLY", "--plan-only", "bool", "refuse requests paid from extra usage",
+            runtime="planOnly"),
+    Setting("log_prompts", "OCP_LOG_PROMPTS", "--log-prompts", "bool", "log prompts and answers"),
+    Setting("usage_retention_days", "OCP_USAGE_RETENTION_DAYS", "--usage-retention-days", "int",
+            "days usage rows are kept one by one", (1, 36500)),
+    Setting("audit_retention_days", "OCP_AUDIT_RETENTION_DAYS", "--audit-retention-days", "int",
+            "days audit rows are kept", (1, 36500)),
+    Setting("client_tools", "OCP_CLIENT_TOOLS", "--client-tools", "bool",
+            "let clients' function tools reach the model (0: tools ignored, text only)"),
+    Setting("tool_park_ttl_ms", "OCP_TOOL_PARK_TTL", "--tool-park-ttl", "int",
+            "milliseconds a CLI waits parked for a client's tool results", (100, DAY_MS)),
+    Setting("tool_park_max", "OCP_TOOL_PARK_MAX", "--tool-park-max", "int", "parked CLIs kept at most (0 = "
+            "CLAUDE_MAX_CONCURRENT); the lowest priority, then the oldest goes first", (0, 1024)),
+    Setting("tool_park_max_per_key", "OCP_TOOL_PARK_MAX_PER_KEY", "--tool-park-max-per-key", "int",
+            "parked CLIs one key may keep (0 = half of OCP_TOOL_PARK_MAX, at least 1); its own oldest goes first",
+            (0, 1024)),
+    Setting("tool_result_max_chars", "OCP_TOOL_RESULT_MAX_CHARS", "--tool-result-max-chars", "int",
+            "characters of one tool result passed to the model (longer: cut, marked)", (1000, 1 << 26)),
+    Setting("plan_headers", "OCP_PLAN_HEADERS", "--plan-headers", "bool",
+            "send the plan's use to Claude Code and Codex (anthropic-ratelimit-unified-*, x-codex-*)"),
+    Setting("pool", "OCP_POOL", "--pool", "bool",
+            "keep idle CLI processes warm for the next request, and conversations in their process"),
+    Setting("pool_max_mb", "OCP_POOL_MAX_MB", "--pool-max-mb", "int", "MiB of memory the kept CLIs (pooled and "
+            "parked) may use (0 = an eighth of the machine's, at least 256)", (0, 1 << 20)),
+    Setting("pool_max_clis", "OCP_POOL_MAX_CLIS", "--pool-max-clis", "int",
+            "idle CLIs the pool keeps at most, whatever their size (0 = 2 x CLAUDE_MAX_CONCURRENT)", (0, 1024)),
+    Setting("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int",
+            "milliseconds an idle warm CLI is kept", (100, 7 * DAY_MS)),
+    Setting("max_connections", "OCP_MAX_CONNECTIONS", "--max-connections", "int", "client connections open at "
+            "once (0 = half the open-files limit, 16 to 4096); past it the newest that never sent a keyed request "
+            "close first, then members' idle ones", (0, 1 << 20)),
+    Setting("wall_status", "OCP_WALL_STATUS", "--wall-status", "str", "auto: a refusal waiting will not fix (a "
+            "quota, the plan, a model) is answered so each client stops and shows it; 429: a plain 429 for every "
+            "client", choices=("auto", "429"), runtime="wallStatus"),
+    Setting("reserve_5h", "OCP_RESERVE_5H", "--reserve-5h", "int", "percent of the 5-hour window kept back: "
+            "low-priority keys wait past 100 minus it, normal ones past 100 minus half of it (0 = off)", (0, 100),
+            runtime="reserve5h"),
+    Setting("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", "the same for the weekly window", (0, 100),
+            runtime="reserve7d"),
+)
+RUNTIME_SETTINGS = {s.runtime: s for s in SETTINGS if s.runtime}  # public name -> Setting
 
 
 def digits(text: Any) -> bool:
@@ -316,29 +348,20 @@ def digits(text: Any) -> bool:
     return isinstance(text, str) and re.fullmatch(r"[0-9]{1,18}", text) is not None
 
 
-# Runtime-tunable settings (PATCH /settings, `ocp.py settings K V`, OCP_HOME/settings.json):
-# their public name -> Config field.
-TUNABLE = {"timeout": "timeout_ms", "maxConcurrent": "max_concurrent", "maxQueue": "max_queue",
-           "maxPromptChars": "max_prompt_chars", "cacheTTL": "cache_ttl_ms", "heartbeat": "heartbeat_ms",
-           "reserve5h": "reserve_5h", "reserve7d": "reserve_7d"}
-SETTING_BY_FIELD = {spec[0]: spec for spec in SETTINGS}
-
-
 def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] = None) -> Config:
     """Build the Config: flag > env > OCP_HOME/settings.json > default; raise ConfigError."""
     flags = flags or {}
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
-    for field, env_name, flag, kind, bounds in SETTINGS:
-        raw = flags.get(field)
-        source = flag
-        if raw is None and environ.get(env_name, "") != "":
-            raw, source = environ[env_name], env_name
-        if raw is not None:
-            values[field] = parse_setting(source, str(raw), kind, bounds)
-            sources[field] = source
-    for field, env_name in SECRET_SETTINGS:
-        values[field] = environ.get(env_name, "").strip()
+    for setting in SETTINGS:
+        raw, source = flags.get(setting.field), setting.flag
+        if raw is None and environ.get(setting.env, "") != "":
+            raw, source = environ[setting.env], setting.env
+        if setting.kind == "secret":
+            values[setting.field] = (raw or "").strip()
+        elif raw is not None:
+            values[setting.field] = setting.parse(source, str(raw))
+            sources[setting.field] = source
     user_home = environ.get("HOME") or os.path.expanduser("~")
     values["user_home"] = user_home
     values.setdefault("home", os.path.join(user_home, ".ocp"))
@@ -346,7 +369,7 @@ def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] =
         values["home"] = user_home + values["home"][1:]
     values["home"] = os.path.abspath(values["home"])
     for name, value in read_settings_file(os.path.join(values["home"], "settings.json")).items():
-        field = TUNABLE[name]
+        field = RUNTIME_SETTINGS[name].field
         if field not in values:
             values[field] = check_tunable(name, value)
             sources[field] = "settings.json"
@@ -359,14 +382,11 @@ def load_config(environ: Mapping[str, str], flags: Optional[Mapping[str, Any]] =
     return config
 
 
-def check_tunable(name: str, value: Any) -> int:
-    """Return a runtime setting's value; ConfigError naming the problem."""
-    if name not in TUNABLE:
-        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(TUNABLE)}")
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ConfigError(f"{name} must be a whole number")
-    field, env_name, flag, kind, bounds = SETTING_BY_FIELD[TUNABLE[name]]
-    return parse_setting(name, str(value), kind, bounds)
+def check_tunable(name: str, value: Any) -> Any:
+    """Return a runtime setting's value as its kind; ConfigError naming the problem."""
+    if name not in RUNTIME_SETTINGS:
+        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(RUNTIME_SETTINGS)}")
+    return RUNTIME_SETTINGS[name].check(name, value)
 
 
 def read_settings_file(path: str) -> Dict[str, Any]:
@@ -398,21 +418,23 @@ def write_settings_file(path: str, changes: Mapping[str, int]) -> None:
 
 
 def settings_view(config: Config) -> Dict[str, Any]:
-    """Every runtime setting with its value, where it came from and its range."""
+    """Every runtime setting with its value, where it came from and its range (or choices)."""
     view = {}
-    for name, field in TUNABLE.items():
-        spec = SETTING_BY_FIELD[field]
-        view[name] = {"value": getattr(config, field), "source": config.sources.get(field, "default"),
-                      "env": spec[1], "min": spec[4][0], "max": spec[4][1]}
+    for name, setting in RUNTIME_SETTINGS.items():
+        bounds = setting.bounds or (None, None)
+        view[name] = {"value": getattr(config, setting.field), "source": config.sources.get(setting.field, "default"),
+                      "env": setting.env, "min": bounds[0], "max": bounds[1]}
+        if setting.choices:
+            view[name]["choices"] = list(setting.choices)
     return view
 
 
 def validate_config(config: Config) -> None:
     """Raise ConfigError when the settings cannot make a safe daemon."""
-    if config.auth_mode not in AUTH_MODES:
-        raise ConfigError(f"CLAUDE_AUTH_MODE={config.auth_mode!r} is not one of {', '.join(AUTH_MODES)}")
-    if config.wall_status not in ("auto", "429"):
-        raise ConfigError(f"OCP_WALL_STATUS={config.wall_status!r} is not auto or 429")
+    for setting in SETTINGS:
+        if setting.choices and getattr(config, setting.field) not in setting.choices:
+            raise ConfigError(f"{setting.env}={getattr(config, setting.field)!r} is not one of "
+                              f"{', '.join(setting.choices)}")
     if config.auth_mode == "shared" and not config.api_key:
         raise ConfigError("CLAUDE_AUTH_MODE=shared needs PROXY_API_KEY")
     if config.allowed_tools and (config.auth_mode == "multi" or not config.loopback
@@ -541,10 +563,134 @@ def model_object(model: Model) -> Dict[str, Any]:
 
 KEY_PREFIX_CHARS = 8
 KEY_NAME = re.compile(r"(?!\d+$)[^\x00-\x1f\x7f\s][^\x00-\x1f\x7f]{0,63}(?<!\s)")  # all digits would read as an id
-QUOTA_FIELDS = ("daily", "weekly", "monthly", "tokens_daily", "tokens_monthly", "cost_daily", "cost_weekly",
-                "cost_monthly")
 PRIORITIES = ("low", "normal", "high")  # who waits first when the plan runs low (OCP_RESERVE_5H/7D)
 TOKEN_GUESS = 100  # tokens reserved for a request before any answer gave a better estimate (Store.reserve)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How a per-key field's value is checked (the API's JSON), read from the command line and
+    kept in its SQLite column."""
+
+    expects: str  # what a refusal says the value must be
+    accepts: Callable[[Any], bool]
+    cli: Callable[[str], Any]  # the command line's text -> the JSON value (argparse's type)
+    metavar: str = "N"
+    sql: str = "INTEGER"  # the column's type, for a field added later (Store.add_key_columns)
+    normalize: Callable[[Any, Any], Any] = lambda value, registry: value  # the JSON value -> the policy's
+    load: Callable[[Any], Any] = lambda column: column  # the column -> the policy's value
+    dump: Callable[[Any], Any] = lambda value: value  # the policy's value -> the column
+    shown: Callable[[Any], Any] = lambda value: value  # the policy's value -> JSON
+
+
+def quota_value(text: str) -> Optional[int]:
+    if text.lower() in ("none", "unlimited"):
+        return None
+    if not digits(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'")
+    return int(text)
+
+
+def cost_value(text: str) -> Optional[float]:
+    if text.lower() in ("none", "unlimited"):
+        return None
+    if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD (e.g. 2.50) or 'none'")
+    return float(text)
+
+
+def priority_value(text: str) -> str:
+    if text not in PRIORITIES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PRIORITIES)}")
+    return text
+
+
+def models_value(text: str) -> Optional[List[str]]:
+    return None if text in ("all", "") else text.split(",")
+
+
+def limit(number: Any, kinds: Tuple[type, ...]) -> bool:
+    return number is None or (type(number) in kinds and 0 <= number <= 10 ** 12)
+
+
+COUNT = Kind("null (unlimited) or a whole number >= 0", lambda v: limit(v, (int,)), quota_value)
+USD = Kind("null (unlimited) or a number (USD) >= 0", lambda v: limit(v, (int, float)), cost_value, "USD", "REAL")
+PRIORITY = Kind("one of " + ", ".join(PRIORITIES), lambda v: v in PRIORITIES, priority_value, "P",
+                "TEXT NOT NULL DEFAULT 'normal'")
+MODEL_LIST = Kind(
+    "null (all models) or a list of model ids",
+    lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) for m in v)), models_value, "A,B", "TEXT",
+    normalize=lambda v, registry: None if v is None else tuple(sorted({registry.resolve(m).id for m in v})),
+    load=lambda column: tuple(json.loads(column)) if column else None,
+    dump=lambda value: json.dumps(list(value)) if value is not None else None,
+    shown=lambda value: list(value) if value is not None else None)
+
+
+def key_field(column: str, kind: Kind, heading: str, help: str, default: Any = None,
+              window: Optional[Tuple[str, str, str]] = None) -> Any:
+    """One row of KeyPolicy: its SQLite column, kind, `keys list` heading and help (the JSON name
+    and the flag, --name-with-dashes, are the field's name); a quota's window is (period, the
+    counter of Store.window_counts, unit)."""
+    return dataclasses.field(default=default, metadata={"column": column, "kind": kind, "heading": heading,
+                                                        "help": help, "window": window})
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPolicy:
+    """What a key may do, one row per field. The admin command line's flags, the API's fields,
+    their checks, the store's columns and the `keys list` table all come from these rows:
+    a new per-key setting is one row here, and the code that acts on it."""
+
+    priority: str = key_field("priority", PRIORITY, "PRIORITY", "who waits first when the plan runs low "
+                              "(OCP_RESERVE_5H/7D); default normal", "normal")
+    daily: Optional[int] = key_field("quota_daily", COUNT, "DAY", "requests a day", window=("day", "day", "requests"))
+    weekly: Optional[int] = key_field("quota_weekly", COUNT, "WEEK", "requests a week",
+                                      window=("week", "week", "requests"))
+    monthly: Optional[int] = key_field("quota_monthly", COUNT, "MONTH", "requests a month",
+                                       window=("month", "month", "requests"))
+    tokens_daily: Optional[int] = key_field("quota_tokens_daily", COUNT, "TOKENS/DAY", "tokens a day",
+                                            window=("day", "tokens_day", "tokens"))
+    tokens_monthly: Optional[int] = key_field("quota_tokens_monthly", COUNT, "TOKENS/MONTH", "tokens a month",
+                                              window=("month", "tokens_month", "tokens"))
+    cost_daily: Optional[float] = key_field("quota_cost_daily", USD, "USD/DAY", "USD a day (list price)",
+                                            window=("day", "cost_day", "USD"))
+    cost_weekly: Optional[float] = key_field("quota_cost_weekly", USD, "", "USD a week (list price)",
+                                             window=("week", "cost_week", "USD"))
+    cost_monthly: Optional[float] = key_field("quota_cost_monthly", USD, "", "USD a month (list price)",
+                                              window=("month", "cost_month", "USD"))
+    models: Optional[Tuple[str, ...]] = key_field("models", MODEL_LIST, "MODELS", "allowed models ('all' = any)")
+
+    def updated(self, body: Mapping[str, Any], registry: Any) -> "KeyPolicy":
+        """This policy with a request's changes (JSON names; null clears a limit); 400 naming a field."""
+        changes = {}
+        for field in KEY_FIELDS:
+            if field.name in body:
+                kind = field.metadata["kind"]
+                if not kind.accepts(body[field.name]):
+                    raise bad_request(f"'{field.name}' must be {kind.expects}", field.name)
+                changes[field.name] = kind.normalize(body[field.name], registry)
+        unknown = set(body) - {f.name for f in KEY_FIELDS} - {"name"}
+        if unknown:
+            raise bad_request(f"Unknown field(s): {', '.join(sorted(unknown))[:200]}", sorted(unknown)[0],
+                              "unknown_field")
+        return dataclasses.replace(self, **changes)
+
+    def as_json(self) -> Dict[str, Any]:
+        return {f.name: f.metadata["kind"].shown(getattr(self, f.name)) for f in KEY_FIELDS}
+
+    def columns(self) -> Dict[str, Any]:
+        """The store's named parameters: one per column (KEY_COLUMNS_SQL)."""
+        return {f.name: f.metadata["kind"].dump(getattr(self, f.name)) for f in KEY_FIELDS}
+
+    @classmethod
+    def from_row(cls, row: Any) -> "KeyPolicy":
+        return cls(**{f.name: f.metadata["kind"].load(row[f.metadata["column"]]) for f in KEY_FIELDS})
+
+
+KEY_FIELDS = dataclasses.fields(KeyPolicy)
+QUOTA_PERIODS = tuple((f.name,) + f.metadata["window"] for f in KEY_FIELDS if f.metadata["window"])
+QUOTA_FIELDS = tuple(field for field, *_ in QUOTA_PERIODS)
+
 
 MIGRATION_1 = (
     """CREATE TABLE keys (
@@ -627,20 +773,20 @@ SELECT_LEGACY_KEYS = "SELECT * FROM legacy_api_keys ORDER BY id"
 SELECT_LEGACY_USAGE = "SELECT * FROM legacy_usage_log ORDER BY id"
 INSERT_MIGRATED_USAGE = """INSERT INTO usage (key_id, key_name, model, status, duration_ms, created_at)
     VALUES (?, ?, ?, ?, ?, ?)"""
-INSERT_KEY = """INSERT INTO keys (name, key_hash, prefix, created_at, revoked_at, quota_daily, quota_weekly,
+INSERT_LEGACY_KEY = """INSERT INTO keys (name, key_hash, prefix, created_at, revoked_at, quota_daily, quota_weekly,
     quota_monthly, quota_tokens_daily, quota_tokens_monthly, models)
     VALUES (:name, :key_hash, :prefix, :created_at, :revoked_at, :daily, :weekly, :monthly,
             :tokens_daily, :tokens_monthly, :models)"""
-UPDATE_KEY_POLICY = """UPDATE keys SET priority = :priority, quota_cost_daily = :cost_daily,
-    quota_cost_weekly = :cost_weekly, quota_cost_monthly = :cost_monthly WHERE id = :id"""
+INSERT_KEY = f"""INSERT INTO keys (name, key_hash, prefix, created_at, revoked_at,
+    {", ".join(f.metadata["column"] for f in KEY_FIELDS)})
+    VALUES (:name, :key_hash, :prefix, :created_at, :revoked_at, {", ".join(":" + f.name for f in KEY_FIELDS)})"""
+UPDATE_KEY_POLICY = f"""UPDATE keys SET {", ".join(f'{f.metadata["column"]} = :{f.name}' for f in KEY_FIELDS)}
+    WHERE id = :id"""
 SELECT_KEYS = "SELECT * FROM keys ORDER BY id"
 SELECT_KEY_BY_ID = "SELECT * FROM keys WHERE id = ?"
 SELECT_KEY_BY_NAME = "SELECT * FROM keys WHERE name = ?"
 SELECT_KEY_BY_HASH = "SELECT * FROM keys WHERE key_hash = ?"
 REVOKE_KEY = "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
-UPDATE_QUOTA = """UPDATE keys SET quota_daily = :daily, quota_weekly = :weekly, quota_monthly = :monthly,
-    quota_tokens_daily = :tokens_daily, quota_tokens_monthly = :tokens_monthly, models = :models
-    WHERE id = :id"""
 COUNTED = "status IN ('ok', 'partial', 'pending')"  # a pending row holds its request's estimate until it ends
 COUNT_WINDOW_USAGE = f"""SELECT
     COALESCE(SUM(created_at >= :day AND {COUNTED}), 0) AS day,
@@ -735,26 +881,38 @@ class ApiKey:
     prefix: str
     created_at: int
     revoked_at: Optional[int]
-    quota: Dict[str, Any]  # QUOTA_FIELDS, and its "priority"
-    models: Optional[Tuple[str, ...]]
+    policy: KeyPolicy
 
     @classmethod
     def from_row(cls, row: Any) -> "ApiKey":
-        models = json.loads(row["models"]) if row["models"] else None
-        quota = {f: row["quota_" + f] for f in QUOTA_FIELDS}
-        quota["priority"] = row["priority"]
         return cls(row["id"], row["name"], row["prefix"], row["created_at"], row["revoked_at"],
-                   quota, tuple(models) if models is not None else None)
+                   KeyPolicy.from_row(row))
 
     @property
     def priority(self) -> str:
-        return self.quota.get("priority") or "normal"
+        return self.policy.priority
 
-    def public(self) -> Dict[str, Any]:
-        """The key as admin routes show it: never the secret."""
-        return {"id": self.id, "name": self.name, "prefix": self.prefix, "created_at": self.created_at,
-                "revoked_at": self.revoked_at, "quota": dict(self.quota), "priority": self.priority,
-                "models": list(self.models) if self.models is not None else None}
+    @property
+    def models(self) -> Optional[Tuple[str, ...]]:
+        return self.policy.models
+
+    def status(self, now_s: float) -> str:
+        """"active", or why the key opens OCP no more ("revoked")."""
+        return "revoked" if self.revoked_at is not None else "active"
+
+    def usable(self, now_s: float) -> bool:
+        """Whether the key opens OCP at `now_s`: the one test of every place that admits a key
+        (its secret, a dashboard session) or counts the live ones."""
+        return self.status(now_s) == "active"
+
+    def public(self, now_s: float) -> Dict[str, Any]:
+        """The key as admin routes show it: never the secret. Its quotas (and, as always, its
+        priority) under "quota"; every other policy field beside them."""
+        policy = self.policy.as_json()
+        return dict({"id": self.id, "name": self.name, "prefix": self.prefix, "created_at": self.created_at,
+                     "revoked_at": self.revoked_at, "status": self.status(now_s),
+                     "quota": {name: policy[name] for name in QUOTA_FIELDS + ("priority",)}},
+                    **{name: value for name, value in policy.items() if name not in QUOTA_FIELDS})
 
 
 class QuotaExceeded(Exception):
@@ -857,8 +1015,18 @@ class Store:
             with self.transaction():
                 step(self)
                 self._execute(f"PRAGMA user_version = {int(number)}")
+        with self.transaction():
+            self.add_key_columns()
         if self.legacy_imported:
             self.scrub_free_pages()
+
+    def add_key_columns(self) -> None:
+        """A KeyPolicy field newer than the numbered migrations gets its column (its kind's SQL type,
+        NULL or its default for the keys already there): a new per-key field needs no migration."""
+        have = {row["name"] for row in self._execute("PRAGMA table_info(keys)")}
+        for field in KEY_FIELDS:
+            if field.metadata["column"] not in have:
+                self._execute(f"ALTER TABLE keys ADD COLUMN {field.metadata['column']} {field.metadata['kind'].sql}")
 
     def create_schema_2(self) -> None:
         for statement in MIGRATION_2:
@@ -891,7 +1059,7 @@ class Store:
             old = dict(row)  # older releases lack some columns (quotas, revoked)
             name = unique_name(str(old.get("name") or "key"), taken)
             created = sqlite_time(old.get("created_at"))
-            self._execute(INSERT_KEY, {
+            self._execute(INSERT_LEGACY_KEY, {
                 "name": name, "key_hash": hash_key(old["key"]), "prefix": old["key"][:KEY_PREFIX_CHARS],
                 "created_at": created, "revoked_at": created if old.get("revoked") else None,
                 "daily": old.get("quota_daily"), "weekly": old.get("quota_weekly"),
@@ -920,19 +1088,13 @@ class Store:
 
     # -- keys ------------------------------------------------------------------
 
-    def add_key(self, name: str, quota: Dict[str, Optional[int]], models: Optional[List[str]],
-                now_s: float) -> Tuple[ApiKey, str]:
+    def add_key(self, name: str, policy: KeyPolicy, now_s: float) -> Tuple[ApiKey, str]:
         """Create a key; return it and its secret, which is shown once and never stored."""
         secret = new_key_secret()
         try:
             with self.transaction():
-                self._execute(INSERT_KEY, dict(
-                    {f: quota.get(f) for f in QUOTA_FIELDS}, name=name, key_hash=hash_key(secret),
-                    prefix=secret[:KEY_PREFIX_CHARS], created_at=int(now_s), revoked_at=None,
-                    models=json.dumps(models) if models is not None else None))
-                row_id = self._execute("SELECT last_insert_rowid()")[0][0]
-                self._execute(UPDATE_KEY_POLICY, dict({f: quota.get(f) for f in QUOTA_FIELDS}, id=row_id,
-                                                      priority=quota.get("priority") or "normal"))
+                self._execute(INSERT_KEY, dict(policy.columns(), name=name, key_hash=hash_key(secret),
+                                               prefix=secret[:KEY_PREFIX_CHARS], created_at=int(now_s), revoked_at=None))
                 row = self._execute(SELECT_KEY_BY_NAME, (name,))[0]
         except sqlite3.IntegrityError:
             raise ApiError(409, f"A key named {name!r} already exists.", code="key_exists", param="name")
@@ -950,26 +1112,23 @@ class Store:
             raise ApiError(404, f"No key named {ref[:64]!r}.", code="key_not_found")
         return ApiKey.from_row(rows[0])
 
-    def key_by_secret(self, secret: str) -> Optional[ApiKey]:
-        """Return the live key for a presented secret (constant-time compare of the hash)."""
+    def key_by_secret(self, secret: str, now_s: float) -> Optional[ApiKey]:
+        """Return the usable key for a presented secret (constant-time compare of the hash)."""
         digest = hash_key(secret)
         rows = self._execute(SELECT_KEY_BY_HASH, (digest,))
-        if not rows or not hmac.compare_digest(rows[0]["key_hash"], digest) or rows[0]["revoked_at"]:
+        if not rows or not hmac.compare_digest(rows[0]["key_hash"], digest):
             return None
-        return ApiKey.from_row(rows[0])
+        key = ApiKey.from_row(rows[0])
+        return key if key.usable(now_s) else None
 
     def revoke_key(self, key: ApiKey, now_s: float) -> bool:
         with self.transaction():
             self._execute(REVOKE_KEY, (int(now_s), key.id))
             return self._execute("SELECT changes()")[0][0] > 0
 
-    def set_quota(self, key: ApiKey, quota: Dict[str, Optional[int]],
-                  models: Optional[Tuple[str, ...]]) -> ApiKey:
+    def set_policy(self, key: ApiKey, policy: KeyPolicy) -> ApiKey:
         with self.transaction():
-            fields = {f: quota.get(f) for f in QUOTA_FIELDS}
-            self._execute(UPDATE_QUOTA, dict(fields, id=key.id,
-                                             models=json.dumps(list(models)) if models is not None else None))
-            self._execute(UPDATE_KEY_POLICY, dict(fields, id=key.id, priority=quota.get("priority") or "normal"))
+            self._execute(UPDATE_KEY_POLICY, dict(policy.columns(), id=key.id))
             return ApiKey.from_row(self._execute(SELECT_KEY_BY_ID, (key.id,))[0])
 
     # -- usage -----------------------------------------------------------------
@@ -994,7 +1153,7 @@ class Store:
         """
         with self.transaction():
             counts = self.window_counts(key, bounds) if key else {}
-            metered = key is not None and any(key.quota.get(f) is not None for f, _, _, unit in QUOTA_PERIODS
+            metered = key is not None and any(getattr(key.policy, f) is not None for f, _, _, unit in QUOTA_PERIODS
                                               if unit != "requests")
             estimate = self.estimate(key, floor_tokens) if metered else {"tokens": 0, "USD": 0.0}
             breach = quota_breach(key, counts, bounds, estimate) if key else None
@@ -1154,10 +1313,6 @@ def tighten(path: str, mode: int) -> None:
 ###############################################################################
 
 PERIOD_WORDS = {"day": "today", "week": "this week", "month": "this month"}
-QUOTA_PERIODS = (("daily", "day", "day", "requests"), ("weekly", "week", "week", "requests"),
-                 ("monthly", "month", "month", "requests"), ("tokens_daily", "day", "tokens_day", "tokens"),
-                 ("tokens_monthly", "month", "tokens_month", "tokens"), ("cost_daily", "day", "cost_day", "USD"),
-                 ("cost_weekly", "week", "cost_week", "USD"), ("cost_monthly", "month", "cost_month", "USD"))
 
 
 RESERVED_KEY_NAMES = ("admin", "anonymous", "shared", "local", "public")  # the built-in callers' names
@@ -1216,7 +1371,7 @@ def quota_breach(key: ApiKey, counts: Dict[str, Any], bounds: Dict[str, Tuple[in
     window used, pending requests' estimates included; `estimate` ({"tokens", "USD"}) is the
     next request's own, which must fit too (a request counts 1 of a request quota)."""
     for field, period, counter, unit in QUOTA_PERIODS:
-        limit = key.quota.get(field)
+        limit = getattr(key.policy, field)
         used = counts.get(counter, 0)
         need = 1 if unit == "requests" else (estimate or {}).get(unit, 0)
         if limit is not None and (used >= limit if unit == "requests" else used + need > limit):
@@ -1264,7 +1419,7 @@ def ratelimit_headers(key: Optional[ApiKey], counts: Dict[str, Any],
         return {}
     tightest: Dict[str, Tuple[Any, Any, int]] = {}
     for field, period, counter, unit in QUOTA_PERIODS:
-        limit = key.quota.get(field)
+        limit = getattr(key.policy, field)
         if limit is not None:
             remaining = max(0, limit - counts.get(counter, 0))
             if unit not in tightest or remaining < tightest[unit][1]:
@@ -1291,29 +1446,7 @@ def same_secret(given: str, expected: str) -> bool:
     return bool(given and expected) and hmac.compare_digest(given.encode(), expected.encode())
 
 
-def identify(given: str, config: Config, admin_key: str, store: Optional["Store"]) -> Optional[Caller]:
-    """Return who a presented key belongs to, or None for no or an unknown key."""
-    if not given:
-        return None
-    if same_secret(given, admin_key):
-        return Caller("admin", admin=True)
-    if config.auth_mode == "shared" and same_secret(given, config.api_key):
-        return Caller("shared")
-    if config.auth_mode == "multi" and same_secret(given, config.anonymous_key):
-        return Caller("anonymous")
-    key = store.key_by_secret(given) if store else None
-    return Caller(key.name, key) if key else None
-
-
-def authenticate(given: str, config: Config, admin_key: str, store: Optional["Store"]) -> Caller:
-    """Return the caller for this mode; 401 when the mode needs a key and this one is not good."""
-    caller = identify(given, config, admin_key, store)
-    if caller is not None:
-        return caller
-    if config.auth_mode == "none":
-        return Caller("local")  # no key needed; a stale one on an open proxy is not worth refusing
-    raise ApiError(401, "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                   "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+UNKNOWN_KEY = "Invalid or missing API key. Send it as 'Authorization: Bearer <key>'."
 
 
 SESSION_COOKIE = "ocp_session"
@@ -1349,7 +1482,7 @@ class DashboardSessions:
             key = store.find_key(str(entry[0]))
         except ApiError:
             return None
-        return None if key.revoked_at else Caller(key.name, key)
+        return Caller(key.name, key) if key.usable(now_s) else None
 
     def drop(self, token: str) -> None:
         with self._lock:
@@ -1427,46 +1560,16 @@ def check_key_name(name: Any) -> str:
     return name.strip()
 
 
-def parse_quota(body: Mapping[str, Any], quota: Mapping[str, Optional[int]],
-                models: Optional[Tuple[str, ...]], registry: Models) -> Tuple[Dict[str, Optional[int]], Optional[List[str]]]:
-    """Return (quota, models) with the body's changes applied; null clears a limit."""
-    quota = dict(quota)
-    for field in QUOTA_FIELDS:
-        if field in body:
-            value = body[field]
-            kinds = (int, float) if field.startswith("cost_") else (int,)
-            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
-                                      or not 0 <= value <= 10 ** 12):
-                raise bad_request(f"'{field}' must be null (unlimited) or a "
-                                  f"{'number (USD)' if field.startswith('cost_') else 'whole number'} >= 0", field)
-            quota[field] = value
-    if "priority" in body:
-        if body["priority"] not in PRIORITIES:
-            raise bad_request(f"'priority' must be one of {', '.join(PRIORITIES)}", "priority")
-        quota["priority"] = body["priority"]
-    chosen = list(models) if models is not None else None
-    if "models" in body:
-        value = body["models"]
-        if value is not None and (not isinstance(value, list) or not all(isinstance(m, str) for m in value)):
-            raise bad_request("'models' must be null (all models) or a list of model ids", "models")
-        chosen = None if value is None else sorted({registry.resolve(m).id for m in value})
-    unknown = set(body) - set(QUOTA_FIELDS) - {"models", "name", "priority"}
-    if unknown:
-        raise bad_request(f"Unknown field(s): {', '.join(sorted(unknown))[:200]}", sorted(unknown)[0],
-                          "unknown_field")
-    return quota, chosen
-
-
 def quota_report(store: Store, key: ApiKey, now_s: float, tz: Optional[datetime.tzinfo]) -> Dict[str, Any]:
     """A key's quotas with what each window has used and when it resets."""
     bounds = period_bounds(now_s, tz)
     counts = store.window_counts(key, bounds)
     windows = []
     for field, period, counter, unit in QUOTA_PERIODS:
-        windows.append({"quota": field, "period": period, "unit": unit, "limit": key.quota.get(field),
+        windows.append({"quota": field, "period": period, "unit": unit, "limit": getattr(key.policy, field),
                         "used": counts[counter], "resets_at": bounds[period][1],
                         "resets_in": format_wait(bounds[period][1] - now_s)})
-    return dict(key.public(), windows=windows)
+    return dict(key.public(now_s), windows=windows)
 
 
 def parse_time(value: str, name: str) -> int:
@@ -6128,7 +6231,7 @@ def handle_model(h: Handler, name: str) -> None:
 
 
 def handle_keys_list(h: Handler) -> None:
-    h.send_json(200, {"object": "list", "data": [k.public() for k in h.server.store.keys()]})
+    h.send_json(200, {"object": "list", "data": [k.public(h.server.wall()) for k in h.server.store.keys()]})
 
 
 def handle_keys_add(h: Handler) -> None:
@@ -6136,17 +6239,17 @@ def handle_keys_add(h: Handler) -> None:
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object with a 'name'", None, "invalid_json")
     name = check_key_name(body.get("name"))
-    quota, models = parse_quota(body, {f: None for f in QUOTA_FIELDS}, None, h.server.models)
-    key, secret = h.server.store.add_key(name, quota, models, h.server.wall())
-    h.audit("key.add", name, json.dumps({"quota": quota, "models": models}))
-    h.send_json(201, dict(key.public(), key=secret))
+    policy = KeyPolicy().updated(body, h.server.models)
+    key, secret = h.server.store.add_key(name, policy, h.server.wall())
+    h.audit("key.add", name, json.dumps(policy.as_json()))
+    h.send_json(201, dict(key.public(h.server.wall()), key=secret))
 
 
 def handle_key_revoke(h: Handler, ref: str) -> None:
     key = h.server.store.find_key(ref)
     revoked = h.server.store.revoke_key(key, h.server.wall())
     h.audit("key.revoke", key.name, "")
-    h.send_json(200, dict(h.server.store.find_key(str(key.id)).public(), revoked=revoked))
+    h.send_json(200, dict(h.server.store.find_key(str(key.id)).public(h.server.wall()), revoked=revoked))
 
 
 def handle_quota_get(h: Handler, ref: str) -> None:
@@ -6159,8 +6262,7 @@ def handle_quota_set(h: Handler, ref: str) -> None:
     body = h.read_json()
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object of quota fields", None, "invalid_json")
-    quota, models = parse_quota(body, key.quota, key.models, h.server.models)
-    key = h.server.store.set_quota(key, quota, models)
+    key = h.server.store.set_policy(key, key.policy.updated(body, h.server.models))
     h.audit("key.quota", key.name, json.dumps(body, sort_keys=True))
     h.send_json(200, quota_report(h.server.store, key, h.server.wall(), h.server.config.tzinfo))
 
@@ -6272,7 +6374,7 @@ def handle_dashboard_login(h: Handler) -> None:
                        "rate_limit_error", "too_many_logins", headers={"Retry-After": str(wait)})
     body = h.read_json()
     given = body.get("key") if isinstance(body, dict) else None
-    caller = identify(given, server.config, server.admin_key, server.store) if isinstance(given, str) else None
+    caller = server.identify(given) if isinstance(given, str) else None
     if caller is None or not (caller.admin or caller.key):
         server.logins.failed(address, server.wall())
         h.audit("dashboard.login_failed", "-", "")
@@ -6856,18 +6958,16 @@ class Server(ThreadingHTTPServer):
     def apply_settings(self, changes: Mapping[str, Any]) -> Dict[str, Any]:
         """Validate runtime settings, take them now, persist them; 400 naming the problem."""
         try:
-            fields = {TUNABLE[name]: check_tunable(name, value) for name, value in changes.items()}
+            values = {name: check_tunable(name, value) for name, value in changes.items()}
         except ConfigError as e:
             raise bad_request(str(e), None, "invalid_setting")
-        except KeyError as e:
-            raise bad_request(f"unknown setting {e}; known: {', '.join(TUNABLE)}", None, "invalid_setting")
+        fields = {RUNTIME_SETTINGS[name].field: value for name, value in values.items()}
         with self._settings_lock:
             sources = dict(self.config.sources, **{field: "settings.json" for field in fields})
             self.config = dataclasses.replace(self.config, sources=types.MappingProxyType(sources), **fields)
             self.runner.apply(self.config)
-            write_settings_file(self.config.settings_path, {n: v for n, v in changes.items()})
-        overridden = [SETTING_BY_FIELD[TUNABLE[n]][1] for n in changes
-                      if self.config.environ.get(SETTING_BY_FIELD[TUNABLE[n]][1])]
+            write_settings_file(self.config.settings_path, values)
+        overridden = [RUNTIME_SETTINGS[n].env for n in changes if self.config.environ.get(RUNTIME_SETTINGS[n].env)]
         log.info("settings changed", extra={"changes": dict(changes)})
         return {"settings": settings_view(self.config), "overridden_at_start_by": overridden}
 
@@ -6929,6 +7029,35 @@ class Server(ThreadingHTTPServer):
                 ("ocp_connections_closed_total", "counter", "Connections closed to make room (shed) or refused "
                  "for want of it.", {"why": why}, connections[why]) for why in ("shed", "refused")]
 
+    def identify(self, given: str) -> Optional[Caller]:
+        """Who a presented key belongs to, or None for no key, an unknown one or one not usable now."""
+        if not given:
+            return None
+        if same_secret(given, self.admin_key):
+            return Caller("admin", admin=True)
+        if self.config.auth_mode == "shared" and same_secret(given, self.config.api_key):
+            return Caller("shared")
+        if self.config.auth_mode == "multi" and same_secret(given, self.config.anonymous_key):
+            return Caller("anonymous")
+        key = self.store.key_by_secret(given, self.wall())
+        return Caller(key.name, key) if key else None
+
+    def authenticate(self, headers: Mapping[str, str], access: str) -> Caller:
+        """The one way in: who sent a request — its key, else its dashboard session — for a route
+        of `access`. A public route admits anyone; in auth mode none anyone is the owner ("local":
+        a stale key on an open proxy is not worth refusing); otherwise no good key is a 401."""
+        given = presented_key(headers)
+        token = "" if given else cookie_value(headers.get("Cookie", ""), SESSION_COOKIE)
+        caller = self.sessions.resolve(token, self.store, self.wall()) if token else self.identify(given)
+        if caller is not None:
+            return caller
+        if access == PUBLIC:
+            return Caller("public")
+        if self.config.auth_mode == "none":
+            return Caller("local")
+        raise ApiError(401, UNKNOWN_KEY, "invalid_request_error", "invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
     def record_outcome(self, status: str, error: Optional[ApiError]) -> None:
         """Real requests are the health evidence: no probe ever spends the plan."""
         with self._verdict_lock:
@@ -6967,14 +7096,13 @@ class Server(ThreadingHTTPServer):
         if self.config.advertise_anon_key and self.config.auth_mode == "multi" and self.config.anonymous_key:
             body["anonymousKey"] = self.config.anonymous_key
         if admin:
-            keys = self.store.keys()
+            keys, now = self.store.keys(), self.wall()
             body["detail"] = {
                 "claude": self.runner.claude, "claude_version": self.runner.version() or None,
                 "slots": dict(self.runner.slots.snapshot(), leaked=self.runner.slots.leaked()),
                 "running": self.runner.live(), "tools": self.parks.snapshot(),
                 "pool": self.runner.pool.snapshot(), "connections": self.connections.snapshot(),
-                "keys": {"active": sum(1 for k in keys if not k.revoked_at), "revoked":
-                         sum(1 for k in keys if k.revoked_at)},
+                "keys": dict({"active": 0, "revoked": 0}, **collections.Counter(k.status(now) for k in keys)),
                 "plan": plan_report(self.plan, self.wall()), "timezone": self.config.timezone or "local",
                 "recent_errors": list(self.recent_errors),
                 "uptime_s": int(self.wall() - self.started_at)}
@@ -7200,18 +7328,9 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = dispatch
 
     def authenticate(self, access: str) -> Caller:
-        """Return the caller; 401 when this mode needs a key and the request has no good one."""
-        server = self.server
-        given = presented_key(self.headers)
-        token = cookie_value(self.headers.get("Cookie", ""), SESSION_COOKIE)
-        if not given and token:
-            caller = server.sessions.resolve(token, server.store, server.wall())
-            if caller is not None:
-                return caller
-        if access == PUBLIC:
-            return identify(given, server.config, server.admin_key, server.store) or Caller("public")
+        """Return the caller (Server.authenticate); a refused one's body is drained first."""
         try:
-            return authenticate(given, server.config, server.admin_key, server.store)
+            return self.server.authenticate(self.headers, access)
         except ApiError:
             self.discard_body()
             raise
@@ -7522,53 +7641,46 @@ def print_table(rows: List[Dict[str, Any]], columns: List[Tuple[str, str]]) -> N
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
-def key_row(key: ApiKey) -> Dict[str, Any]:
-    row = dict(key.public(), **{f: key.quota[f] for f in QUOTA_FIELDS})
-    row["status"] = "revoked" if key.revoked_at else "active"
+def key_row(key: ApiKey, now_s: float) -> Dict[str, Any]:
+    row = dict(key.public(now_s), **key.policy.as_json())
     row["created"] = time.strftime("%Y-%m-%d", time.localtime(key.created_at))
     row["models"] = ",".join(key.models) if key.models is not None else "all"
     return row
 
 
-KEY_COLUMNS = [("id", "ID"), ("name", "NAME"), ("prefix", "KEY"), ("status", "STATUS"),
-               ("created", "CREATED"), ("priority", "PRIORITY"), ("daily", "DAY"), ("weekly", "WEEK"),
-               ("monthly", "MONTH"), ("tokens_daily", "TOKENS/DAY"), ("tokens_monthly", "TOKENS/MONTH"),
-               ("cost_daily", "USD/DAY"), ("models", "MODELS")]
+KEY_COLUMNS = [("id", "ID"), ("name", "NAME"), ("prefix", "KEY"), ("status", "STATUS"), ("created", "CREATED")] + [
+    (f.name, f.metadata["heading"]) for f in KEY_FIELDS if f.metadata["heading"]]
 
 
 def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
-    keys = open_store(config).keys()
+    keys, now = open_store(config).keys(), time.time()
     if args.json:
-        print(json.dumps([k.public() for k in keys], indent=2))
+        print(json.dumps([k.public(now) for k in keys], indent=2))
     elif not keys:
         print(f"No keys yet. Create one with: {self_command(config)} keys add NAME")
     else:
-        print_table([key_row(k) for k in keys], KEY_COLUMNS)
+        print_table([key_row(k, now) for k in keys], KEY_COLUMNS)
     return 0
 
 
-def quota_changes(args: argparse.Namespace) -> Dict[str, Any]:
-    """The quota fields the command line set (absent ones are left alone)."""
-    changes = {f: getattr(args, f) for f in QUOTA_FIELDS + ("priority",) if hasattr(args, f)}
-    if hasattr(args, "models"):
-        changes["models"] = None if args.models in ("all", "") else args.models.split(",")
-    return changes
+def policy_changes(args: argparse.Namespace) -> Dict[str, Any]:
+    """The per-key fields the command line set (absent ones are left alone), as the API's JSON."""
+    return {f.name: getattr(args, f.name) for f in KEY_FIELDS if hasattr(args, f.name)}
 
 
 def cmd_keys_add(args: argparse.Namespace, config: Config) -> int:
     store = open_store(config)
     name = check_key_name(args.name)
-    quota, models = parse_quota(quota_changes(args), {f: None for f in QUOTA_FIELDS}, None,
-                                Models.load(os.path.join(HERE, "models.json")))
-    key, secret = store.add_key(name, quota, models, time.time())
-    store.audit("cli", "key.add", name, json.dumps({"quota": quota, "models": models}), time.time())
+    policy = KeyPolicy().updated(policy_changes(args), Models.load(os.path.join(HERE, "models.json")))
+    key, secret = store.add_key(name, policy, time.time())
+    store.audit("cli", "key.add", name, json.dumps(policy.as_json()), time.time())
     if args.json:
-        print(json.dumps(dict(key.public(), key=secret), indent=2))
+        print(json.dumps(dict(key.public(time.time()), key=secret), indent=2))
         return 0
     print(f"Key created for {name!r}:\n\n    {secret}\n")
     print("Copy it now: OCP keeps only its hash and cannot show it again.")
-    limits = ", ".join(f"{f} {v}" for f, v in quota.items() if v is not None)
-    print(f"Quota: {limits or 'unlimited'}; models: {', '.join(models) if models else 'all'}")
+    limits = ", ".join(f"{f} {v}" for f, v in policy.as_json().items() if v is not None and f != "models")
+    print(f"Quota: {limits or 'unlimited'}; models: {', '.join(key.models) if key.models else 'all'}")
     return 0
 
 
@@ -7587,17 +7699,15 @@ def cmd_keys_revoke(args: argparse.Namespace, config: Config) -> int:
 def cmd_keys_quota(args: argparse.Namespace, config: Config) -> int:
     store = open_store(config)
     key = store.find_key(args.name)
-    changes = quota_changes(args)
+    changes = policy_changes(args)
     if changes:
-        quota, models = parse_quota(changes, key.quota, key.models,
-                                    Models.load(os.path.join(HERE, "models.json")))
-        key = store.set_quota(key, quota, models)
+        key = store.set_policy(key, key.policy.updated(changes, Models.load(os.path.join(HERE, "models.json"))))
         store.audit("cli", "key.quota", key.name, json.dumps(changes, sort_keys=True), time.time())
     report = quota_report(store, key, time.time(), config.tzinfo)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{key.name} ({key.prefix}…, {'revoked' if key.revoked_at else 'active'}); models: "
+    print(f"{key.name} ({key.prefix}…, {key.status(time.time())}); models: "
           f"{', '.join(key.models) if key.models is not None else 'all'}")
     for window in report["windows"]:
         window["resets"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(window["resets_at"])) + \
@@ -7762,7 +7872,7 @@ def cmd_settings(args: argparse.Namespace, config: Config) -> int:
         print("(OCP is not running: showing what it would start with)", file=sys.stderr)
     if args.name:
         if args.name not in view:
-            raise ApiError(400, f"unknown setting {args.name!r}; known: {', '.join(TUNABLE)}")
+            raise ApiError(400, f"unknown setting {args.name!r}; known: {', '.join(RUNTIME_SETTINGS)}")
         view = {args.name: view[args.name]}
     if args.json:
         print(json.dumps(view, indent=2))
@@ -8247,7 +8357,7 @@ def add_operation_commands(commands: Any) -> None:
     usage.add_argument("--json", action="store_true")
     usage.set_defaults(run=cmd_usage)
     settings = commands.add_parser("settings", help="show or change runtime settings (no restart)")
-    settings.add_argument("name", nargs="?", help="one of " + ", ".join(TUNABLE))
+    settings.add_argument("name", nargs="?", help="one of " + ", ".join(RUNTIME_SETTINGS))
     settings.add_argument("value", nargs="?", help="the new value")
     settings.add_argument("--json", action="store_true")
     settings.set_defaults(run=cmd_settings)
@@ -8289,21 +8399,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Run the OCP daemon. Each flag overrides its "
                                             "environment variable (shown in brackets).")
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    for field, env_name, flag, kind, bounds in SETTINGS:
-        default = defaults.get(field)
-        shown = "the machine's" if field == "timezone" else ("~/.ocp" if field == "home" else default)
-        text = f"{SETTING_HELP[field]} (default: {shown if shown not in ('', ()) else 'unset'}) [{env_name}]"
-        if kind == "bool" and flag.startswith("--no-"):  # --no-context / --with-context
-            group = serve.add_mutually_exclusive_group()
-            group.add_argument(flag, dest=field, action="store_const", const="true", help=text.replace("%", "%%"))
-            group.add_argument("--with-" + flag[5:], dest=field, action="store_const", const="false",
-                               help=f"the opposite of {flag}")
-        elif kind == "bool":
-            serve.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None,
-                               help=text.replace("%", "%%"))
-        else:
-            meta = "N" if kind == "int" else ("LIST" if kind == "list" else "VALUE")
-            serve.add_argument(flag, dest=field, metavar=meta, help=text.replace("%", "%%"))
+    for setting in SETTINGS:
+        if setting.kind != "secret":
+            add_setting_flag(serve, setting, defaults.get(setting.field))
     serve.set_defaults(run=cmd_serve)
     health = commands.add_parser("health", help="local detail: claude path and version, limits")
     health.add_argument("--json", action="store_true")
@@ -8317,26 +8415,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_setting_flag(serve: argparse.ArgumentParser, setting: Setting, default: Any) -> None:
+    """`serve`'s flag for a setting: its help, its default, its environment variable."""
+    field, flag = setting.field, setting.flag
+    shown = "the machine's" if field == "timezone" else ("~/.ocp" if field == "home" else default)
+    text = f"{setting.help} (default: {shown if shown not in ('', ()) else 'unset'}) [{setting.env}]"
+    text = text.replace("%", "%%")
+    if setting.kind == "bool" and flag.startswith("--no-"):  # --no-context / --with-context
+        group = serve.add_mutually_exclusive_group()
+        group.add_argument(flag, dest=field, action="store_const", const="true", help=text)
+        group.add_argument("--with-" + flag[5:], dest=field, action="store_const", const="false",
+                           help=f"the opposite of {flag}")
+    elif setting.kind == "bool":
+        serve.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=text)
+    else:
+        meta = {"int": "N", "float": "N", "list": "LIST"}.get(setting.kind, "VALUE")
+        serve.add_argument(flag, dest=field, metavar=meta, help=text)
+
+
 def positive_int(text: str) -> int:
     if not digits(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
-
-
-def quota_value(text: str) -> Optional[int]:
-    if text.lower() in ("none", "unlimited"):
-        return None
-    if not digits(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'none'")
-    return int(text)
-
-
-def cost_value(text: str) -> Optional[float]:
-    if text.lower() in ("none", "unlimited"):
-        return None
-    if not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,6})?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD (e.g. 2.50) or 'none'")
-    return float(text)
 
 
 def add_key_commands(commands: Any) -> None:
@@ -8356,15 +8456,11 @@ def add_key_commands(commands: Any) -> None:
     quota = verbs.add_parser("quota", help="show a key's quotas and usage, or change them")
     quota.add_argument("name")
     for parser, run in ((add, cmd_keys_add), (quota, cmd_keys_quota)):
-        for field in QUOTA_FIELDS:
-            cost = field.startswith("cost_")
-            parser.add_argument("--" + field.replace("_", "-"), dest=field, type=cost_value if cost else quota_value,
-                                default=argparse.SUPPRESS, metavar="USD" if cost else "N",
-                                help=f"{field.replace('_', ' ')} limit ('none' = unlimited)")
-        parser.add_argument("--priority", choices=PRIORITIES, default=argparse.SUPPRESS,
-                            help="who waits first when the plan runs low (OCP_RESERVE_5H/7D); default normal")
-        parser.add_argument("--models", default=argparse.SUPPRESS, metavar="A,B",
-                            help="allowed models ('all' = any)")
+        for field in KEY_FIELDS:
+            kind = field.metadata["kind"]
+            parser.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind.cli,
+                                default=argparse.SUPPRESS, metavar=kind.metavar, help=field.metadata["help"]
+                                + (" ('none' = unlimited)" if field.metadata["window"] else ""))
         parser.add_argument("--json", action="store_true")
         parser.set_defaults(run=run)
 
@@ -8397,7 +8493,7 @@ def main(argv: Optional[List[str]] = None, environ: Optional[Mapping[str, str]] 
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
-    flags = {f[0]: getattr(args, f[0], None) for f in SETTINGS}
+    flags = {s.field: getattr(args, s.field, None) for s in SETTINGS}
     try:
         config = load_config(os.environ if environ is None else environ, flags)
     except ConfigError as e:

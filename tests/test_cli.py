@@ -97,10 +97,10 @@ class CommandLine(TempHome):
                                     (["serve"], "1", True), (["serve"], "", False)):
             with self.subTest(argv=argv, env=env):  # a flag beats the environment, either way
                 args = parser.parse_args(argv)
-                flags = {f[0]: getattr(args, f[0], None) for f in ocp.SETTINGS}
+                flags = {s.field: getattr(args, s.field, None) for s in ocp.SETTINGS}
                 self.assertIs(ocp.load_config(self.environ(OCP_PLAN_ONLY=env), flags).plan_only, expected)
         args = parser.parse_args(["serve", "--with-context"])
-        flags = {f[0]: getattr(args, f[0], None) for f in ocp.SETTINGS}
+        flags = {s.field: getattr(args, s.field, None) for s in ocp.SETTINGS}
         self.assertFalse(ocp.load_config(self.environ(), flags).no_context)
 
     def test_a_second_daemon_on_the_same_home_touches_nothing(self):

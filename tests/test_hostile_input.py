@@ -119,7 +119,7 @@ class OneRequestOneResponse(ServerTest):
     SMUGGLED = b"GET /api/keys HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + ADMIN.encode() + b"\r\n\r\n"
 
     def test_no_route_answers_a_request_hidden_in_a_body(self):
-        key = self.server.store.add_key("victim", {}, None, time.time())[0]
+        key = self.server.store.add_key("victim", ocp.KeyPolicy(), time.time())[0]
         routes = [("GET", "/health"), ("GET", "/v1/models"), ("HEAD", "/api/hello"), ("GET", "/dashboard/me"),
                   ("GET", "/usage"), ("GET", "/sessions"), ("DELETE", f"/api/keys/{key.id}"),
                   ("DELETE", "/cache"), ("GET", "/metrics"), ("GET", "/nowhere"), ("PUT", "/health")]
@@ -468,7 +468,7 @@ class KeyedConnectionFlood(ServerTest):
     env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_MAX_CONNECTIONS": "10"}
 
     def test_a_members_idle_connections_make_room_for_the_owner(self):
-        member = self.server.store.add_key("member", {}, None, time.time())[1]
+        member = self.server.store.add_key("member", ocp.KeyPolicy(), time.time())[1]
         held = []
         for _ in range(10):
             conn = self.connection(timeout=5)

@@ -1,6 +1,7 @@
 """POST /v1/messages (Anthropic's Messages API, AGENTS-SPEC §3) on the turn layer, with the fake CLI."""
 
 import json
+import ocp
 
 from helpers import ServerTest, directive, named_events
 
@@ -113,7 +114,7 @@ class MessagesWithKeys(MessagesTest):
 
     def test_x_api_key_works_and_a_model_outside_the_allowlist_is_404(self):
         import time
-        _, secret = self.server.store.add_key("ann", {}, ["claude-haiku-5-5"], time.time())
+        _, secret = self.server.store.add_key("ann", ocp.KeyPolicy(models=("claude-haiku-5-5",)), time.time())
         status, _, body = self.messages({"messages": [{"role": "user", "content": "x"}]}, {"x-api-key": secret})
         self.assertEqual((status, body["error"]["type"]), (404, "not_found_error"))
         status, _, body = self.messages({"model": "claude-haiku-5-5", "messages": [{"role": "user", "content": "x"}]},

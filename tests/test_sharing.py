@@ -82,18 +82,18 @@ class KeyStore(TempHome):
         self.addCleanup(self.store.close)
 
     def test_secret_shown_once_and_stored_as_a_hash(self):
-        key, secret = self.store.add_key("laptop", {}, None, 1000)
+        key, secret = self.store.add_key("laptop", ocp.KeyPolicy(), 1000)
         self.assertRegex(secret, r"^ocp_[A-Za-z0-9_-]{32}$")
         self.assertEqual(key.prefix, secret[:8])
-        self.assertEqual(self.store.key_by_secret(secret).name, "laptop")
-        self.assertIsNone(self.store.key_by_secret(secret + "x"))
+        self.assertEqual(self.store.key_by_secret(secret, 1000).name, "laptop")
+        self.assertIsNone(self.store.key_by_secret(secret + "x", 1000))
         self.assertNotIn(secret.encode(), raw_database_bytes(self.ocp_home))
         self.assertNotIn(secret[8:].encode(), raw_database_bytes(self.ocp_home))
 
     def test_names_are_unique_and_keys_addressed_by_name_or_id(self):
-        key, _ = self.store.add_key("laptop", {}, None, 1000)
+        key, _ = self.store.add_key("laptop", ocp.KeyPolicy(), 1000)
         with self.assertRaises(ocp.ApiError) as caught:
-            self.store.add_key("laptop", {}, None, 1000)
+            self.store.add_key("laptop", ocp.KeyPolicy(), 1000)
         self.assertEqual(caught.exception.status, 409)
         self.assertEqual(self.store.find_key(str(key.id)).name, "laptop")
         self.assertEqual(self.store.find_key("laptop").id, key.id)
@@ -101,10 +101,10 @@ class KeyStore(TempHome):
             self.store.find_key("nobody")
 
     def test_revoked_keys_stop_working(self):
-        key, secret = self.store.add_key("phone", {}, None, 1000)
+        key, secret = self.store.add_key("phone", ocp.KeyPolicy(), 1000)
         self.assertTrue(self.store.revoke_key(key, 2000))
         self.assertFalse(self.store.revoke_key(key, 3000))
-        self.assertIsNone(self.store.key_by_secret(secret))
+        self.assertIsNone(self.store.key_by_secret(secret, 1000))
 
     def test_schema_version_and_file_modes(self):
         self.assertEqual(self.store._execute("PRAGMA user_version")[0][0], len(ocp.MIGRATIONS))
@@ -114,7 +114,7 @@ class KeyStore(TempHome):
         again.close()
 
     def test_reservations_count_and_release(self):
-        key, _ = self.store.add_key("kid", {"daily": 2}, None, 1000)
+        key, _ = self.store.add_key("kid", ocp.KeyPolicy(daily=2), 1000)
         bounds = ocp.period_bounds(5000, UTC)
         first, counts = self.store.reserve(key, key.name, "m", "r1", 5000, bounds)
         self.assertEqual(counts["day"], 1)
@@ -130,7 +130,7 @@ class KeyStore(TempHome):
             self.store.reserve(key, key.name, "m", "r6", 5000, bounds)
 
     def test_token_quota(self):
-        key, _ = self.store.add_key("kid", {"tokens_daily": 100}, None, 1000)
+        key, _ = self.store.add_key("kid", ocp.KeyPolicy(tokens_daily=100), 1000)
         bounds = ocp.period_bounds(5000, UTC)
         row, _ = self.store.reserve(key, key.name, "m", "r1", 5000, bounds)
         self.store.finish(row, "ok", 200, ocp.Usage(input=90, output=20))
@@ -139,7 +139,7 @@ class KeyStore(TempHome):
         self.assertEqual(caught.exception.breach["unit"], "tokens")
 
     def test_stale_reservations_are_released_at_start(self):
-        key, _ = self.store.add_key("kid", {"daily": 1}, None, 1000)
+        key, _ = self.store.add_key("kid", ocp.KeyPolicy(daily=1), 1000)
         bounds = ocp.period_bounds(5000, UTC)
         self.store.reserve(key, key.name, "m", "r1", 5000, bounds)
         self.store.cancel_stale()
@@ -188,7 +188,7 @@ class Retention(KeyStore):
     DAY = 86400
 
     def test_old_usage_is_folded_into_daily_totals_and_old_audit_rows_go(self):
-        key, _ = self.store.add_key("laptop", {}, None, 0)
+        key, _ = self.store.add_key("laptop", ocp.KeyPolicy(), 0)
         now = 1_800_000_000
         for age_days, status, tokens in ((500, "ok", 10), (500, "ok", 20), (450, "error", 0), (10, "ok", 5)):
             row, _ = self.store.reserve(key, key.name, "m", "r", now - age_days * self.DAY,
@@ -231,8 +231,8 @@ class AnOlderOriginalsDatabase(TempHome):
         db.close()
         store = ocp.Store(path)
         self.addCleanup(store.close)
-        key = store.key_by_secret("ocp_Older0release0key000000000000")
-        self.assertEqual((key.name, key.revoked_at, key.quota["daily"]), ("key-7", None, None))
+        key = store.key_by_secret("ocp_Older0release0key000000000000", 1000)
+        self.assertEqual((key.name, key.revoked_at, key.policy.daily), ("key-7", None, None))
 
 
 class TheNodeOriginalsDatabase(TempHome):
@@ -246,12 +246,12 @@ class TheNodeOriginalsDatabase(TempHome):
         store = ocp.Store(self.path)
         self.addCleanup(store.close)
         for secret, name, revoked, daily in LEGACY_KEYS:
-            key = store.key_by_secret(secret)
+            key = store.key_by_secret(secret, 1000)
             if revoked:
                 self.assertIsNone(key, "a revoked key stays revoked")
             else:
                 self.assertIsNotNone(key, f"{name} still authenticates")
-        self.assertEqual(store.key_by_secret(LEGACY_KEYS[0][0]).quota["daily"], 20)
+        self.assertEqual(store.key_by_secret(LEGACY_KEYS[0][0], 1000).policy.daily, 20)
         names = sorted(k.name for k in store.keys())
         self.assertEqual(names, ["old-phone", "son-ipad", "son-ipad-2", "wife-laptop"])
         by_key = {row["key_name"]: row for row in store.usage_by_key(0, int(time.time()) + 10)}
@@ -495,7 +495,7 @@ class SmallHolesFound(ServerTest):
         self.assertIn("built-in caller", err.getvalue())
 
     def test_an_older_key_named_like_the_guest_keeps_its_own_figures(self):
-        _, secret = self.server.store.add_key("anonymous", {}, None, time.time())  # made before names were reserved
+        _, secret = self.server.store.add_key("anonymous", ocp.KeyPolicy(), time.time())  # made before names were reserved
         self.assertEqual(self.ask(secret)[0], 200)
         self.assertEqual(self.ask(self.GUEST)[0], 200)
         self.assertEqual(self.ask(self.GUEST)[0], 200)

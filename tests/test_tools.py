@@ -257,8 +257,8 @@ class ToolOwners(ToolTest):
                             headers={"Authorization": f"Bearer {secret}"})
 
     def test_a_parked_cli_answers_only_its_own_key(self):
-        _, anna = self.server.store.add_key("anna", {}, None, time.time())
-        _, ben = self.server.store.add_key("ben", {}, None, time.time())
+        _, anna = self.server.store.add_key("anna", ocp.KeyPolicy(), time.time())
+        _, ben = self.server.store.add_key("ben", ocp.KeyPolicy(), time.time())
         messages = [{"role": "user", "content": "w " + directive(calls=[[call("get_weather", city="Oslo")]])}]
         _, _, body = self.keyed(anna, messages)
         message = body["choices"][0]["message"]
@@ -273,7 +273,7 @@ class ToolOwners(ToolTest):
         self.assertEqual(len(self.runs()), 2, "anna's follow-up continued her own CLI")
 
     def test_tool_requests_are_never_cached(self):
-        _, anna = self.server.store.add_key("anna", {}, None, time.time())
+        _, anna = self.server.store.add_key("anna", ocp.KeyPolicy(), time.time())
         messages = [{"role": "user", "content": "hi"}]
         for _ in range(2):
             status, headers, _ = self.keyed(anna, messages)
@@ -381,7 +381,7 @@ class SharedParks(ToolTest):
 
     def setUp(self):
         super().setUp()
-        self.keys = {name: self.server.store.add_key(name, {}, None, time.time())[1] for name in ("anna", "ben")}
+        self.keys = {name: self.server.store.add_key(name, ocp.KeyPolicy(), time.time())[1] for name in ("anna", "ben")}
         self.keys.update(owner=self.ADMIN, guest="ocp_guest_key_parks")
 
     def round_of(self, who, city):

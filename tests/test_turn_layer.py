@@ -303,7 +303,7 @@ class SafeByConstruction(ServerTest):
     env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN}
 
     def test_a_new_route_is_admin_only_unless_declared(self):
-        _, member = self.server.store.add_key("member", {}, None, time.time())
+        _, member = self.server.store.add_key("member", ocp.KeyPolicy(), time.time())
         answered = lambda h: h.send_json(200, {"ok": True})
         routes = {("GET", "/test/undeclared"): ocp.Route(answered),
                   ("GET", "/test/keyed"): ocp.Route(answered, ocp.KEYED),
@@ -317,7 +317,7 @@ class SafeByConstruction(ServerTest):
             self.assertEqual(status("/test/public"), 200)
 
     def test_every_admin_route_refuses_a_member_before_it_runs(self):
-        _, member = self.server.store.add_key("member", {}, None, time.time())
+        _, member = self.server.store.add_key("member", ocp.KeyPolicy(), time.time())
         for (method, pattern), route in ocp.ROUTES.items():
             if route.access != "admin":
                 continue

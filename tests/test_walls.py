@@ -26,7 +26,7 @@ class WallTest(ServerTest):
     env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN}
 
     def key(self, name="member", **quota):
-        return self.server.store.add_key(name, quota, None, time.time())[1]
+        return self.server.store.add_key(name, ocp.KeyPolicy(**quota), time.time())[1]
 
     def ask(self, secret, client, path="/v1/chat/completions", **body):
         body.setdefault("model", "sonnet")
@@ -118,7 +118,7 @@ class WallSetting(unittest.TestCase):
 
 class OtherWalls(WallTest):
     def test_a_model_the_key_may_not_use_stops_every_client(self):
-        secret = self.server.store.add_key("kid", {}, ["haiku"], time.time())[1]
+        secret = self.server.store.add_key("kid", ocp.KeyPolicy(models=("haiku",)), time.time())[1]
         self.assertEqual(self.ask(secret, "aider", model="opus")[0], 400, "litellm retries a 403")
         self.assertEqual(self.ask(secret, "openai-python", model="opus")[0], 403)
         status, _, body, _ = self.ask(secret, "claude-code", "/v1/messages", model="opus")
