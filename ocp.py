@@ -3980,7 +3980,7 @@ class Answer:
         self.reasoning: List[str] = []
         self.result: Optional[Dict[str, Any]] = None
         self.api_error: Optional[Dict[str, Any]] = None
-        self.rate_limits: List[Dict[str, Any]] = []
+        self.rate_limits: List[Dict[str, Any]] = []  # the plan as the CLI reported it (Turn.on_rate_limit)
         self.stop_reasons: List[str] = []
         self.stream_usage = {"input_tokens": 0, "output_tokens": 0,
                              "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
@@ -4005,10 +4005,6 @@ class Answer:
             return self._assistant(event)
         if kind == "result":
             self.result = event
-        elif kind == "rate_limit_event":
-            info = event.get("rate_limit_info")
-            if isinstance(info, dict):
-                self.rate_limits.append(info)
         return []
 
     def _stream_event(self, event: Dict[str, Any], message_id: str) -> List[Tuple[str, str]]:
@@ -4587,83 +4583,97 @@ class Histogram:
         self.total += seconds
         self.count += 1
 
+    def samples(self, name: str, labels: Dict[str, str]) -> List[str]:
+        lines = [sample(name + "_bucket", dict(labels, le=f"{bound:g}"), n)
+                 for bound, n in zip(LATENCY_BUCKETS_S, self.buckets)]
+        return lines + [sample(name + "_bucket", dict(labels, le="+Inf"), self.count),
+                        sample(name + "_sum", labels, round(self.total, 6)), sample(name + "_count", labels, self.count)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A metric family of /metrics, declared once: name, kind (counter | gauge | histogram), help,
+    label names. A family Metrics counts has no `read`; one read when /metrics is asked has
+    `read(view)` -> a number, or {label value (a tuple for several labels): number}."""
+
+    name: str
+    kind: str
+    help: str
+    labels: Tuple[str, ...] = ()
+    read: Optional[Callable[[Any], Any]] = None
+
+    def render(self, values: Any) -> List[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        if not isinstance(values, dict):
+            values = {(): values}
+        for key, value in sorted(values.items(), key=lambda item: item[0]):
+            labels = dict(zip(self.labels, key if isinstance(key, tuple) else (key,)))
+            lines += value.samples(self.name, labels) if self.kind == "histogram" else [sample(self.name, labels, value)]
+        return lines
+
+
+COUNTED = (  # what Metrics counts as it happens
+    Family("ocp_requests_total", "counter", "Chat completion requests by outcome.", ("status", "model", "key")),
+    Family("ocp_http_responses_total", "counter", "Every HTTP response by route and code.", ("route", "method", "code")),
+    Family("ocp_tokens_total", "counter", "Tokens of answered requests (prompt, cached prompt, completion).",
+           ("kind", "model", "key")),
+    Family("ocp_cli_events_total", "counter", "CLI events beside the answer, by name (CLI_EVENTS): retries, model "
+           "fallbacks, compactions, plan reports.", ("event",)),
+    Family("ocp_request_duration_seconds", "histogram", "Time to answer a chat completion.", ("model",)),
+    Family("ocp_ttft_seconds", "histogram", "Time to the first token.", ("model",)),
+)
+
 
 class Metrics:
     """Counters and latency histograms since start, for GET /metrics. Thread-safe."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.requests: Dict[Tuple[str, str, str], int] = collections.Counter()
-        self.responses: Dict[Tuple[str, str, str], int] = collections.Counter()  # (route, method, code)
-        self.tokens: Dict[Tuple[str, str, str], int] = collections.Counter()  # (kind, model, key)
-        self.duration: Dict[str, Histogram] = collections.defaultdict(Histogram)
-        self.ttft: Dict[str, Histogram] = collections.defaultdict(Histogram)
+        self.values: Dict[str, Dict[Tuple[str, ...], Any]] = {
+            f.name: collections.defaultdict(Histogram) if f.kind == "histogram" else collections.Counter()
+            for f in COUNTED}
+
+    def count(self, family: str, *labels: str, n: float = 1) -> None:
+        with self._lock:
+            self.values[family][labels] += n
+
+    def observe(self, family: str, seconds: float, *labels: str) -> None:
+        with self._lock:
+            self.values[family][labels].observe(seconds)
 
     def respond(self, route: str, method: str, code: int) -> None:
         """Every response, refusals included (401, 403, 429, 400 never reach a CLI)."""
-        with self._lock:
-            self.responses[(route, method, str(code))] += 1
+        self.count("ocp_http_responses_total", route, method, str(code))
 
     def count_tokens(self, model: str, key: str, usage: Optional[Usage]) -> None:
-        if not usage:
-            return
-        with self._lock:
-            for kind, n in (("prompt", usage.prompt - usage.cache_read), ("cached", usage.cache_read),
-                            ("completion", usage.output)):
-                if n:
-                    self.tokens[(kind, model, key)] += n
+        for kind, n in (("prompt", usage.prompt - usage.cache_read), ("cached", usage.cache_read),
+                        ("completion", usage.output)) if usage else ():
+            if n:
+                self.count("ocp_tokens_total", kind, model, key, n=n)
 
     def record(self, status: str, model: str, key: str, duration_s: float, ttft_s: Optional[float]) -> None:
-        with self._lock:
-            self.requests[(status, model, key)] += 1
-            if status in ("ok", "cached"):
-                self.duration[model].observe(duration_s)
-            if ttft_s is not None:
-                self.ttft[model].observe(ttft_s)
+        self.count("ocp_requests_total", status, model, key)
+        if status in ("ok", "cached"):
+            self.observe("ocp_request_duration_seconds", duration_s, model)
+        if ttft_s is not None:
+            self.observe("ocp_ttft_seconds", ttft_s, model)
 
     def counts_by_status(self) -> Dict[str, int]:
         with self._lock:
             totals: Dict[str, int] = collections.Counter()
-            for (status, _, _), n in self.requests.items():
+            for (status, _, _), n in self.values["ocp_requests_total"].items():
                 totals[status] += n
             return dict(totals)
 
-    def render(self, gauges: List[Tuple[str, str, str, Dict[str, str], float]]) -> str:
-        """Prometheus text exposition (0.0.4) of the counters, histograms and `gauges`."""
+    def render(self, read: Tuple[Family, ...] = (), view: Any = None) -> str:
+        """Prometheus text exposition (0.0.4): the counted families, then those `read` from `view`."""
         lines: List[str] = []
         with self._lock:
-            metric_header(lines, "ocp_requests_total", "counter", "Chat completion requests by outcome.")
-            for (status, model, key), n in sorted(self.requests.items()):
-                lines.append(sample("ocp_requests_total", {"status": status, "model": model, "key": key}, n))
-            metric_header(lines, "ocp_http_responses_total", "counter", "Every HTTP response by route and code.")
-            for (route, method, code), n in sorted(self.responses.items()):
-                lines.append(sample("ocp_http_responses_total", {"route": route, "method": method, "code": code}, n))
-            metric_header(lines, "ocp_tokens_total", "counter", "Tokens of answered requests (prompt, cached "
-                                                                "prompt, completion).")
-            for (kind, model, key), n in sorted(self.tokens.items()):
-                lines.append(sample("ocp_tokens_total", {"kind": kind, "model": model, "key": key}, n))
-            for name, help_text, table in (
-                    ("ocp_request_duration_seconds", "Time to answer a chat completion.", self.duration),
-                    ("ocp_ttft_seconds", "Time to the first token.", self.ttft)):
-                metric_header(lines, name, "histogram", help_text)
-                for model, histogram in sorted(table.items()):
-                    for bound, n in zip(LATENCY_BUCKETS_S, histogram.buckets):
-                        lines.append(sample(name + "_bucket", {"model": model, "le": f"{bound:g}"}, n))
-                    lines.append(sample(name + "_bucket", {"model": model, "le": "+Inf"}, histogram.count))
-                    lines.append(sample(name + "_sum", {"model": model}, round(histogram.total, 6)))
-                    lines.append(sample(name + "_count", {"model": model}, histogram.count))
-        seen = set()
-        for name, kind, help_text, labels, value in sorted(gauges, key=lambda g: g[0]):  # a family's lines together
-            if name not in seen:
-                metric_header(lines, name, kind, help_text)
-                seen.add(name)
-            lines.append(sample(name, labels, value))
+            for family in COUNTED:
+                lines += family.render(self.values[family.name])
+        for family in read:
+            lines += family.render(family.read(view))
         return "\n".join(lines) + "\n"
-
-
-def metric_header(lines: List[str], name: str, kind: str, help_text: str) -> None:
-    lines.append(f"# HELP {name} {help_text}")
-    lines.append(f"# TYPE {name} {kind}")
 
 
 def sample(name: str, labels: Dict[str, str], value: float) -> str:
@@ -4671,6 +4681,52 @@ def sample(name: str, labels: Dict[str, str], value: float) -> str:
         escaped = ",".join(f'{k}="{label_value(v)}"' for k, v in labels.items())
         return f"{name}{{{escaped}}} {value}"
     return f"{name} {value}"
+
+
+def by_window(windows: Dict[str, Any], field: str) -> Dict[str, Any]:
+    return {name: w[field] for name, w in windows.items() if w["utilization"] is not None}
+
+
+READ = (  # what /metrics reads from the daemon's parts when asked (the view: Server.metric_view)
+    Family("ocp_up", "gauge", "1 while the daemon answers.", (), lambda v: 1),
+    Family("ocp_build_info", "gauge", "The running version.", ("version",), lambda v: {__version__: 1}),
+    Family("ocp_in_flight", "gauge", "CLI processes running.", (), lambda v: v.slots["running"]),
+    Family("ocp_queued", "gauge", "Requests waiting for a CLI slot.", (), lambda v: v.slots["queued"]),
+    Family("ocp_slots", "gauge", "CLI processes allowed at once.", (), lambda v: v.slots["limit"]),
+    Family("ocp_plan_held", "gauge", "1 while the plan's usage limit holds requests.", (),
+           lambda v: int(v.plan["hold_until"] > v.now)),
+    Family("ocp_plan_utilization", "gauge", "Plan window utilization (1 = full).", ("window",),
+           lambda v: by_window(v.plan["windows"], "utilization")),
+    Family("ocp_plan_resets_at", "gauge", "When a plan window resets (epoch seconds).", ("window",),
+           lambda v: by_window(v.plan["windows"], "resets_at")),
+    Family("ocp_plan_share_percent", "gauge", "Estimated share of a plan window used by a key (percent of the "
+           "window; see the README).", ("window", "key"),
+           lambda v: {(name, e["key"]): e["share_pct"] for name, w in v.share["windows"].items() for e in w["keys"]}),
+    Family("ocp_tools_parked", "gauge", "CLIs parked on their clients' tool calls.", (),
+           lambda v: v.parks["parked_now"]),
+    Family("ocp_tool_rounds_total", "counter", "Client tool rounds: parked, resumed, fell back, expired, evicted, "
+           "exited while parked.", ("event",), lambda v: {k: n for k, n in v.parks.items() if k != "parked_now"}),
+    Family("ocp_pool_processes", "gauge", "Idle CLIs in the warm pool: warm, or holding a conversation.", ("state",),
+           lambda v: {"warm": v.pool["warm"], "conversation": v.pool["conversations"]}),
+    Family("ocp_pool_rss_bytes", "gauge", "Resident memory of the pool's idle CLIs.", (),
+           lambda v: int(v.pool["rss_mb"] * (1 << 20))),
+    Family("ocp_pool_budget_bytes", "gauge", "The pool's memory budget (0: the pool is off).", (),
+           lambda v: v.pool["budget_mb"] << 20),
+    Family("ocp_pool_hits_total", "counter", "Requests answered by a pooled CLI: warm, reset with /clear, or "
+           "holding the request's conversation.", ("kind",), lambda v: v.pool["hits"]),
+    Family("ocp_pool_misses_total", "counter", "Requests that found no pooled CLI and started one.", (),
+           lambda v: v.pool["misses"]),
+    Family("ocp_pool_spawns_total", "counter", "Warm CLIs started after a use of their configuration.", (),
+           lambda v: v.pool["spawned"]),
+    Family("ocp_pool_evictions_total", "counter", "Pooled CLIs ended: over the budget, idle past the TTL, exited, "
+           "cleared.", ("reason",), lambda v: v.pool["evictions"]),
+    Family("ocp_connections", "gauge", "Client connections open.", (), lambda v: v.connections["open"]),
+    Family("ocp_connections_max", "gauge", "Client connections allowed at once (OCP_MAX_CONNECTIONS).", (),
+           lambda v: v.connections["cap"]),
+    Family("ocp_connections_closed_total", "counter", "Connections closed to make room (shed) or refused for want "
+           "of it.", ("why",), lambda v: {why: v.connections[why] for why in ("shed", "refused")}),
+    Family("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.", ("event",), lambda v: v.flights),
+)
 
 
 def label_value(value: Any) -> str:
@@ -5088,6 +5144,21 @@ def conversation_followup(request: TurnRequest) -> Optional[Followup]:
     return Followup(conversation_tag(request, before, "".join(b["text"] for b in answer)), turns[start:], history)
 
 
+@dataclasses.dataclass(frozen=True)
+class TurnServices:
+    """What every Turn uses, built once by the Server (again only when a runtime setting changes
+    the config): the runner, the plan, the parked rounds, the metrics, the settings, the secret
+    that frames turns, the clock."""
+
+    runner: Runner
+    plan: PlanLimits
+    parks: Parks
+    metrics: Metrics
+    config: Config
+    secret: bytes
+    clock: Callable[[], float]
+
+
 class Turn:
     """One request answered by the CLI, as neutral events (`events()`).
 
@@ -5097,13 +5168,11 @@ class Turn:
     errors included. `cancel()` (the request side: its client left) ends the run.
     """
 
-    def __init__(self, request: TurnRequest, job: Job, runner: Runner, plan: PlanLimits,
-                 config: Config, secret: bytes, wall: Callable[[], float] = time.time,
-                 parks: Optional[Parks] = None, resume: Optional[Park] = None,
+    def __init__(self, request: TurnRequest, job: Job, services: TurnServices, resume: Optional[Park] = None,
                  followup: Optional[Followup] = None):
-        self.request, self.job, self.runner, self.plan = request, job, runner, plan
-        self.config, self.secret, self.wall = config, secret, wall
-        self.parks, self.resume = parks, resume  # client tools: where rounds park, the one this continues
+        self.request, self.job, self.services = request, job, services
+        self.config = services.config  # (the settings in force when the request came)
+        self.resume = resume  # client tools: the parked round this request continues
         self.followup = followup  # a pooled CLI holds the conversation: `job` has only the new turns
         self.history = followup.history if followup else ""  # (computed once per request)
         self.bridge = resume.bridge if resume else (ToolBridge(job.tools) if job.tools else None)
@@ -5215,7 +5284,7 @@ class Turn:
             {"role": "user", "content": [{"type": "text", "text": f"That reply was not accepted: {problem}. "
                                           "Reply again with only the corrected JSON."}]})
         system, blocks = messages_to_input(dataclasses.replace(self.request, turns=turns), self.config,
-                                           self.secret)
+                                           self.services.secret)
         return dataclasses.replace(self.job, system_prompt=system, blocks=blocks)
 
     def _run(self, job: Job, scanner: StopScanner, collected: List[str], forward: bool) -> Iterator[Tuple[str, Any]]:
@@ -5230,7 +5299,7 @@ class Turn:
         answer = Answer(self.bridge.client_names if self.bridge else None)
         self.answers.append(answer)
         ending = "kill"
-        lease = self._lease = resume.lease if resume else self.runner.lease(
+        lease = self._lease = resume.lease if resume else self.services.runner.lease(
             job, lambda: self.cancelled, self.bridge, held)
         try:
             blocks = yield from self._start(lease, job, resume)
@@ -5258,14 +5327,14 @@ class Turn:
         """For a follow-up's first run: the pooled CLI holding its conversation, or — when it went
         meanwhile (evicted, expired, another request took it) — no CLI and the whole history."""
         followup, self.followup = self.followup, None
-        held = self.runner.pool.claim(followup.conversation, self.request.owner) if followup else None
+        held = self.services.runner.pool.claim(followup.conversation, self.request.owner) if followup else None
         if held is not None and held.proc.popen.poll() is not None:
             held.kill()
             held = None
         if followup is None or held is not None:
             return held, job
         fetch = fetch_image if self.config.allow_image_urls else None
-        system, blocks = messages_to_input(self.request, self.config, self.secret, fetch)
+        system, blocks = messages_to_input(self.request, self.config, self.services.secret, fetch)
         check_prompt_budget(prompt_chars(system, blocks), self.request, self.config)
         self.job = dataclasses.replace(job, system_prompt=system, blocks=blocks)
         return None, self.job
@@ -5275,7 +5344,7 @@ class Turn:
         on there (structured output is rewritten, legacy calls carry no ids, a cut answer)."""
         request = self.request
         if (request.response_format != "text" or request.legacy_functions or answer.finish() != "end_turn"
-                or not self.runner.pool.enabled()):
+                or not self.services.runner.pool.enabled()):
             return ""
         history = self.history or history_digests(request.turns, 0)[1]
         return conversation_tag(request, history, answer.text)
@@ -5303,39 +5372,83 @@ class Turn:
         self._lease = None  # the run is over: a hang-up seen from now on must not reach a parked CLI
         if ending == "release":
             lease.keep(self.conversation_after(answer))
-        elif ending == "kill" or self.parks is None or self.request.legacy_functions:
+        elif ending == "kill" or self.request.legacy_functions:
             lease.kill()  # (legacy function calls carry no ids to continue a CLI by)
         else:
             delivered = [c["id"] for c in self.delivered_calls(answer)]
-            request, pool = self.request, self.runner.pool
-            self.parks.put(Park(request.owner, self.job.priority, lease, self.bridge, tuple(delivered),
+            request, pool = self.request, self.services.runner.pool
+            self.services.parks.put(Park(request.owner, self.job.priority, lease, self.bridge, tuple(delivered),
                                 tuple(c["id"] for c in answer.tool_calls if c["id"] not in delivered),
                                 canonical_hash(list(request.turns)), tool_shape(request),
-                                self.parks.clock() + self.config.tool_park_ttl_ms / 1000),
+                                self.services.parks.clock() + self.config.tool_park_ttl_ms / 1000),
                            *park_limits(self.config), pool.budget_mb())
             pool.fit()  # parked CLIs come first in the kept CLIs' budget: pooled ones make room
 
     def _feed(self, answer: Answer, event: Any) -> List[Tuple[str, Any]]:
         if event is HEARTBEAT:
             return [(PING, None)]
-        if self.bridge and event.get("type") == "system" and event.get("subtype") == "init":
-            check_tool_server(event)
-        if event.get("type") == "rate_limit_event" and self.plan.observe(event.get("rate_limit_info") or {}):
-            self.overage = True
-            log.warning("%s was paid from the subscription's extra usage", self.job.request_id)
-            return [(PLAN, {"overage": True})]
+        side = CLI_EVENTS.get((event.get("type"), event.get("subtype")))
+        if side is not None:
+            return self._side_event(side, answer, event)
         deltas = answer.feed(event)
         if deltas and self.ttft_ms is None:
             self.ttft_ms = int((time.monotonic() - self.started) * 1000)
         kinds = {"content": TEXT, "reasoning": REASONING, "tool_call": TOOL_CALL, "tool_args": TOOL_ARGS}
         return [(kinds[kind], value) for kind, value in deltas]
 
+    def _side_event(self, side: CliEvent, answer: Answer, event: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        """A CLI event beside the answer (CLI_EVENTS): counted, logged with its fields, acted on."""
+        self.services.metrics.count("ocp_cli_events_total", side.name)
+        fields = {name: event.get(name) for name in side.fields}
+        log.log(side.level, "%s CLI %s %s", self.job.request_id, side.name, json.dumps(fields)[:300],
+                extra={"request_id": self.job.request_id, "cli_event": side.name})
+        return side.act(self, answer, event) if side.act else []
+
+    def on_init(self, answer: Answer, event: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        if self.bridge:
+            check_tool_server(event)
+        return []
+
+    def on_rate_limit(self, answer: Answer, event: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        """The plan's state as the CLI saw it: kept for a plan-limit error's reset, and told to the
+        plan; a request paid from extra usage says so (PLAN)."""
+        info = event.get("rate_limit_info")
+        if not isinstance(info, dict):
+            return []
+        answer.rate_limits.append(info)
+        if not self.services.plan.observe(info):
+            return []
+        self.overage = True
+        log.warning("%s was paid from the subscription's extra usage", self.job.request_id)
+        return [(PLAN, {"overage": True})]
+
     def _settle(self, answer: Answer) -> None:
-        now = self.wall()
+        now = self.services.clock()
         answer.failure = answer.error(now)
         if answer.failure is not None and answer.failure.code == "usage_limit_reached":
             resets_at = plan_reset(answer.api_error or {}, answer.rate_limits) or int(now + 3600)
-            self.plan.hold(resets_at, answer.failure.message)
+            self.services.plan.hold(resets_at, answer.failure.message)
+
+
+@dataclasses.dataclass(frozen=True)
+class CliEvent:
+    """A CLI event beside the answer's content: its name in /metrics (ocp_cli_events_total) and the
+    log, the fields logged, the log level, and what the Turn does with it (None: counted, logged)."""
+
+    name: str
+    fields: Tuple[str, ...] = ()
+    level: int = logging.DEBUG
+    act: Optional[Callable[[Turn, Answer, Dict[str, Any]], List[Tuple[str, Any]]]] = None
+
+
+CLI_EVENTS = {  # (type, subtype) -> CliEvent; every other line is the answer's (Answer.feed)
+    ("system", "init"): CliEvent("init", ("model", "claude_code_version"), act=Turn.on_init),
+    ("rate_limit_event", None): CliEvent("rate_limit", act=Turn.on_rate_limit),
+    ("system", "api_retry"): CliEvent("api_retry", ("attempt", "max_retries", "error_status", "error"), logging.INFO),
+    ("system", "model_fallback"): CliEvent("model_fallback", ("trigger", "original_model", "fallback_model"),
+                                           logging.WARNING),
+    ("system", "compact_boundary"): CliEvent("compaction", ("compact_metadata",), logging.WARNING),
+}
 
 
 ###############################################################################
@@ -6129,54 +6242,60 @@ def check_model_for(caller: Caller, model: Model, status: int) -> None:
         raise ApiError(status, e.message, "not_found_error", e.code, "model", wall=True) from None
 
 
-def answer_turn(h: Any, route: TurnRoute) -> None:
-    """The recipe of every model route: parse → check → cache → admit → run → encode."""
-    server, caller, started = h.server, h.caller, time.monotonic()
-    request = route.parse(h.read_json(), server.models, server.config)
-    h.refused_model = request.model.id
-    check_model_for(caller, request.model, route.refused_model_status)
-    request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
-    fetch = fetch_image if server.config.allow_image_urls else None
-    followup = conversation_followup(request) if server.runner.pool.enabled() else None
-    if followup is not None and server.runner.pool.holds(followup.conversation, request.owner):
-        system, blocks = "", tuple(drop_empty_text(user_blocks(followup.new, server.config, fetch)))
+def turn_input(request: TurnRequest, caller: Caller, request_id: str,
+               services: TurnServices) -> Tuple[Job, Optional[Followup], int]:
+    """The CLI's job for a request: only the new turns when a pooled CLI holds its conversation,
+    else the whole history; with the follow-up found and the prompt's size (checked)."""
+    config, pool = services.config, services.runner.pool
+    fetch = fetch_image if config.allow_image_urls else None
+    followup = conversation_followup(request) if pool.enabled() else None
+    if followup is not None and pool.holds(followup.conversation, request.owner):
+        system, blocks = "", tuple(drop_empty_text(user_blocks(followup.new, config, fetch)))
         size = conversation_chars(request)
     else:
         followup = None
-        system, blocks = messages_to_input(request, server.config, server.turn_secret, fetch)
+        system, blocks = messages_to_input(request, config, services.secret, fetch)
         size = prompt_chars(system, blocks)
-    check_prompt_budget(size, request, server.config)
+    check_prompt_budget(size, request, config)
+    tools = request.tools if request.tool_choice != "none" else ()
+    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, request_id, caller.name, tools,
+              request.owner, caller.priority)
+    return job, followup, size
+
+
+def answer_turn(h: Any, route: TurnRoute) -> None:
+    """The recipe of every model route: parse → check → cache → admit → run → encode."""
+    server, caller, started, services = h.server, h.caller, time.monotonic(), h.server.services
+    request = route.parse(h.read_json(), server.models, services.config)
+    h.refused_model = request.model.id
+    check_model_for(caller, request.model, route.refused_model_status)
+    request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
+    job, followup, size = turn_input(request, caller, h.request_id, services)
     if request.user:
         log.info("%s user=%s model=%s", h.request_id, request.user[:64], request.model.id)
-    tools = request.tools if request.tool_choice != "none" else ()
-    job = Job(request.model.id, system, blocks, request.effort, request.max_tokens, h.request_id, caller.name, tools,
-              request.owner, caller.priority)
     if request.tools_ignored:
         h.response_headers["x-ocp-tools-ignored"] = "true"
     encoder = route.encoder(request)(h, request, int(server.wall()), lambda: server.plan.in_overage(server.wall()))
-    key = cache_key(request) if server.config.cache_ttl_ms and not request.no_cache else ""
+    key = cache_key(request) if services.config.cache_ttl_ms and not request.no_cache else ""
     hit = server.ledger.lookup(key) if key else None
     if hit is not None:
         server.ledger.cached(caller, request.model.id, h.request_id, hit, started)
         h.response_headers["x-ocp-cache"] = "hit"
         return play(outcome_events(replayed(hit)), encoder)
-    if route.plan_headers and server.config.plan_headers:  # on answers and refusals: the client shows the plan
+    if route.plan_headers and services.config.plan_headers:  # on answers and refusals: the client shows the plan
         h.response_headers.update(route.plan_headers(server.plan.snapshot(), server.wall()))
     with server.ledger.admit(caller, request.model.id, h.request_id, encoder,
                              size // CHARS_PER_TOKEN + request.max_tokens) as ticket:
         h.admitted = True
         h.response_headers.update(ticket.headers)
-        server.plan.check(server.wall(), server.config.plan_only)
-        resume = tool_followup(request, server.parks) if tools else None
+        server.plan.check(server.wall(), services.config.plan_only)
+        resume = tool_followup(request, server.parks) if job.tools else None
         server.parks.end_abandoned(request)
-        turn = ticket.turn = Turn(request, job, server.runner, server.plan, server.config, server.turn_secret,
-                                  server.wall, server.parks, resume, followup)
+        turn = ticket.turn = Turn(request, job, services, resume, followup)
         ticket.job = job
         if key:
             h.response_headers["x-ocp-cache"] = "miss"
-            events = shared_events(h, ticket, turn, key)
-        else:
-            events = turn.events()
+        events = shared_events(h, ticket, turn, key) if key else turn.events()
         with server.hangups.watch(h.connection, lambda: hung_up(server.flights, ticket, turn)):
             play(events, encoder)
 
@@ -6326,7 +6445,7 @@ def handle_logs(h: Handler) -> None:
 
 
 def handle_metrics(h: Handler) -> None:
-    text = h.server.metrics.render(h.server.gauges())
+    text = h.server.metrics.render(READ, h.server.metric_view())
     h.send_body(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -6881,7 +7000,6 @@ class Server(ThreadingHTTPServer):
         self.auth_failures = 0  # consecutive upstream_auth_error outcomes of real requests
         self.recent_errors: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=10)
         self.wall = wall
-        self.turn_secret = secrets.token_bytes(32)
         self.flights = Flights()
         self.ledger = Ledger(self)
         self.parks = Parks()
@@ -6895,6 +7013,8 @@ class Server(ThreadingHTTPServer):
         self._active_cond = threading.Condition()
         self.body_timeout_s = MAX_BODY_READ_S
         self.metrics = Metrics()
+        self._services = TurnServices(self.runner, self.plan, self.parks, self.metrics, config,
+                                      secrets.token_bytes(32), wall)
         self.ring = LogRing()
         self._settings_lock = threading.Lock()
         self.started_at = wall()
@@ -6903,6 +7023,14 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in config.bind else socket.AF_INET
         self.connections = Connections(connection_cap(config, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         super().__init__((config.bind, config.port), Handler)
+
+    @property
+    def services(self) -> TurnServices:
+        """What every Turn uses; rebuilt only when the config (a runtime setting) or the clock changed."""
+        services = self._services
+        if services.config is not self.config or services.clock is not self.wall:
+            services = self._services = dataclasses.replace(services, config=self.config, clock=self.wall)
+        return services
 
     def get_request(self) -> Tuple[socket.socket, Any]:
         """accept(), but out of descriptors it closes a connection that may go and pauses: the
@@ -6971,63 +7099,13 @@ class Server(ThreadingHTTPServer):
         log.info("settings changed", extra={"changes": dict(changes)})
         return {"settings": settings_view(self.config), "overridden_at_start_by": overridden}
 
-    def gauges(self) -> List[Tuple[str, str, str, Dict[str, str], float]]:
-        slots = self.runner.slots.snapshot()
-        plan = self.plan.snapshot()
-        gauges = [("ocp_up", "gauge", "1 while the daemon answers.", {}, 1),
-                  ("ocp_build_info", "gauge", "The running version.", {"version": __version__}, 1),
-                  ("ocp_in_flight", "gauge", "CLI processes running.", {}, slots["running"]),
-                  ("ocp_queued", "gauge", "Requests waiting for a CLI slot.", {}, slots["queued"]),
-                  ("ocp_slots", "gauge", "CLI processes allowed at once.", {}, slots["limit"]),
-                  ("ocp_plan_held", "gauge", "1 while the plan's usage limit holds requests.", {},
-                   1 if plan["hold_until"] > self.wall() else 0)]
-        for name, window in sorted(plan["windows"].items()):
-            if window["utilization"] is not None:
-                gauges.append(("ocp_plan_utilization", "gauge", "Plan window utilization (1 = full).",
-                               {"window": name}, window["utilization"]))
-                gauges.append(("ocp_plan_resets_at", "gauge", "When a plan window resets (epoch seconds).",
-                               {"window": name}, window["resets_at"]))
-        for name, window in self.plan.share_report(self.wall())["windows"].items():
-            for entry in window["keys"]:
-                gauges.append(("ocp_plan_share_percent", "gauge", "Estimated share of a plan window used by a key "
-                               "(percent of the window; see the README).", {"window": name, "key": entry["key"]},
-                               entry["share_pct"]))
-        parks = self.parks.snapshot()
-        gauges.append(("ocp_tools_parked", "gauge", "CLIs parked on their clients' tool calls.", {}, parks.pop("parked_now")))
-        for name, n in parks.items():
-            gauges.append(("ocp_tool_rounds_total", "counter", "Client tool rounds: parked, resumed, fell back, "
-                           "expired, evicted, exited while parked.", {"event": name}, n))
-        pool = self.runner.pool.snapshot()
-        for state in ("warm", "conversations"):
-            gauges.append(("ocp_pool_processes", "gauge", "Idle CLIs in the warm pool: warm, or holding a conversation.",
-                           {"state": state.rstrip("s")}, pool[state]))
-        gauges.append(("ocp_pool_rss_bytes", "gauge", "Resident memory of the pool's idle CLIs.", {},
-                       int(pool["rss_mb"] * (1 << 20))))
-        gauges.append(("ocp_pool_budget_bytes", "gauge", "The pool's memory budget (0: the pool is off).", {},
-                       pool["budget_mb"] << 20))
-        for kind, n in pool["hits"].items():
-            gauges.append(("ocp_pool_hits_total", "counter", "Requests answered by a pooled CLI: warm, reset "
-                           "with /clear, or holding the request's conversation.", {"kind": kind}, n))
-        gauges.append(("ocp_pool_misses_total", "counter", "Requests that found no pooled CLI and started one.", {},
-                       pool["misses"]))
-        gauges.append(("ocp_pool_spawns_total", "counter", "Warm CLIs started after a use of their configuration.",
-                       {}, pool["spawned"]))
-        for reason, n in pool["evictions"].items():
-            gauges.append(("ocp_pool_evictions_total", "counter", "Pooled CLIs ended: over the budget, idle past the "
-                           "TTL, exited, cleared.", {"reason": reason}, n))
-        gauges += self.connection_gauges()
-        for name, n in self.flights.snapshot().items():
-            gauges.append(("ocp_cache_events_total", "counter", "Cache hits, misses and shared runs.",
-                           {"event": name}, n))
-        return gauges
-
-    def connection_gauges(self) -> List[Tuple[str, str, str, Dict[str, str], float]]:
-        connections = self.connections.snapshot()
-        return [("ocp_connections", "gauge", "Client connections open.", {}, connections["open"]),
-                ("ocp_connections_max", "gauge", "Client connections allowed at once (OCP_MAX_CONNECTIONS).", {},
-                 connections["cap"])] + [
-                ("ocp_connections_closed_total", "counter", "Connections closed to make room (shed) or refused "
-                 "for want of it.", {"why": why}, connections[why]) for why in ("shed", "refused")]
+    def metric_view(self) -> types.SimpleNamespace:
+        """One snapshot of each part /metrics reads (READ), taken once per scrape."""
+        now = self.wall()
+        return types.SimpleNamespace(now=now, slots=self.runner.slots.snapshot(), plan=self.plan.snapshot(),
+                                     share=self.plan.share_report(now), parks=self.parks.snapshot(),
+                                     pool=self.runner.pool.snapshot(), connections=self.connections.snapshot(),
+                                     flights=self.flights.snapshot())
 
     def identify(self, given: str) -> Optional[Caller]:
         """Who a presented key belongs to, or None for no key, an unknown one or one not usable now."""
