@@ -17,13 +17,15 @@ Contents (`grep -n '^# [A-Z].*#$' ocp.py` prints the map):
     CLI translation (TurnRequest → CLI → events) · Plan limits · Metrics & logs ·
     Turns · Encoders · Accounting · Routes · HTTP · Admin CLI · Main
 
-A request's path: Handler.dispatch_request (Host/Origin checks, authenticate, the Route's
-access: admin unless declared keyed or public) →
+A request's path: Handler.dispatch_request (Host/Origin checks, Server.authenticate — the one
+way in: a key, else a dashboard session; ApiKey.usable(now) —, the Route's access: admin unless
+declared keyed or public) →
 answer_turn, the one recipe of every model route (TURN_ROUTES): its parser
-(parse_chat_request) builds a TurnRequest → messages_to_input → cache_key /
-Ledger.lookup → Ledger.admit (quota reservation: a Ticket) → Turn.events
-(Runner.lease → Lease.acquire: a Pool CLI or a new one; exchange: the CLI's events until `result` →
-Answer.feed → TEXT / REASONING / PING … DONE with an Outcome) → the route's
+(parse_chat_request) builds a TurnRequest → turn_input (messages_to_input) → cache_key /
+Ledger.lookup → Ledger.admit (quota reservation: a Ticket) → Turn.events with the Server's
+TurnServices (Runner.lease → Lease.acquire: a Pool CLI or a new one; exchange: the CLI's events
+until `result` → Answer.feed for the answer's content, CLI_EVENTS for what comes beside it →
+TEXT / REASONING / PING … DONE with an Outcome) → the route's
 Encoder (ChatJSON / ChatSSE) writes the bytes; the Ticket records the usage row,
 metrics, cache and the plan's share (PlanLimits.spent) just before the last ones
 leave; Lease.keep pools the CLI for the conversation's follow-up, or Parks keeps it
@@ -31,6 +33,9 @@ for the client's tool results. Hangups tells the Turn when the client leaves. A
 refusal goes out through Handler.refuse: a wall (a quota, the plan, a model) in the
 shape this client stops at (wall_for). Connections bounds the sockets, Slots the
 running CLIs, Parks and Pool the idle ones (one memory budget, a share per key).
+
+Policy is data, one row each: a setting (SETTINGS), a per-key field (KeyPolicy), a CLI event
+(CLI_EVENTS), a metric family (COUNTED, READ), a route (ROUTES, TURN_ROUTES).
 
 Standard library only, Python 3.9+. Importing this module has no side effects.
 """
@@ -293,7 +298,8 @@ SETTINGS = (
     Setting("timezone", "OCP_TIMEZONE", "--timezone", "str", "time zone of quota windows (e.g. Europe/Berlin)"),
     Setting("allowed_hosts", "OCP_ALLOWED_HOSTS", "--allowed-hosts", "list",
             "extra host names browsers may use (comma list)"),
-    Setting("cors_origins", "OCP_CORS_ORIGINS", "--cors-origins", "list", "web origins allowed to call OCP (comma list)"),
+    Setting("cors_origins", "OCP_CORS_ORIGINS", "--cors-origins", "list",
+            "web origins allowed to call OCP (comma list)"),
     Setting("advertise_anon_key", "PROXY_ADVERTISE_ANON_KEY", "--advertise-anon-key", "bool",
             "show the guest key in /health"),
     Setting("cache_max_entries", "OCP_CACHE_MAX_ENTRIES", "--cache-max-entries", "int", "cached answers kept",
@@ -1093,8 +1099,8 @@ class Store:
         secret = new_key_secret()
         try:
             with self.transaction():
-                self._execute(INSERT_KEY, dict(policy.columns(), name=name, key_hash=hash_key(secret),
-                                               prefix=secret[:KEY_PREFIX_CHARS], created_at=int(now_s), revoked_at=None))
+                self._execute(INSERT_KEY, dict(policy.columns(), name=name, key_hash=hash_key(secret), revoked_at=None,
+                                               prefix=secret[:KEY_PREFIX_CHARS], created_at=int(now_s)))
                 row = self._execute(SELECT_KEY_BY_NAME, (name,))[0]
         except sqlite3.IntegrityError:
             raise ApiError(409, f"A key named {name!r} already exists.", code="key_exists", param="name")
@@ -4587,7 +4593,8 @@ class Histogram:
         lines = [sample(name + "_bucket", dict(labels, le=f"{bound:g}"), n)
                  for bound, n in zip(LATENCY_BUCKETS_S, self.buckets)]
         return lines + [sample(name + "_bucket", dict(labels, le="+Inf"), self.count),
-                        sample(name + "_sum", labels, round(self.total, 6)), sample(name + "_count", labels, self.count)]
+                        sample(name + "_sum", labels, round(self.total, 6)),
+                        sample(name + "_count", labels, self.count)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4608,13 +4615,15 @@ class Family:
             values = {(): values}
         for key, value in sorted(values.items(), key=lambda item: item[0]):
             labels = dict(zip(self.labels, key if isinstance(key, tuple) else (key,)))
-            lines += value.samples(self.name, labels) if self.kind == "histogram" else [sample(self.name, labels, value)]
+            lines += (value.samples(self.name, labels) if self.kind == "histogram"
+                      else [sample(self.name, labels, value)])
         return lines
 
 
 COUNTED = (  # what Metrics counts as it happens
     Family("ocp_requests_total", "counter", "Chat completion requests by outcome.", ("status", "model", "key")),
-    Family("ocp_http_responses_total", "counter", "Every HTTP response by route and code.", ("route", "method", "code")),
+    Family("ocp_http_responses_total", "counter", "Every HTTP response by route and code.",
+           ("route", "method", "code")),
     Family("ocp_tokens_total", "counter", "Tokens of answered requests (prompt, cached prompt, completion).",
            ("kind", "model", "key")),
     Family("ocp_cli_events_total", "counter", "CLI events beside the answer, by name (CLI_EVENTS): retries, model "
@@ -4781,9 +4790,22 @@ class LogRing(logging.Handler):
 class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
     """A size-capped log file created 0600: key names and request details are the owner's."""
 
+    ended = False
+
     def _open(self) -> Any:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return os.fdopen(fd, self.mode.replace("w", "a"), encoding=self.encoding)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Nothing once closed: logging's FileHandler reopens its file for a late record (a request
+        thread finishing after shutdown), and that file would never be closed."""
+        if not self.ended:
+            super().emit(record)
+
+    def close(self) -> None:
+        with self.lock:  # (emit runs under it: no record reopens the file after this)
+            self.ended = True
+            super().close()
 
 
 def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
@@ -4795,6 +4817,8 @@ def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
     stderr.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     file_handler = PrivateRotatingFile(os.path.join(logs, "ocp.log"), maxBytes=5 * 1024 * 1024, backupCount=3)
     file_handler.setFormatter(JsonFormatter())
+    for handler in log.handlers[:]:  # a second setup (tests, a restart in-process) closes the first one's file
+        handler.close()
     log.handlers[:] = ([stderr] if console else []) + [file_handler, ring]
     log.setLevel(level)
     log.propagate = False
@@ -7606,6 +7630,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     stop.wait()
     stop_housekeeping.set()
     store.close()
+    for handler in log.handlers:
+        handler.close()
     lock.close()
     return 0
 

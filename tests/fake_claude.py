@@ -25,7 +25,7 @@ default "Done: " and the results), mcp_fail (the server "ocp" reports failed),
 recall (answer "Recall: " and every user text of the conversation this process
 holds, oldest first: what a warm process remembers), plan and plan_week (the
 5-hour and weekly utilization its rate_limit_event reports), cost (the turn's
-total_cost_usd).
+total_cost_usd), fallback (two api_retry lines and a model_fallback before the answer).
 
 With --input-format stream-json each stdin line is one user turn, answered up
 to its `result` before the next line is read, as the real CLI does: stdin may
@@ -380,6 +380,12 @@ def answer(run, text):
     if d.get("error") == "mid_stream":
         run.message(text, d.get("thinking"))
         return synthetic_error(run, "server_error")
+    if d.get("fallback"):  # as recorded (fallback_model.jsonl): two retries, then the other model answers
+        for attempt in (1, 2):
+            out(run.base(type="system", subtype="api_retry", attempt=attempt, max_retries=5,
+                         retry_delay_ms=516 * attempt, error_status=529, error="overloaded"))
+        out(run.base(type="system", subtype="model_fallback", trigger="overloaded", original_model=run.model,
+                     fallback_model="claude-sonnet-5-5", content="Switched to Sonnet 5.5 due to high demand"))
     if limit and len(text) > limit:
         return over_the_limit(run, text, limit)
     run.message(text, d.get("thinking"))
