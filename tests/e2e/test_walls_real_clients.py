@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import ocp
 from e2e.base import ConnectedClientTest, real_claude, require
 from helpers import directive, wait_until
 
@@ -44,7 +45,7 @@ class WallsWithRealClients(ConnectedClientTest):
             f.write("dark-mode: true\n")
 
     def member(self, name, **quota):
-        key, secret = self.server.store.add_key(name, quota, None, time.time())
+        key, secret = self.server.store.add_key(name, ocp.KeyPolicy(**quota), time.time())
         return key, secret
 
     def over_quota(self, name):
