@@ -7783,7 +7783,9 @@ def cmd_keys_add(args: argparse.Namespace, config: Config) -> int:
         return 0
     print(f"Key created for {name!r}:\n\n    {secret}\n")
     print("Copy it now: OCP keeps only its hash and cannot show it again.")
-    limits = ", ".join(f"{f} {v}" for f, v in policy.as_json().items() if v is not None and f != "models")
+    shown = policy.as_json()
+    order = QUOTA_FIELDS + tuple(f for f in shown if f not in QUOTA_FIELDS + ("models",))  # quotas first
+    limits = ", ".join(f"{f} {shown[f]}" for f in order if shown[f] is not None)
     print(f"Quota: {limits or 'unlimited'}; models: {', '.join(key.models) if key.models else 'all'}")
     return 0
 
