@@ -2759,7 +2759,8 @@ class Pool:
 
     def __init__(self, runner: "Runner"):
         self.runner = runner
-        self.may_spawn: Callable[[], bool] = lambda: True  # the server's word: not while the plan is held
+        self.may_spawn: Callable[[str], bool] = lambda model_id: True  # the server's word: not while the plan
+        # holds that model's requests
         self.memory_mb = machine_memory_mb()
         self._cond = threading.Condition()
         self._entries: List[Warm] = []  # least recently used first
@@ -2886,7 +2887,8 @@ class Pool:
         """Spawn-after-use: a lease of this configuration ended, so a warm CLI for it starts in the
         background — unless one is there or starting, it would not fit, a slot is not free,
         or the plan is held (a warm CLI would wait for nothing)."""
-        if not (lease.key and self.enabled() and self.may_spawn() and not self.runner.stopping):
+        if not (lease.key and self.enabled() and self.may_spawn(lease.spawn_job.model)
+                and not self.runner.stopping):
             return
         guess = self.largest_mb or POOL_RSS_GUESS_MB
         with self._cond:
@@ -4184,6 +4186,14 @@ def plan_reset(api_error: Dict[str, Any], rate_limits: List[Dict[str, Any]]) -> 
     return int(rejected[-1]["resetsAt"]) if rejected else 0
 
 
+def plan_scope(api_error: Dict[str, Any], rate_limits: List[Dict[str, Any]]) -> str:
+    """Whose requests a plan-limit refusal holds: a per-model window's family, else every one ("*")."""
+    info = (api_error.get("params") or {}).get("rate_limit_info") or {}
+    rejected = [r for r in rate_limits if r.get("status") == "rejected"]
+    name = str(info.get("rateLimitType") or (rejected[-1].get("rateLimitType") if rejected else "") or "")
+    return plan_window(name).models or "*" if name else "*"
+
+
 def plan_limit_error(message: str, resets_at: int, now_s: float) -> ApiError:
     wait = max(1, int(resets_at - now_s)) if resets_at else 3600
     headers = {"Retry-After": str(wait)}
@@ -4308,13 +4318,59 @@ def normalize_json(text: str) -> str:
 ###############################################################################
 
 
-SHARED_WINDOWS = ("five_hour", "seven_day")  # the windows whose use is attributed to keys
+@dataclasses.dataclass(frozen=True)
+class PlanWindow:
+    """A window of the plan the CLI may report (its rateLimitType or unifiedWindows name): how
+    people read it, its infix in Anthropic's `anthropic-ratelimit-unified-<short>-*` headers (and
+    OCP's x-ocp-plan-*-<short>), its length, and who draws from it: every model ("*"), one family
+    ("opus"), or none of OCP's requests ("": another product's window, shown only)."""
+
+    label: str
+    short: str
+    minutes: int
+    models: str = "*"
+
+    def draws(self, model_id: str) -> bool:
+        """Whether a request for `model_id` uses this window up (and waits on it)."""
+        return self.models == "*" or (bool(self.models) and self.models in model_id.lower())
+
+
+WEEK_MINUTES = 7 * 24 * 60
+PLAN_WINDOWS = {  # every window the CLI 2.1.330 knows, in display order (the 5-hour one first while there is one)
+    "five_hour": PlanWindow("5-hour", "5h", 300),
+    "seven_day": PlanWindow("weekly", "7d", WEEK_MINUTES),
+    "seven_day_opus": PlanWindow("weekly Opus", "7d_opus", WEEK_MINUTES, "opus"),
+    "seven_day_sonnet": PlanWindow("weekly Sonnet", "7d_sonnet", WEEK_MINUTES, "sonnet"),
+    "seven_day_overage_included": PlanWindow("weekly Fable", "7d_oi", WEEK_MINUTES, "fable"),  # the CLI: "Fable limit"
+    "seven_day_oauth_apps": PlanWindow("weekly, apps", "7d_oauth_apps", WEEK_MINUTES, ""),
+    "seven_day_cowork": PlanWindow("weekly, Cowork", "7d_cowork", WEEK_MINUTES, ""),
+    "seven_day_omelette": PlanWindow("weekly, Omelette", "7d_omelette", WEEK_MINUTES, ""),
+}
+MODEL_FAMILIES = ("opus", "sonnet", "haiku", "fable")
+
+
+def plan_window(name: str) -> PlanWindow:
+    """The window of this name; one newer than this OCP is read from its name (a family in it
+    holds that family's requests; otherwise it is shown, and holds only what the CLI refuses)."""
+    known = PLAN_WINDOWS.get(name)
+    if known is not None:
+        return known
+    family = next((f for f in MODEL_FAMILIES if f in name), "")
+    return PlanWindow(name.replace("_", " "), name, 300 if name.startswith("five_hour") else WEEK_MINUTES, family)
+
+
+def window_order(name: str) -> Tuple[int, str]:
+    return (list(PLAN_WINDOWS).index(name) if name in PLAN_WINDOWS else len(PLAN_WINDOWS), name)
+
+
 OUTSIDE = "(outside OCP)"  # a window's rise with no OCP request finished since the last report
 SHARE_NOTE = ("An estimate: each rise of a window's utilization between two of the CLI's reports is shared "
-              "among the requests that finished in between, in proportion to their cost (the CLI's "
-              "total_cost_usd, or tokens at list price); a rise with none is use outside OCP.")
+              "among the requests that finished in between and draw from that window, in proportion to their "
+              "cost (the CLI's total_cost_usd, or tokens at list price); a rise with none is use outside OCP.")
 LIST_PRICES = {"opus": (4.0, 20.0), "sonnet": (2.0, 10.0), "haiku": (1.0, 5.0)}  # USD per Mtok in, out:
 # the 5.x prices the recordings' total_cost_usd implies (4,412 in + 12 out on opus = $0.017888)
+READINGS_KEPT = 96  # a window's utilization readings kept for the forecast (its current period only)
+PACE_MINUTES = {300: 60, WEEK_MINUTES: 24 * 60}  # the forecast reads the pace over the last hour, or day
 
 
 def list_price(model_id: str, usage: Usage) -> float:
@@ -4325,12 +4381,37 @@ def list_price(model_id: str, usage: Usage) -> float:
             + usage.output * per_out) / 1_000_000
 
 
-class PlanLimits:
-    """The subscription's windows as the CLI reports them, the local hold, overage, and who
-    spent the windows (`spent` and `shares`, estimated as SHARE_NOTE says).
+def forecast(readings: List[List[float]], minutes: int, resets_at: int, now_s: float) -> Dict[str, Any]:
+    """When a window runs out at its recent pace: an estimate, a straight line through the first and
+    the last of the CLI's utilization readings ([time, fraction]) of the window's current period
+    within the pace span (the last hour of a 5-hour window, the last day of a weekly one). No
+    pace without two readings five minutes apart; none either when the window does not rise."""
+    span = PACE_MINUTES.get(minutes, minutes // 5) * 60
+    recent = [r for r in readings if r[0] >= now_s - span]
+    based_on = {"readings": len(recent), "from": int(recent[0][0]) if recent else None,
+                "to": int(recent[-1][0]) if recent else None, "span_minutes": span // 60}
+    result: Dict[str, Any] = {"estimate": True, "pace_pct_per_hour": None, "runs_out_at": None,
+                              "before_reset": False, "based_on": based_on}
+    if len(recent) < 2 or recent[-1][0] - recent[0][0] < 300:
+        return result
+    (t0, u0), (t1, u1) = recent[0], recent[-1]
+    pace = (u1 - u0) / (t1 - t0)  # of the window, a second
+    result["pace_pct_per_hour"] = round(pace * 360_000, 2)
+    if u1 >= 1:
+        result["runs_out_at"] = int(t1)
+    elif pace > 0:
+        result["runs_out_at"] = int(t1 + (1 - u1) / pace)
+    result["before_reset"] = result["runs_out_at"] is not None and result["runs_out_at"] < resets_at
+    return result
 
-    After `usage_limit_reached` every request is answered 429 here, without a
-    spawn, until the reset. `save` (if given) persists the state on every
+
+class PlanLimits:
+    """The subscription's windows as the CLI reports them — each by its own name, with its recent
+    readings —, the local holds (plan-wide, or one model family's), overage, and who spent each
+    window (`spent` and `shares`, estimated as SHARE_NOTE says).
+
+    After `usage_limit_reached` the requests that draw from the refused window are answered 429
+    here, without a spawn, until its reset. `save` (if given) persists the state on every
     change, so a restart does not forget a hold. Thread-safe.
     """
 
@@ -4340,45 +4421,61 @@ class PlanLimits:
         self._save = save
         saved = saved or {}
         self.windows: Dict[str, Dict[str, Any]] = dict(saved.get("windows") or {})
+        self.readings: Dict[str, List[List[float]]] = dict(saved.get("readings") or {})
         self.hold_until = int(saved.get("hold_until") or 0)
         self.hold_message = str(saved.get("hold_message") or "")
+        self.model_holds: Dict[str, Dict[str, Any]] = dict(saved.get("model_holds") or {})  # family -> until, …
         self.overage_until = int(saved.get("overage_until") or 0)
         self.shares: Dict[str, Dict[str, Any]] = dict(saved.get("shares") or {})  # window -> resets_at, points
-        self.unshared: Dict[str, Dict[str, float]] = {w: {} for w in SHARED_WINDOWS}  # key -> cost since a rise
+        self.unshared: Dict[str, Dict[str, float]] = {"five_hour": {}, "seven_day": {}}  # window -> key -> cost
         self.overage_spent = dict(saved.get("overage_spent") or {"requests": 0, "cost_usd": 0.0})
         self.overage_status = str(saved.get("overage_status") or "")  # the account's extra usage: allowed, rejected…
 
-    def observe(self, info: Dict[str, Any]) -> bool:
-        """Take one rate_limit_event; return True when this answer was paid from extra usage."""
+    def observe(self, info: Dict[str, Any], now_s: float = 0.0) -> bool:
+        """Take one rate_limit_event (at `now_s`: windows past their reset go first, a window the
+        CLI stopped reporting with them); return True when this answer was paid from extra usage."""
         overage = bool(info.get("isUsingOverage"))
         with self._lock:
+            self._forget(now_s)
             for name, window in (info.get("unifiedWindows") or {}).items():
                 if isinstance(window, dict):
-                    self._attribute(name, window)
-                    self._merge(name, window)
+                    self._attribute(name, window, now_s)
+                    self._merge(name, window, now_s)
             if info.get("rateLimitType") and info.get("resetsAt"):
-                self._merge(info["rateLimitType"], {"status": info.get("status"),
-                                                    "resetsAt": info["resetsAt"]})
+                self._merge(str(info["rateLimitType"]), {"status": info.get("status"), "resetsAt": info["resetsAt"],
+                                                         "utilization": info.get("utilization")}, now_s)
             self.overage_until = int(info.get("resetsAt") or 0) if overage else 0
             self.overage_status = str(info.get("overageStatus") or self.overage_status)
             state = self._state()
         self._save(state)
         return overage
 
-    def _merge(self, name: str, window: Dict[str, Any]) -> None:
+    def _forget(self, now_s: float) -> None:
+        for name in [n for n, w in self.windows.items() if 0 < w["resets_at"] <= now_s]:
+            del self.windows[name]
+            self.readings.pop(name, None)
+        self.shares = {n: s for n, s in self.shares.items() if s["resets_at"] > now_s}
+
+    def _merge(self, name: str, window: Dict[str, Any], now_s: float) -> None:
         known = self.windows.get(name)
         reset = int(window.get("resetsAt") or 0)
         if known and reset < known["resets_at"]:
             return  # an older report; a later reset replaces, never the other way
         utilization = window.get("utilization")
-        if known and known["resets_at"] == reset and known["utilization"] is not None:
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool):
+            utilization = None
+        same = bool(known) and known["resets_at"] == reset
+        if same and known["utilization"] is not None:
             utilization = max(known["utilization"], utilization or 0)  # same window: keep the max
         self.windows[name] = {"utilization": utilization, "resets_at": reset,
                               "status": window.get("status") or (known or {}).get("status")}
+        if utilization is not None and now_s:
+            readings = self.readings.get(name) if same else None
+            self.readings[name] = ((readings or []) + [[now_s, utilization]])[-READINGS_KEPT:]
 
-    def _attribute(self, name: str, window: Dict[str, Any]) -> None:
+    def _attribute(self, name: str, window: Dict[str, Any], now_s: float) -> None:
         """Share a window's rise since the last report among the requests that finished since."""
-        if name not in SHARED_WINDOWS or not isinstance(window.get("utilization"), (int, float)):
+        if not plan_window(name).models or not isinstance(window.get("utilization"), (int, float)):
             return
         known, reset = self.windows.get(name), int(window.get("resetsAt") or 0)
         if known and reset < known["resets_at"]:
@@ -4387,20 +4484,26 @@ class PlanLimits:
         rise = window["utilization"] - ((known or {}).get("utilization") or 0) if same else window["utilization"]
         share = self.shares.get(name)
         if not share or share["resets_at"] != reset:
-            share = self.shares[name] = {"resets_at": reset, "points": {}}
+            share = self.shares[name] = {"resets_at": reset, "points": {}, "recent": []}
         if rise <= 0:
             return
-        spenders = self.unshared[name] or {OUTSIDE: 1.0}  # (each cost is > 0: see spent)
+        spenders = self.unshared.setdefault(name, {}) or {OUTSIDE: 1.0}  # (each cost is > 0: see spent)
         total = sum(spenders.values())
         for key, cost in spenders.items():
-            share["points"][key] = share["points"].get(key, 0) + rise * 100 * cost / total
+            points = rise * 100 * cost / total
+            share["points"][key] = share["points"].get(key, 0) + points
+            share.setdefault("recent", []).append([now_s, key, points])
+        share["recent"] = [r for r in share["recent"] if r[0] >= now_s - 86400][-READINGS_KEPT:]
         self.unshared[name].clear()
 
-    def spent(self, key: str, cost_usd: float, overage: bool = False) -> None:
-        """A request finished: its cost waits for the windows' next rise (and counts as extra usage)."""
+    def spent(self, key: str, cost_usd: float, overage: bool = False, model_id: str = "") -> None:
+        """A request finished: its cost waits for the next rise of the windows its model draws from
+        (and counts as extra usage)."""
         with self._lock:
-            for spenders in self.unshared.values():
-                spenders[key] = spenders.get(key, 0.0) + max(cost_usd, 1e-9)
+            for name in set(self.unshared) | set(self.windows):
+                if plan_window(name).draws(model_id or "*"):
+                    spenders = self.unshared.setdefault(name, {})
+                    spenders[key] = spenders.get(key, 0.0) + max(cost_usd, 1e-9)
             if overage:
                 self.overage_spent = {"requests": self.overage_spent["requests"] + 1,
                                       "cost_usd": round(self.overage_spent["cost_usd"] + cost_usd, 6)}
@@ -4414,31 +4517,55 @@ class PlanLimits:
             windows = {n: dict(w) for n, w in self.windows.items()}
             shares = {n: {"resets_at": s["resets_at"], "points": dict(s["points"])} for n, s in self.shares.items()}
         report = {}
-        for name in SHARED_WINDOWS:
-            share, window = shares.get(name), windows.get(name) or {}
-            if not share or share["resets_at"] <= now_s:
+        for name in sorted(shares, key=window_order):
+            share, window = shares[name], windows.get(name) or {}
+            if share["resets_at"] <= now_s:
                 continue
             keys = sorted(share["points"].items(), key=lambda kv: -kv[1])
-            report[name] = {"resets_at": share["resets_at"],
+            report[name] = {"resets_at": share["resets_at"], "label": plan_window(name).label,
                             "utilization_pct": round((window.get("utilization") or 0) * 100, 1),
                             "keys": [{"key": k, "share_pct": round(v, 1)} for k, v in keys]}
         return {"windows": report, "note": SHARE_NOTE}
 
-    def hold(self, resets_at: int, message: str) -> None:
+    def hold(self, resets_at: int, message: str, models: str = "*") -> None:
+        """Hold the requests that draw from a refused window until `resets_at`: every one ("*"), or
+        one model family's."""
         with self._lock:
-            if resets_at <= self.hold_until:
+            if models != "*":
+                known = self.model_holds.get(models) or {}
+                if resets_at <= known.get("until", 0):
+                    return
+                self.model_holds[models] = {"until": resets_at, "message": message}
+            elif resets_at <= self.hold_until:
                 return
-            self.hold_until, self.hold_message = resets_at, message
+            else:
+                self.hold_until, self.hold_message = resets_at, message
             state = self._state()
         self._save(state)
 
-    def check(self, now_s: float, plan_only: bool = False) -> None:
-        """Raise the plan-limit 429 while the subscription is out of quota (or, plan-only, in overage)."""
+    def held(self, now_s: float, model_id: str = "") -> bool:
+        """Whether a request (for `model_id`; any, when none is named) would be held now."""
+        with self._lock:
+            if self.hold_until > now_s:
+                return True
+            return any(h["until"] > now_s and family in model_id.lower() for family, h in self.model_holds.items())
+
+    def check(self, now_s: float, plan_only: bool = False, model_id: str = "", models: Tuple[str, ...] = ()) -> None:
+        """Raise the plan-limit 429 while the subscription is out of quota for this request (plan-wide,
+        or its model's family: the models that still work are named), or, plan-only, in overage."""
         with self._lock:
             until, message, overage_until = self.hold_until, self.hold_message, self.overage_until
+            family = next((f for f, h in self.model_holds.items() if h["until"] > now_s and f in model_id.lower()), "")
+            model_hold = dict(self.model_holds[family]) if family else None
         if until > now_s:
             raise plan_limit_error(message + f" (answered by OCP without calling Claude). Every key of this OCP "
                                    f"waits for the plan's reset, in {format_wait(until - now_s)}.", until, now_s)
+        if model_hold is not None:
+            others = [m for m in models if family not in m.lower()]
+            raise plan_limit_error(
+                f"{model_hold['message']} (answered by OCP without calling Claude): the plan's {family.title()} "
+                f"limit resets in {format_wait(model_hold['until'] - now_s)}. Other models still work"
+                + (f": {', '.join(others)}." if others else "."), model_hold["until"], now_s)
         if plan_only and overage_until > now_s:
             error = plan_limit_error("The plan's included usage is used up and this OCP refuses to pay "
                                      "from extra usage (OCP_PLAN_ONLY=1).", overage_until, now_s)
@@ -4449,24 +4576,24 @@ class PlanLimits:
         with self._lock:
             return self.overage_until > now_s
 
-    def check_reserve(self, priority: str, reserves: Dict[str, int], now_s: float) -> None:
-        """429 plan_reserved when a window's utilization has reached the part kept back for
-        higher priorities: low keys wait from 100 − reserve %, normal ones from 100 − reserve/2 %,
-        high never. Decided from the last report, without a spawn."""
+    def check_reserve(self, priority: str, reserves: Dict[int, int], now_s: float, model_id: str = "") -> None:
+        """429 plan_reserved when a window this request draws from has reached the part kept back for
+        higher priorities (`reserves`: percent by window length in minutes): low keys wait from
+        100 − reserve %, normal ones from 100 − reserve/2 %, high never. Decided from the last
+        report, without a spawn."""
         if priority == "high":
             return
         with self._lock:
             windows = {name: dict(w) for name, w in self.windows.items()}
-        for name, reserve in reserves.items():
-            window = windows.get(name) or {}
+        for name in sorted(windows, key=window_order):
+            window, kind = windows[name], plan_window(name)
+            reserve = reserves.get(kind.minutes, 0)
             utilization = window.get("utilization")
-            if not reserve or utilization is None or window.get("resets_at", 0) <= now_s:
+            if not reserve or utilization is None or window["resets_at"] <= now_s or not kind.draws(model_id or "*"):
                 continue
-            line = 100 - (reserve if priority == "low" else reserve / 2)
-            if utilization * 100 >= line:
-                words = {"five_hour": "5-hour", "seven_day": "weekly"}.get(name, name)
+            if utilization * 100 >= 100 - (reserve if priority == "low" else reserve / 2):
                 error = plan_limit_error(
-                    f"The plan's {words} window is {utilization * 100:.0f}% used; the rest is kept for "
+                    f"The plan's {kind.label} window is {utilization * 100:.0f}% used; the rest is kept for "
                     f"higher-priority keys (this key: {priority}). Resets in "
                     f"{format_wait(window['resets_at'] - now_s)}.", window["resets_at"], now_s)
                 error.code = "plan_reserved"
@@ -4475,7 +4602,10 @@ class PlanLimits:
     def _state(self) -> Dict[str, Any]:
         return {"windows": {k: dict(v) for k, v in self.windows.items()}, "hold_until": self.hold_until,
                 "hold_message": self.hold_message, "overage_until": self.overage_until,
-                "shares": {name: {"resets_at": share["resets_at"], "points": dict(share["points"])}
+                "model_holds": {k: dict(v) for k, v in self.model_holds.items()},
+                "readings": {k: [list(r) for r in v] for k, v in self.readings.items()},
+                "shares": {name: {"resets_at": share["resets_at"], "points": dict(share["points"]),
+                                  "recent": [list(r) for r in share.get("recent", ())]}
                            for name, share in self.shares.items()},
                 "overage_spent": dict(self.overage_spent), "overage_status": self.overage_status}
 
@@ -4484,14 +4614,16 @@ class PlanLimits:
             return self._state()
 
 
-UNIFIED_WINDOWS = {"five_hour": "5h", "seven_day": "7d", "seven_day_overage_included": "7d_oi",
-                   "seven_day_opus": "7d_opus", "seven_day_sonnet": "7d_sonnet"}
+def current_windows(state: Dict[str, Any], now_s: float) -> Dict[str, Dict[str, Any]]:
+    """The windows of a snapshot not past their reset, in display order."""
+    return {name: state["windows"][name] for name in sorted(state["windows"], key=window_order)
+            if state["windows"][name]["resets_at"] > now_s}
 
 
 def unified_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
     """Anthropic's `anthropic-ratelimit-unified-*` headers rebuilt from what the CLI reported
-    (AGENTS-SPEC §3.4), so Claude Code shows the plan's use; unknown windows are left out."""
-    windows = {name: w for name, w in state["windows"].items() if name in UNIFIED_WINDOWS}
+    (AGENTS-SPEC §3.4), so Claude Code shows the plan's use: every current window."""
+    windows = current_windows(state, now_s)
     if not windows:
         return {}
     held = state["hold_until"] > now_s
@@ -4500,7 +4632,7 @@ def unified_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
                "anthropic-ratelimit-unified-reset": str(state["hold_until"] if held else windows[claim]["resets_at"]),
                "anthropic-ratelimit-unified-representative-claim": claim}
     for name, window in windows.items():
-        prefix = "anthropic-ratelimit-unified-" + UNIFIED_WINDOWS[name]
+        prefix = "anthropic-ratelimit-unified-" + plan_window(name).short
         if window["utilization"] is not None:
             headers[prefix + "-utilization"] = f"{window['utilization']:g}"
         headers[prefix + "-reset"] = str(window["resets_at"])
@@ -4509,44 +4641,79 @@ def unified_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
     return headers
 
 
-CODEX_WINDOWS = (("primary", "five_hour", 300), ("secondary", "seven_day", 10080))
-
-
 def codex_headers(state: Dict[str, Any], now_s: float) -> Dict[str, str]:
-    """Codex's `x-codex-*` plan headers from the CLI's windows, so Codex shows the Claude plan's use."""
+    """Codex's `x-codex-*` plan headers from the CLI's windows, so Codex shows the Claude plan's use:
+    the 5-hour window as its primary and the weekly one as its secondary — or, for an account
+    without a 5-hour window, the weekly one as its primary."""
+    windows = {n: w for n, w in current_windows(state, now_s).items() if w["utilization"] is not None}
+    slots = [name for name in ("five_hour", "seven_day") if name in windows]
     headers: Dict[str, str] = {}
-    for slot, name, minutes in CODEX_WINDOWS:
-        window = state["windows"].get(name)
-        if window and window["utilization"] is not None:
-            headers.update({f"x-codex-{slot}-used-percent": f"{window['utilization'] * 100:g}",
-                            f"x-codex-{slot}-window-minutes": str(minutes),
-                            f"x-codex-{slot}-reset-at": str(window["resets_at"])})
+    for slot, name in zip(("primary", "secondary"), slots):
+        window = windows[name]
+        headers.update({f"x-codex-{slot}-used-percent": f"{window['utilization'] * 100:g}",
+                        f"x-codex-{slot}-window-minutes": str(plan_window(name).minutes),
+                        f"x-codex-{slot}-reset-at": str(window["resets_at"])})
     return headers
 
 
-def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None) -> Dict[str, Any]:
-    """The plan windows for people: utilization in percent, resets in and at, who spent them
-    (only `key`'s share when given: a member sees its own), and OCP's extra usage."""
+def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None,
+                tz: Optional[datetime.tzinfo] = None) -> Dict[str, Any]:
+    """The plan windows for people, in display order: utilization in percent, resets in and at, a
+    forecast (an estimate), who spent them (only `key`'s share when given: a member sees its own),
+    the holds, and OCP's extra usage."""
     state = plan.snapshot()
-    windows = [{"window": name, "utilization_pct": None if w["utilization"] is None else round(w["utilization"] * 100, 1),
-                "status": w["status"], "resets_at": w["resets_at"], "resets_in": format_wait(w["resets_at"] - now_s)}
-               for name, w in sorted(state["windows"].items())]
+    share = plan.share_report(now_s)
+    windows = [window_report(name, w, state, share, now_s, tz) for name, w in current_windows(state, now_s).items()]
+    holds = [{"models": family, "until": h["until"], "message": h["message"]}
+             for family, h in sorted(state["model_holds"].items()) if h["until"] > now_s]
     return {"windows": windows, "held_until": state["hold_until"] if state["hold_until"] > now_s else None,
+            "held_models": holds,
             "overage": state["overage_until"] > now_s, "overage_until": state["overage_until"] or None,
             "extra_usage": {"allowed": "on", "allowed_warning": "on", "rejected": "off"}.get(
                 state["overage_status"], state["overage_status"] or "unknown"),
-            "overage_spent": state["overage_spent"], "share": key_share(plan.share_report(now_s), key)}
+            "overage_spent": state["overage_spent"], "share": key_share(share, key)}
+
+
+def window_report(name: str, window: Dict[str, Any], state: Dict[str, Any], share: Dict[str, Any], now_s: float,
+                  tz: Optional[datetime.tzinfo]) -> Dict[str, Any]:
+    kind = plan_window(name)
+    ahead = forecast(state["readings"].get(name) or [], kind.minutes, window["resets_at"], now_s)
+    ahead["drivers"] = pace_drivers(state["shares"].get(name), ahead["based_on"]["span_minutes"] * 60, now_s)
+    ahead["text"] = forecast_text(kind, ahead, window["resets_at"], tz)
+    return {"window": name, "label": kind.label, "models": kind.models or None,
+            "utilization_pct": None if window["utilization"] is None else round(window["utilization"] * 100, 1),
+            "status": window["status"], "resets_at": window["resets_at"],
+            "resets_in": format_wait(window["resets_at"] - now_s), "forecast": ahead}
+
+
+def pace_drivers(share: Optional[Dict[str, Any]], span_s: int, now_s: float) -> List[Dict[str, Any]]:
+    """The keys whose use made a window rise over the pace span, most first (percent of the window)."""
+    points: Dict[str, float] = collections.Counter()
+    for t, key, pts in (share or {}).get("recent", ()):
+        if t >= now_s - span_s:
+            points[key] += pts
+    return [{"key": k, "share_pct": round(v, 1)} for k, v in sorted(points.items(), key=lambda kv: -kv[1])[:3]]
+
+
+def forecast_text(kind: PlanWindow, ahead: Dict[str, Any], resets_at: int, tz: Optional[datetime.tzinfo]) -> str:
+    """The forecast for people: "weekly limit reached around Thu 14:00 at this pace; resets Fri 09:00"."""
+    at = lambda t: datetime.datetime.fromtimestamp(t, tz).strftime("%a %H:%M")
+    if ahead["pace_pct_per_hour"] is None:
+        return f"not enough readings for a pace yet; resets {at(resets_at)}"
+    if ahead["before_reset"]:
+        return f"{kind.label} limit reached around {at(ahead['runs_out_at'])} at this pace; resets {at(resets_at)}"
+    return f"at this pace ({ahead['pace_pct_per_hour']:g}%/h) it lasts until its reset, {at(resets_at)}"
 
 
 def plan_share_headers(report: Dict[str, Any], key: str) -> Dict[str, str]:
     """x-ocp-plan-* on each answer: the windows' use and this key's estimated share of each."""
     headers = {}
-    for name, label in (("five_hour", "5h"), ("seven_day", "7d")):
-        window = report["windows"].get(name)
-        if window is not None:
-            headers[f"x-ocp-plan-utilization-{label}"] = f"{window['utilization_pct']:g}"
-            headers[f"x-ocp-plan-share-{label}"] = f"{share_columns(report, key)[f'share_{label}_pct']:g}"
-            headers[f"x-ocp-plan-reset-{label}"] = str(window["resets_at"])
+    for name, window in report["windows"].items():
+        short = plan_window(name).short
+        mine = next((k["share_pct"] for k in window["keys"] if k["key"] == key), 0.0)
+        headers[f"x-ocp-plan-utilization-{short}"] = f"{window['utilization_pct']:g}"
+        headers[f"x-ocp-plan-share-{short}"] = f"{mine:g}"
+        headers[f"x-ocp-plan-reset-{short}"] = str(window["resets_at"])
     return headers
 
 
@@ -5342,9 +5509,9 @@ class Turn:
                 if scanner.stopped or (job.max_tokens and answer.hit_max_tokens()):
                     return answer
             ending = "release" if answer.result is not None else "kill"
+            self._settle(answer)  # before the CLI is kept: a plan limit it met must stop any spare first
         finally:
             self._end(lease, answer, ending)
-        self._settle(answer)
         return answer
 
     def conversation_cli(self, job: Job) -> Tuple[Optional[Lease], Job]:
@@ -5440,7 +5607,7 @@ class Turn:
         if not isinstance(info, dict):
             return []
         answer.rate_limits.append(info)
-        if not self.services.plan.observe(info):
+        if not self.services.plan.observe(info, self.services.clock()):
             return []
         self.overage = True
         log.warning("%s was paid from the subscription's extra usage", self.job.request_id)
@@ -5451,7 +5618,8 @@ class Turn:
         answer.failure = answer.error(now)
         if answer.failure is not None and answer.failure.code == "usage_limit_reached":
             resets_at = plan_reset(answer.api_error or {}, answer.rate_limits) or int(now + 3600)
-            self.services.plan.hold(resets_at, answer.failure.message)
+            self.services.plan.hold(resets_at, answer.failure.message,
+                                    plan_scope(answer.api_error or {}, answer.rate_limits))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6109,8 +6277,8 @@ class Ledger:
         its priority); the ticket records the end. `floor_tokens`: the least the request will use."""
         server, config = self.server, self.server.config
         now = server.wall()
-        server.plan.check_reserve(caller.priority, {"five_hour": config.reserve_5h, "seven_day": config.reserve_7d},
-                                  now)
+        server.plan.check_reserve(caller.priority, {300: config.reserve_5h, WEEK_MINUTES: config.reserve_7d}, now,
+                                  model_id)
         bounds = period_bounds(now, config.tzinfo)
         try:
             row, counts = server.store.reserve(caller.key, caller.name, model_id, request_id, now, bounds,
@@ -6159,7 +6327,7 @@ class Ledger:
         if status in ("ok", "partial"):
             server.metrics.count_tokens(ticket.model_id, ticket.caller.name, usage)
             server.plan.spent(ticket.caller.label, usage.cost_usd or list_price(ticket.model_id, usage),
-                              ticket.outcome is not None and ticket.outcome.overage)
+                              ticket.outcome is not None and ticket.outcome.overage, ticket.model_id)
         if server.config.log_prompts and ticket.job is not None:
             log_exchange(ticket.request_id, ticket.job, status, ticket.outcome)
 
@@ -6312,7 +6480,8 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
                              size // CHARS_PER_TOKEN + request.max_tokens) as ticket:
         h.admitted = True
         h.response_headers.update(ticket.headers)
-        server.plan.check(server.wall(), services.config.plan_only)
+        server.plan.check(server.wall(), services.config.plan_only, request.model.id,
+                          tuple(m.id for m in server.models.models if model_allowed(caller, m)))
         resume = tool_followup(request, server.parks) if job.tools else None
         server.parks.end_abandoned(request)
         turn = ticket.turn = Turn(request, job, services, resume, followup)
@@ -6431,7 +6600,7 @@ def handle_plan_usage(h: Handler) -> None:
     if not (digits(hours) and 1 <= int(hours) <= 24 * 366):
         raise bad_request("'hours' must be a whole number from 1 to 8784", "hours")
     since = int(server.wall()) - int(hours) * 3600
-    h.send_json(200, {"plan": plan_report(server.plan, server.wall()),
+    h.send_json(200, {"plan": plan_report(server.plan, server.wall(), tz=server.config.tzinfo),
                       "proxy": {"since": int(server.started_at),
                                 "requests": server.store.status_counts(int(server.started_at)),
                                 "cache": server.flights.snapshot()},
@@ -6442,7 +6611,7 @@ def handle_status(h: Handler) -> None:
     server = h.server
     h.send_json(200, {"health": server.health(admin=True),
                       "requests": dict(server.metrics.counts_by_status(), **server.runner.slots.snapshot()),
-                      "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall())})
+                      "cache": server.flights.snapshot(), "plan": plan_report(server.plan, server.wall(), tz=server.config.tzinfo)})
 
 
 def handle_settings(h: Handler) -> None:
@@ -6560,7 +6729,7 @@ def handle_dashboard_data(h: Handler) -> None:
     h.send_json(200, {
         "role": "admin" if caller.admin else "member", "name": caller.name, "now": int(now),
         "health": server.health(admin=caller.admin),
-        "plan": plan_report(server.plan, now, None if caller.admin else caller.label),
+        "plan": plan_report(server.plan, now, None if caller.admin else caller.label, server.config.tzinfo),
         "series": {"bucket_s": bucket, "points": server.store.usage_series(since, bucket, buckets, mine)},
         "keys": [quota_report(server.store, k, now, server.config.tzinfo) for k in keys],
         "usage_by_key": usage if caller.admin else [u for u in usage if u["key_id"] == caller.key.id],
@@ -7027,7 +7196,7 @@ class Server(ThreadingHTTPServer):
         self.flights = Flights()
         self.ledger = Ledger(self)
         self.parks = Parks()
-        self.runner.pool.may_spawn = lambda: self.plan.snapshot()["hold_until"] <= self.wall()
+        self.runner.pool.may_spawn = lambda model_id: not self.plan.held(self.wall(), model_id)
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()
@@ -7205,7 +7374,7 @@ class Server(ThreadingHTTPServer):
                 "running": self.runner.live(), "tools": self.parks.snapshot(),
                 "pool": self.runner.pool.snapshot(), "connections": self.connections.snapshot(),
                 "keys": dict({"active": 0, "revoked": 0}, **collections.Counter(k.status(now) for k in keys)),
-                "plan": plan_report(self.plan, self.wall()), "timezone": self.config.timezone or "local",
+                "plan": plan_report(self.plan, self.wall(), tz=self.config.tzinfo), "timezone": self.config.timezone or "local",
                 "recent_errors": list(self.recent_errors),
                 "uptime_s": int(self.wall() - self.started_at)}
         return body

@@ -126,6 +126,7 @@ class PlanHeaders(MessagesTest):
     env = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-test"}  # subscription mode: the CLI reports the plan
 
     def test_the_plans_windows_come_back_as_anthropics_unified_headers(self):
+        self.server.wall = lambda: 1795503600 - 3600  # an hour before the fake CLI's windows reset
         self.messages({"messages": [{"role": "user", "content": "one"}]})  # the CLI reports the windows
         status, headers, _ = self.messages({"messages": [{"role": "user", "content": "two"}]})
         self.assertEqual(status, 200)

@@ -402,13 +402,13 @@ class PoolUnits(unittest.TestCase):
 
     def test_no_warm_cli_is_spawned_while_the_plan_is_held(self):
         runner = ocp.Runner(ocp.Config(home="/nonexistent"))
-        runner.pool.may_spawn = lambda: False
+        runner.pool.may_spawn = lambda model_id: False
         lease = runner.lease(ocp.Job("sonnet", "sys", ()))
         lease.key = "k"
         with mock.patch.object(ocp.threading, "Thread") as thread:
             runner.pool.replenish(lease)
             thread.assert_not_called()
-            runner.pool.may_spawn = lambda: True
+            runner.pool.may_spawn = lambda model_id: True
             runner.pool.replenish(lease)
             thread.assert_called_once()
 

@@ -77,6 +77,7 @@ class CodexPlanHeaders(ServerTest):
     env = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-test"}
 
     def test_codex_sees_the_claude_plans_use(self):
+        self.server.wall = lambda: 1795503600 - 3600  # an hour before the fake CLI's windows reset
         self.request("POST", "/v1/responses", {"model": "sonnet", "input": "one"})
         status, headers, _ = self.request("POST", "/v1/responses", {"model": "sonnet", "input": "two"})
         self.assertEqual(status, 200)
