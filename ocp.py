@@ -120,6 +120,7 @@ class Config:
     api_key: str = dataclasses.field(default="", repr=False)
     admin_key: str = dataclasses.field(default="", repr=False)
     anonymous_key: str = dataclasses.field(default="", repr=False)
+    anonymous_key_expires: str = ""  # when the guest key stops working: a date/time or epoch seconds ("": never)
     claude_bin: str = ""
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     max_concurrent: int = 8
@@ -185,6 +186,11 @@ class Config:
     @property
     def db_path(self) -> str:
         return os.path.join(self.home, "ocp.db")
+
+    @property
+    def anonymous_expires_at(self) -> int:
+        """When the guest key stops working (epoch seconds; 0: never)."""
+        return parse_time(self.anonymous_key_expires, "PROXY_ANONYMOUS_KEY_EXPIRES") if self.anonymous_key_expires else 0
 
     @property
     def tzinfo(self) -> Optional[datetime.tzinfo]:
@@ -261,6 +267,8 @@ SETTINGS = (
     Setting("api_key", "PROXY_API_KEY", "", "secret", "the shared key (shared mode)"),
     Setting("admin_key", "OCP_ADMIN_KEY", "", "secret", "the admin key (else OCP_HOME/admin-key)"),
     Setting("anonymous_key", "PROXY_ANONYMOUS_KEY", "", "secret", "the guest key (multi mode)"),
+    Setting("anonymous_key_expires", "PROXY_ANONYMOUS_KEY_EXPIRES", "--anonymous-key-expires", "str",
+            "when the guest key stops working: an ISO 8601 date/time or epoch seconds (unset: never)"),
     Setting("claude_bin", "CLAUDE_BIN", "--claude-bin", "str", "path of the claude executable"),
     Setting("timeout_ms", "CLAUDE_TIMEOUT", "--timeout", "int", "milliseconds for a whole request",
             (1000, DAY_MS), runtime="timeout"),
@@ -455,6 +463,11 @@ def validate_config(config: Config) -> None:
                               "(e.g. Europe/Berlin, America/New_York, UTC)")
     if not config.bind:
         raise ConfigError("CLAUDE_BIND is empty")
+    try:
+        config.anonymous_expires_at
+    except ApiError:
+        raise ConfigError(f"PROXY_ANONYMOUS_KEY_EXPIRES={config.anonymous_key_expires!r} is not an ISO 8601 "
+                          "date/time (2027-01-31, 2027-01-31T18:00+01:00) or epoch seconds") from None
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"OCP_LOG_LEVEL={config.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
     if config.upstream_base_url and not re.match(r"https?://", config.upstream_base_url):
@@ -583,10 +596,11 @@ class Kind:
     cli: Callable[[str], Any]  # the command line's text -> the JSON value (argparse's type)
     metavar: str = "N"
     sql: str = "INTEGER"  # the column's type, for a field added later (Store.add_key_columns)
-    normalize: Callable[[Any, Any], Any] = lambda value, registry: value  # the JSON value -> the policy's
+    normalize: Callable[[Any, Any, float], Any] = lambda value, registry, now_s: value  # JSON -> the policy's
     load: Callable[[Any], Any] = lambda column: column  # the column -> the policy's value
     dump: Callable[[Any], Any] = lambda value: value  # the policy's value -> the column
     shown: Callable[[Any], Any] = lambda value: value  # the policy's value -> JSON
+    cell: Callable[[Any], str] = lambda value: "-" if value is None else str(value)  # -> the `keys` table
 
 
 def quota_value(text: str) -> Optional[int]:
@@ -615,6 +629,37 @@ def models_value(text: str) -> Optional[List[str]]:
     return None if text in ("all", "") else text.split(",")
 
 
+def when_value(text: str) -> Optional[str]:
+    return None if text.lower() in ("none", "never") else text
+
+
+DURATION = re.compile(r"([0-9]{1,6})([mhdw])")
+DURATION_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def moment(value: Any, name: str, now_s: float) -> int:
+    """Epoch seconds from epoch seconds, a duration from now (30d, 12h, 90m, 2w) or an ISO 8601
+    date/time (UTC unless it says otherwise); 400 naming `name`."""
+    if type(value) is int:
+        return value
+    match = DURATION.fullmatch(str(value).strip().lower())
+    if match:
+        return int(now_s) + int(match.group(1)) * DURATION_S[match.group(2)]
+    try:
+        return parse_time(str(value), name)
+    except ApiError:
+        raise bad_request(f"'{name}' must be null (never), epoch seconds, a duration (30d, 12h) or an ISO 8601 "
+                          "date/time", name) from None
+
+
+def utc_time(epoch: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
+
+
+def local_time(epoch: Any) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
 def limit(number: Any, kinds: Tuple[type, ...]) -> bool:
     return number is None or (type(number) in kinds and 0 <= number <= 10 ** 12)
 
@@ -626,10 +671,14 @@ PRIORITY = Kind("one of " + ", ".join(PRIORITIES), lambda v: v in PRIORITIES, pr
 MODEL_LIST = Kind(
     "null (all models) or a list of model ids",
     lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) for m in v)), models_value, "A,B", "TEXT",
-    normalize=lambda v, registry: None if v is None else tuple(sorted({registry.resolve(m).id for m in v})),
+    normalize=lambda v, registry, now_s: None if v is None else tuple(sorted({registry.resolve(m).id for m in v})),
     load=lambda column: tuple(json.loads(column)) if column else None,
     dump=lambda value: json.dumps(list(value)) if value is not None else None,
-    shown=lambda value: list(value) if value is not None else None)
+    shown=lambda value: list(value) if value is not None else None,
+    cell=lambda value: ",".join(value) if value is not None else "all")
+WHEN = Kind("null (never), epoch seconds, a duration (30d, 12h) or an ISO 8601 date/time",
+            lambda v: v is None or (type(v) is int and v >= 0) or isinstance(v, str), when_value, "30d|DATE",
+            normalize=lambda v, registry, now_s: None if v is None else moment(v, "expires", now_s), cell=local_time)
 
 
 def key_field(column: str, kind: Kind, heading: str, help: str, default: Any = None,
@@ -665,8 +714,10 @@ class KeyPolicy:
     cost_monthly: Optional[float] = key_field("quota_cost_monthly", USD, "", "USD a month (list price)",
                                               window=("month", "cost_month", "USD"))
     models: Optional[Tuple[str, ...]] = key_field("models", MODEL_LIST, "MODELS", "allowed models ('all' = any)")
+    expires: Optional[int] = key_field("expires_at", WHEN, "EXPIRES", "when the key stops working: a duration "
+                                       "from now (30d, 12h) or a date/time ('none' = never)")
 
-    def updated(self, body: Mapping[str, Any], registry: Any) -> "KeyPolicy":
+    def updated(self, body: Mapping[str, Any], registry: Any, now_s: float) -> "KeyPolicy":
         """This policy with a request's changes (JSON names; null clears a limit); 400 naming a field."""
         changes = {}
         for field in KEY_FIELDS:
@@ -674,7 +725,7 @@ class KeyPolicy:
                 kind = field.metadata["kind"]
                 if not kind.accepts(body[field.name]):
                     raise bad_request(f"'{field.name}' must be {kind.expects}", field.name)
-                changes[field.name] = kind.normalize(body[field.name], registry)
+                changes[field.name] = kind.normalize(body[field.name], registry, now_s)
         unknown = set(body) - {f.name for f in KEY_FIELDS} - {"name"}
         if unknown:
             raise bad_request(f"Unknown field(s): {', '.join(sorted(unknown))[:200]}", sorted(unknown)[0],
@@ -903,8 +954,10 @@ class ApiKey:
         return self.policy.models
 
     def status(self, now_s: float) -> str:
-        """"active", or why the key opens OCP no more ("revoked")."""
-        return "revoked" if self.revoked_at is not None else "active"
+        """"active", or why the key opens OCP no more ("revoked", "expired")."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.policy.expires is not None and now_s >= self.policy.expires else "active"
 
     def usable(self, now_s: float) -> bool:
         """Whether the key opens OCP at `now_s`: the one test of every place that admits a key
@@ -1118,14 +1171,18 @@ class Store:
             raise ApiError(404, f"No key named {ref[:64]!r}.", code="key_not_found")
         return ApiKey.from_row(rows[0])
 
-    def key_by_secret(self, secret: str, now_s: float) -> Optional[ApiKey]:
-        """Return the usable key for a presented secret (constant-time compare of the hash)."""
+    def key_with_secret(self, secret: str) -> Optional[ApiKey]:
+        """Return the key a presented secret belongs to, usable or not (constant-time compare of the hash)."""
         digest = hash_key(secret)
         rows = self._execute(SELECT_KEY_BY_HASH, (digest,))
         if not rows or not hmac.compare_digest(rows[0]["key_hash"], digest):
             return None
-        key = ApiKey.from_row(rows[0])
-        return key if key.usable(now_s) else None
+        return ApiKey.from_row(rows[0])
+
+    def key_by_secret(self, secret: str, now_s: float) -> Optional[ApiKey]:
+        """Return the usable key for a presented secret."""
+        key = self.key_with_secret(secret)
+        return key if key is not None and key.usable(now_s) else None
 
     def revoke_key(self, key: ApiKey, now_s: float) -> bool:
         with self.transaction():
@@ -6551,7 +6608,7 @@ def handle_keys_add(h: Handler) -> None:
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object with a 'name'", None, "invalid_json")
     name = check_key_name(body.get("name"))
-    policy = KeyPolicy().updated(body, h.server.models)
+    policy = KeyPolicy().updated(body, h.server.models, h.server.wall())
     key, secret = h.server.store.add_key(name, policy, h.server.wall())
     h.audit("key.add", name, json.dumps(policy.as_json()))
     h.send_json(201, dict(key.public(h.server.wall()), key=secret))
@@ -6574,7 +6631,7 @@ def handle_quota_set(h: Handler, ref: str) -> None:
     body = h.read_json()
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object of quota fields", None, "invalid_json")
-    key = h.server.store.set_policy(key, key.policy.updated(body, h.server.models))
+    key = h.server.store.set_policy(key, key.policy.updated(body, h.server.models, h.server.wall()))
     h.audit("key.quota", key.name, json.dumps(body, sort_keys=True))
     h.send_json(200, quota_report(h.server.store, key, h.server.wall(), h.server.config.tzinfo))
 
@@ -7309,9 +7366,19 @@ class Server(ThreadingHTTPServer):
         if self.config.auth_mode == "shared" and same_secret(given, self.config.api_key):
             return Caller("shared")
         if self.config.auth_mode == "multi" and same_secret(given, self.config.anonymous_key):
-            return Caller("anonymous")
+            ends = self.config.anonymous_expires_at
+            return Caller("anonymous") if not ends or self.wall() < ends else None
         key = self.store.key_by_secret(given, self.wall())
         return Caller(key.name, key) if key else None
+
+    def expiry(self, given: str) -> int:
+        """When a presented key that no longer works expired (0: it is no expired key)."""
+        if self.config.auth_mode == "multi" and same_secret(given, self.config.anonymous_key):
+            ends = self.config.anonymous_expires_at
+        else:
+            key = self.store.key_with_secret(given) if given else None
+            ends = key.policy.expires if key is not None and key.status(self.wall()) == "expired" else 0
+        return ends if ends and ends <= self.wall() else 0
 
     def authenticate(self, headers: Mapping[str, str], access: str) -> Caller:
         """The one way in: who sent a request — its key, else its dashboard session — for a route
@@ -7326,6 +7393,11 @@ class Server(ThreadingHTTPServer):
             return Caller("public")
         if self.config.auth_mode == "none":
             return Caller("local")
+        ended = self.expiry(given)
+        if ended:
+            raise ApiError(401, f"This key expired on {utc_time(ended)}. Ask the owner of this OCP for a new key or "
+                           "a longer lifetime.", "invalid_request_error", "key_expired",
+                           headers={"WWW-Authenticate": "Bearer"})
         raise ApiError(401, UNKNOWN_KEY, "invalid_request_error", "invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
 
@@ -7915,9 +7987,8 @@ def print_table(rows: List[Dict[str, Any]], columns: List[Tuple[str, str]]) -> N
 
 
 def key_row(key: ApiKey, now_s: float) -> Dict[str, Any]:
-    row = dict(key.public(now_s), **key.policy.as_json())
+    row = dict(key.public(now_s), **{f.name: f.metadata["kind"].cell(getattr(key.policy, f.name)) for f in KEY_FIELDS})
     row["created"] = time.strftime("%Y-%m-%d", time.localtime(key.created_at))
-    row["models"] = ",".join(key.models) if key.models is not None else "all"
     return row
 
 
@@ -7944,7 +8015,7 @@ def policy_changes(args: argparse.Namespace) -> Dict[str, Any]:
 def cmd_keys_add(args: argparse.Namespace, config: Config) -> int:
     store = open_store(config)
     name = check_key_name(args.name)
-    policy = KeyPolicy().updated(policy_changes(args), Models.load(os.path.join(HERE, "models.json")))
+    policy = KeyPolicy().updated(policy_changes(args), Models.load(os.path.join(HERE, "models.json")), time.time())
     key, secret = store.add_key(name, policy, time.time())
     store.audit("cli", "key.add", name, json.dumps(policy.as_json()), time.time())
     if args.json:
@@ -7976,7 +8047,8 @@ def cmd_keys_quota(args: argparse.Namespace, config: Config) -> int:
     key = store.find_key(args.name)
     changes = policy_changes(args)
     if changes:
-        key = store.set_policy(key, key.policy.updated(changes, Models.load(os.path.join(HERE, "models.json"))))
+        key = store.set_policy(key, key.policy.updated(changes, Models.load(os.path.join(HERE, "models.json")),
+                                                       time.time()))
         store.audit("cli", "key.quota", key.name, json.dumps(changes, sort_keys=True), time.time())
     report = quota_report(store, key, time.time(), config.tzinfo)
     if args.json:

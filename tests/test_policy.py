@@ -122,7 +122,8 @@ class ReadmeSettingsTables(unittest.TestCase):
 class KeyPolicyRows(TempHome):
     """Each KeyPolicy row is a command-line flag, an API field with its check, and a column."""
 
-    SAMPLES = {"COUNT": ("5", 5), "USD": ("1.5", 1.5), "PRIORITY": ("low", "low"), "MODEL_LIST": ("haiku", None)}
+    SAMPLES = {"COUNT": ("5", 5), "USD": ("1.5", 1.5), "PRIORITY": ("low", "low"), "MODEL_LIST": ("haiku", None),
+               "WHEN": ("2030-01-01T00:00:00Z", 1893456000)}
 
     def kind_name(self, field):
         return next(name for name in self.SAMPLES if getattr(ocp, name) is field.metadata["kind"])
@@ -169,12 +170,12 @@ class KeyPolicyRows(TempHome):
         for name, bad in (("daily", -1), ("daily", True), ("tokens_monthly", 1.5), ("cost_daily", "1"),
                           ("priority", "vip"), ("models", "haiku")):
             with self.subTest(name=name, value=bad), self.assertRaises(ocp.ApiError) as caught:
-                policy.updated({name: bad}, models)
+                policy.updated({name: bad}, models, 1000)
             self.assertEqual((caught.exception.status, caught.exception.param), (400, name))
         with self.assertRaises(ocp.ApiError) as caught:
-            policy.updated({"daily": 1, "expiry": 5}, models)
+            policy.updated({"daily": 1, "expiry": 5}, models, 1000)
         self.assertEqual(caught.exception.code, "unknown_field")
-        changed = policy.updated({"models": ["haiku", "haiku"], "cost_weekly": 2, "name": "ignored"}, models)
+        changed = policy.updated({"models": ["haiku", "haiku"], "cost_weekly": 2, "name": "ignored"}, models, 1000)
         self.assertEqual((changed.models, changed.cost_weekly, policy.models), (("claude-haiku-5-5",), 2, None))
 
     def test_usable_is_the_one_test_of_a_key(self):
