@@ -4498,9 +4498,11 @@ class PlanLimits:
                 if isinstance(window, dict):
                     self._attribute(name, window, now_s)
                     self._merge(name, window, now_s)
-            if info.get("rateLimitType") and info.get("resetsAt"):
-                self._merge(str(info["rateLimitType"]), {"status": info.get("status"), "resetsAt": info["resetsAt"],
-                                                         "utilization": info.get("utilization")}, now_s)
+            if info.get("rateLimitType") and info.get("resetsAt"):  # the representative window (a per-model
+                claim = {"status": info.get("status"), "resetsAt": info["resetsAt"],  # one comes only this way)
+                         "utilization": info.get("utilization")}
+                self._attribute(str(info["rateLimitType"]), claim, now_s)
+                self._merge(str(info["rateLimitType"]), claim, now_s)
             self.overage_until = int(info.get("resetsAt") or 0) if overage else 0
             self.overage_status = str(info.get("overageStatus") or self.overage_status)
             state = self._state()
@@ -4516,8 +4518,8 @@ class PlanLimits:
     def _merge(self, name: str, window: Dict[str, Any], now_s: float) -> None:
         known = self.windows.get(name)
         reset = int(window.get("resetsAt") or 0)
-        if known and reset < known["resets_at"]:
-            return  # an older report; a later reset replaces, never the other way
+        if (known and reset < known["resets_at"]) or (now_s and 0 < reset <= now_s):
+            return  # an older report (a later reset replaces, never the other way), or one already past
         utilization = window.get("utilization")
         if not isinstance(utilization, (int, float)) or isinstance(utilization, bool):
             utilization = None
@@ -8128,16 +8130,19 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     slots = detail["slots"]
     print(f"claude {detail['claude_version'] or '-'} at {detail['claude'] or 'not found'}")
     print(f"CLI processes {slots['running']}/{slots['limit']} running, {slots['queued']} queued; "
-          f"keys {detail['keys']['active']} active, {detail['keys']['revoked']} revoked; "
+          f"keys {', '.join(f'{n} {status}' for status, n in detail['keys'].items())}; "
           f"up {format_wait(detail['uptime_s'])}")
     plan = detail["plan"]
     for window in plan["windows"]:
         used = window["utilization_pct"]
-        print(f"plan {window['window']}: {'-' if used is None else f'{used:.0f}%'} used, resets in "
-              f"{window['resets_in']} ({time.strftime('%Y-%m-%d %H:%M', time.localtime(window['resets_at']))})")
+        print(f"plan {window['window']}: {'-' if used is None else f'{used:.0f}%'} used ({window['label']}), "
+              f"resets in {window['resets_in']} ({local_time(window['resets_at'])})")
         shares = (plan["share"]["windows"].get(window["window"]) or {}).get("keys") or []
         if shares:
             print("  ~ " + ", ".join(f"{k['key']} {k['share_pct']:g}%" for k in shares) + " (estimated)")
+        print(f"  forecast (an estimate): {forecast_line(window['forecast'])}")
+    for hold in plan["held_models"]:
+        print(f"held: {hold['models']} models until {local_time(hold['until'])} ({hold['message']})")
     spent = plan["overage_spent"]
     print(f"extra usage on the account: {plan['extra_usage']}"
           + (f", paying answers now (until {time.strftime('%Y-%m-%d %H:%M', time.localtime(plan['overage_until']))})"
@@ -8147,6 +8152,17 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     if body.get("reason"):
         print(f"why: {body['reason']}")
     return 0
+
+
+def forecast_line(ahead: Dict[str, Any]) -> str:
+    """A window's forecast for `status`: the estimate, what it rests on, who drives the pace."""
+    line = ahead["text"]
+    basis = ahead["based_on"]
+    if basis["readings"]:
+        line += f" ({basis['readings']} readings over the last {basis['span_minutes']} min)"
+    if ahead["drivers"]:
+        line += "; pace from " + ", ".join(f"{d['key']} {d['share_pct']:g}%" for d in ahead["drivers"])
+    return line
 
 
 def daemon_get(config: Config, path: str, key: str = "") -> Optional[Dict[str, Any]]:

@@ -25,7 +25,10 @@ default "Done: " and the results), mcp_fail (the server "ocp" reports failed),
 recall (answer "Recall: " and every user text of the conversation this process
 holds, oldest first: what a warm process remembers), plan and plan_week (the
 5-hour and weekly utilization its rate_limit_event reports), cost (the turn's
-total_cost_usd), fallback (two api_retry lines and a model_fallback before the answer).
+total_cost_usd), weekly_only (an account without a 5-hour window), claim,
+claim_status, claim_utilization (the representative window its rate_limit_event names: a
+per-model one such as seven_day_opus comes only this way, as with the real CLI), limit_window
+(with error plan_limit: the window refused, e.g. seven_day_opus), fallback (two api_retry lines and a model_fallback before the answer).
 
 With --input-format stream-json each stdin line is one user turn, answered up
 to its `result` before the next line is read, as the real CLI does: stdin may
@@ -50,6 +53,7 @@ import time
 
 VERSION = "2.1.330"  # (hashlib, subprocess: imported where used; every spawn of a test pays its imports)
 PLAN_RESET = 1795503600
+WEEK_RESET = 1795838400
 
 
 class Decoding:
@@ -264,17 +268,23 @@ class Run:
     def output_tokens(self, text):
         return (self.d.get("usage") or {}).get("output", max(1, len(text) // 4))
 
-    def rate_limit(self, status="allowed", utilization=None, overage=False):
+    def rate_limit(self, status="allowed", utilization=None, overage=False, claim=None):
+        """The plan as the CLI reports it: unifiedWindows holds the 5-hour (unless weekly_only) and
+        weekly windows; a per-model window (claim) comes only as the representative rateLimitType."""
         if not self.oauth:
             return
         utilization = self.d.get("plan", 0.12) if utilization is None else utilization
-        info = {"status": status, "resetsAt": PLAN_RESET, "rateLimitType": "five_hour",
-                "overageStatus": "allowed" if overage else "rejected",
-                "isUsingOverage": overage,
-                "unifiedWindows": {
-                    "five_hour": {"utilization": utilization, "resetsAt": PLAN_RESET, "status": status},
-                    "seven_day": {"utilization": self.d.get("plan_week", 0.45), "resetsAt": 1795838400,
-                                  "status": "allowed"}}}
+        weekly_only = self.d.get("weekly_only")
+        claim = claim or self.d.get("claim") or ("seven_day" if weekly_only else "five_hour")
+        windows = {"seven_day": {"utilization": self.d.get("plan_week", 0.45), "resetsAt": WEEK_RESET,
+                                 "status": status if weekly_only else "allowed"}}
+        if not weekly_only:
+            windows["five_hour"] = {"utilization": utilization, "resetsAt": PLAN_RESET, "status": status}
+        info = {"status": self.d.get("claim_status", status), "resetsAt": PLAN_RESET if claim == "five_hour" else WEEK_RESET,
+                "rateLimitType": claim, "overageStatus": "allowed" if overage else "rejected",
+                "isUsingOverage": overage, "unifiedWindows": windows}
+        if "claim_utilization" in self.d:
+            info["utilization"] = self.d["claim_utilization"]
         out(self.base(type="rate_limit_event", rate_limit_info=info))
 
     def result(self, text, is_error=False, stop_reason="end_turn", terminal="completed",
@@ -338,11 +348,17 @@ ERRORS = {
 def synthetic_error(run, kind):
     """Print the CLI's retries, synthetic assistant error line and failed result."""
     if kind == "plan_limit":
-        run.rate_limit(status="rejected", utilization=1)
-        info = {"status": "rejected", "resetsAt": PLAN_RESET, "rateLimitType": "five_hour",
-                "overageStatus": "rejected", "overageDisabledReason": "org_level_disabled",
+        window = run.d.get("limit_window", "five_hour")  # a per-model one: seven_day_opus, seven_day_sonnet
+        if window == "five_hour":
+            run.rate_limit(status="rejected", utilization=1)
+        else:
+            run.d.update(claim_status="rejected")
+            run.rate_limit(claim=window)
+        info = {"status": "rejected", "resetsAt": PLAN_RESET if window == "five_hour" else WEEK_RESET,
+                "rateLimitType": window, "overageStatus": "rejected", "overageDisabledReason": "org_level_disabled",
                 "isUsingOverage": False}
-        text = "You've hit your 5-hour limit · resets 7am (UTC)"
+        text = ("You've hit your 5-hour limit · resets 7am (UTC)" if window == "five_hour" else
+                f"You've hit your {window.split('_')[-1].title()} limit · resets Nov 28, 4am (UTC)")
         fields = dict(error="rate_limit", api_error_status=429, api_error="usage_limit_reached",
                       api_error_params={"rate_limit_info": info}, api_error_type="rate_limit_error")
         status, terminal, api_error = 429, "api_error", "usage_limit_reached"

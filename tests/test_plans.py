@@ -7,7 +7,7 @@ import time
 import unittest
 
 import ocp
-from helpers import ServerTest, TempHome, directive
+from helpers import ServerTest, TempHome, directive, wait_until
 from test_cli import run_main
 
 ADMIN = "ocp_admin_key_for_the_plans_tests00"
@@ -81,6 +81,165 @@ class KeyLifetimeOnTheCommandLine(TempHome):
         with self.assertRaises(ocp.ConfigError) as caught:
             ocp.load_config(self.environ(PROXY_ANONYMOUS_KEY_EXPIRES="next week"))
         self.assertIn("PROXY_ANONYMOUS_KEY_EXPIRES", str(caught.exception))
+
+
+WEEK_RESET = 1795838400  # the fake CLI's weekly reset
+OAUTH = {"CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-test"}  # subscription mode: the fake CLI reports the plan
+
+
+class PlanTest(ServerTest):
+    env = dict(OAUTH, CLAUDE_AUTH_MODE="multi", OCP_ADMIN_KEY=ADMIN)
+
+    def setUp(self):
+        super().setUp()
+        self.now = NOW
+        self.server.wall = lambda: self.now
+        status, _, body = self.admin("POST", "/api/keys", {"name": "ann"})
+        self.ann = body["key"]
+
+    def admin(self, method, path, body=None):
+        return self.request(method, path, body, headers={"Authorization": f"Bearer {ADMIN}"})
+
+    def ask(self, content="hi", model="sonnet", key=None, path="/v1/chat/completions"):
+        body = {"model": model, "messages": [{"role": "user", "content": content}]}
+        if path == "/v1/responses":
+            body = {"model": model, "input": content}
+        return self.request("POST", path, body, headers={"Authorization": f"Bearer {key or self.ann}"})
+
+    def plan(self):
+        return self.admin("GET", "/usage")[2]["plan"]
+
+
+class EveryWindowByName(PlanTest):
+    def test_a_per_model_window_is_kept_shown_and_sent_to_claude_code(self):
+        self.ask(directive(claim="seven_day_opus", claim_status="allowed_warning", claim_utilization=0.91),
+                 model="opus")
+        windows = {w["window"]: w for w in self.plan()["windows"]}
+        self.assertEqual(list(windows), ["five_hour", "seven_day", "seven_day_opus"], "display order")
+        self.assertEqual((windows["seven_day_opus"]["label"], windows["seven_day_opus"]["utilization_pct"],
+                          windows["seven_day_opus"]["status"]), ("weekly Opus", 91.0, "allowed_warning"))
+        status, headers, _ = self.request("POST", "/v1/messages", {"model": "opus", "max_tokens": 100, "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"x-api-key": self.ann})
+        self.assertEqual(status, 200)
+        self.assertEqual((headers["anthropic-ratelimit-unified-7d_opus-utilization"],
+                          headers["anthropic-ratelimit-unified-7d_opus-status"]), ("0.91", "allowed_warning"))
+        metrics = self.admin("GET", "/metrics")[2]
+        self.assertIn('ocp_plan_utilization{window="seven_day_opus"} 0.91', metrics)
+        self.ask(directive(claim="seven_day_opus", claim_utilization=0.93), model="sonnet")  # the rise after ann's
+        shares = self.admin("GET", "/api/usage?all=true")[2]["plan_share"]["windows"]  # opus requests is ann's
+        self.assertEqual({k["key"]: k["share_pct"] for k in shares["seven_day_opus"]["keys"]},
+                         {"(outside OCP)": 91.0, "ann": 2.0})
+        self.assertEqual([k["key"] for k in shares["five_hour"]["keys"]][0], "(outside OCP)")
+
+    def test_a_weekly_only_account_is_shown_weekly_first_and_codex_gets_it_as_primary(self):
+        self.ask(directive(weekly_only=True))
+        status, headers, _ = self.ask(directive(weekly_only=True), path="/v1/responses")
+        self.assertEqual(status, 200)
+        self.assertEqual([w["window"] for w in self.plan()["windows"]], ["seven_day"])
+        self.assertEqual((headers["x-codex-primary-used-percent"], headers["x-codex-primary-window-minutes"]),
+                         ("45", "10080"))
+        self.assertNotIn("x-codex-secondary-used-percent", headers)
+        status, headers, _ = self.request("POST", "/v1/messages", {"model": "sonnet", "max_tokens": 100, "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"x-api-key": self.ann})
+        self.assertEqual(headers["anthropic-ratelimit-unified-representative-claim"], "seven_day")
+        self.assertNotIn("anthropic-ratelimit-unified-5h-utilization", headers)
+
+    def test_a_window_the_cli_stopped_reporting_is_gone_after_its_reset(self):
+        self.ask()
+        self.assertEqual([w["window"] for w in self.plan()["windows"]], ["five_hour", "seven_day"])
+        self.now = 1795503600 + 60  # past the 5-hour reset; the account lost its 5-hour window
+        self.ask(directive(weekly_only=True))
+        self.assertEqual([w["window"] for w in self.plan()["windows"]], ["seven_day"])
+        self.assertNotIn("five_hour", self.server.plan.snapshot()["windows"], "not kept either")
+
+
+class PerModelLimits(PlanTest):
+    def test_a_rejected_opus_window_holds_opus_only(self):
+        status, headers, body = self.ask(directive(error="plan_limit", limit_window="seven_day_opus"), model="opus")
+        self.assertEqual((status, body["error"]["code"]), (429, "usage_limit_reached"))
+        self.assertEqual(headers["Retry-After"], str(WEEK_RESET - NOW))
+        runs = len(self.runs())
+        status, headers, body = self.ask(model="opus")
+        self.assertEqual((status, body["error"]["code"]), (429, "usage_limit_reached"))
+        self.assertIn("Opus limit resets in 3d 22h", body["error"]["message"])
+        self.assertIn("Other models still work: claude-sonnet-5-5", body["error"]["message"])
+        self.assertEqual(len(self.runs()), runs, "held by OCP: no CLI started")
+        self.assertEqual(self.ask(model="sonnet")[0], 200, "other models are served")
+        self.assertEqual(self.ask(model="haiku")[0], 200)
+        plan = self.plan()
+        self.assertEqual((plan["held_until"], [h["models"] for h in plan["held_models"]]), (None, ["opus"]))
+        self.assertEqual(self.admin("GET", "/health")[2]["status"], "ok", "the plan-wide verdict is unaffected")
+
+    def test_the_5_hour_limit_still_holds_everyone(self):
+        self.assertEqual(self.ask(directive(error="plan_limit"))[0], 429)
+        self.assertEqual(self.ask(model="haiku")[0], 429)
+        self.assertEqual(self.plan()["held_until"], 1795503600)
+
+    def test_the_reserve_applies_to_every_window_a_request_draws_from(self):
+        self.server.config = ocp.dataclasses.replace(self.server.config, reserve_7d=20)
+        low = self.admin("POST", "/api/keys", {"name": "kid", "priority": "low"})[2]["key"]
+        self.ask(directive(claim="seven_day_opus", claim_utilization=0.85), model="opus")
+        status, _, body = self.ask(model="opus", key=low)
+        self.assertEqual((status, body["error"]["code"]), (429, "plan_reserved"))
+        self.assertIn("weekly Opus window is 85% used", body["error"]["message"])
+        self.assertEqual(self.ask(model="sonnet", key=low)[0], 200, "sonnet draws from seven_day (45%) only")
+        self.assertEqual(self.ask(model="opus")[0], 200, "a normal key waits from 90%")
+
+
+class NothingStartsWhileHeld(PlanTest):
+    env = dict(PlanTest.env, OCP_POOL="1")
+
+    def test_no_cli_starts_once_a_limit_answer_is_known(self):
+        self.assertEqual(self.ask()[0], 200)
+        wait_until(lambda: self.server.runner.pool.snapshot()["warm"] >= 1)  # the pool's spare after a first use
+        self.assertEqual(self.ask(directive(error="plan_limit"))[0], 429)
+        runs, spawned = len(self.runs()), self.server.runner.pool.snapshot()["spawned"]
+        time.sleep(1.0)  # a spare started after the limit answer would be running by now
+        self.assertEqual(self.ask()[0], 429)
+        self.assertEqual((len(self.runs()), self.server.runner.pool.snapshot()["spawned"]), (runs, spawned))
+
+
+class Forecasts(unittest.TestCase):
+    """ocp.forecast on recorded utilization sequences ([time, fraction]); an estimate, labelled."""
+
+    def test_a_steady_pace(self):
+        readings = [[NOW + i * 600, 0.50 + 0.01 * i] for i in range(7)]  # 1 % every 10 minutes
+        ahead = ocp.forecast(readings, 300, NOW + 4 * 3600, NOW + 3600)
+        self.assertEqual((ahead["estimate"], ahead["pace_pct_per_hour"], ahead["based_on"]["readings"]), (True, 6.0, 7))
+        self.assertEqual(ahead["runs_out_at"], NOW + 3600 + int(0.44 / 0.06 * 3600))
+        self.assertFalse(ahead["before_reset"], "7.3 hours away; the window resets in 3")
+        self.assertTrue(ocp.forecast(readings, 300, NOW + 9 * 3600, NOW + 3600)["before_reset"])
+
+    def test_a_burst_is_read_as_the_pace_over_the_span(self):
+        readings = [[NOW + i * 600, 0.30] for i in range(6)] + [[NOW + 3600, 0.60]]
+        ahead = ocp.forecast(readings, 300, NOW + 3 * 3600, NOW + 3600)
+        self.assertEqual(ahead["pace_pct_per_hour"], 30.0)
+        self.assertEqual(ahead["runs_out_at"], NOW + 3600 + 4800)
+        self.assertTrue(ahead["before_reset"])
+        weekly = ocp.forecast([[NOW - 2 * 86400, 0.1], [NOW, 0.2]], ocp.WEEK_MINUTES, NOW + 86400, NOW)
+        self.assertEqual(weekly["based_on"]["readings"], 1, "a weekly window reads its last day")
+        self.assertIsNone(weekly["pace_pct_per_hour"])
+
+    def test_no_pace_from_one_reading_a_short_span_or_no_rise(self):
+        self.assertIsNone(ocp.forecast([[NOW, 0.5]], 300, NOW + 3600, NOW)["pace_pct_per_hour"])
+        self.assertIsNone(ocp.forecast([[NOW, 0.5], [NOW + 60, 0.6]], 300, NOW + 3600, NOW + 60)["pace_pct_per_hour"])
+        flat = ocp.forecast([[NOW, 0.5], [NOW + 900, 0.5]], 300, NOW + 3600, NOW + 900)
+        self.assertEqual((flat["pace_pct_per_hour"], flat["runs_out_at"], flat["before_reset"]), (0.0, None, False))
+
+    def test_a_reset_in_between_starts_the_readings_again(self):
+        plan = ocp.PlanLimits()
+        for i, u in enumerate((0.7, 0.8, 0.9)):
+            plan.observe({"unifiedWindows": {"five_hour": {"utilization": u, "resetsAt": NOW + 1800}}}, NOW + i * 600)
+        plan.observe({"unifiedWindows": {"five_hour": {"utilization": 0.05, "resetsAt": NOW + 1800 + 5 * 3600}}},
+                     NOW + 1900)
+        self.assertEqual(plan.snapshot()["readings"]["five_hour"], [[NOW + 1900, 0.05]])
+        plan.observe({"unifiedWindows": {"five_hour": {"utilization": 0.25, "resetsAt": NOW + 1800 + 5 * 3600}}},
+                     NOW + 1900 + 1800)
+        report = ocp.plan_report(plan, NOW + 3700, tz=ocp.datetime.timezone.utc)
+        ahead = report["windows"][0]["forecast"]
+        self.assertEqual((ahead["pace_pct_per_hour"], ahead["before_reset"]), (40.0, True))
+        self.assertIn("5-hour limit reached around", ahead["text"])
+        self.assertEqual([d["key"] for d in ahead["drivers"]], ["(outside OCP)"])
 
 
 if __name__ == "__main__":
