@@ -166,6 +166,8 @@ class Config:
     wall_status: str = "auto"  # auto: each client its own final refusal (wall_for); 429: a plain 429 for all
     reserve_5h: int = 0  # percent of the 5-hour window kept for higher-priority keys (0: off)
     reserve_7d: int = 0
+    alert_url: str = dataclasses.field(default="", repr=False)  # where alerts are POSTed ("": the audit log only)
+    alert_thresholds: Tuple[str, ...] = ("80", "95")  # percent of a plan window that raises an alert
     environ: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}), repr=False, compare=False)
     sources: Mapping[str, str] = dataclasses.field(  # field -> flag, env name, settings.json
@@ -186,6 +188,10 @@ class Config:
     @property
     def db_path(self) -> str:
         return os.path.join(self.home, "ocp.db")
+
+    @property
+    def alert_percents(self) -> Tuple[int, ...]:
+        return tuple(sorted(int(t) for t in self.alert_thresholds))
 
     @property
     def anonymous_expires_at(self) -> int:
@@ -353,6 +359,10 @@ SETTINGS = (
             runtime="reserve5h"),
     Setting("reserve_7d", "OCP_RESERVE_7D", "--reserve-7d", "int", "the same for the weekly window", (0, 100),
             runtime="reserve7d"),
+    Setting("alert_url", "OCP_ALERT_URL", "", "secret", "http(s) URL alerts are POSTed to as JSON (it may hold a "
+            "token: environment only)"),
+    Setting("alert_thresholds", "OCP_ALERT_THRESHOLDS", "--alert-thresholds", "list",
+            "percents of a plan window that raise an alert (comma list)"),
 )
 RUNTIME_SETTINGS = {s.runtime: s for s in SETTINGS if s.runtime}  # public name -> Setting
 
@@ -472,6 +482,10 @@ def validate_config(config: Config) -> None:
         raise ConfigError(f"OCP_LOG_LEVEL={config.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
     if config.upstream_base_url and not re.match(r"https?://", config.upstream_base_url):
         raise ConfigError("OCP_UPSTREAM_BASE_URL must start with http:// or https://")
+    if config.alert_url and not re.match(r"https?://[^\s]+$", config.alert_url):
+        raise ConfigError("OCP_ALERT_URL must be an http:// or https:// URL")
+    if not all(digits(t) and 1 <= int(t) <= 100 for t in config.alert_thresholds):
+        raise ConfigError(f"OCP_ALERT_THRESHOLDS={','.join(config.alert_thresholds)!r} must be percents from 1 to 100")
 
 
 ###############################################################################
@@ -533,6 +547,7 @@ class Model:
     context_window: int
     max_output: int
     aliases: Tuple[str, ...] = ()
+    min_cli: str = ""  # the oldest claude CLI Anthropic serves it to ("": any)
 
 
 class Models:
@@ -550,7 +565,7 @@ class Models:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         models = [Model(m["id"], int(m["created"]), int(m["context_window"]),
-                        int(m["max_output"]), tuple(m.get("aliases", ())))
+                        int(m["max_output"]), tuple(m.get("aliases", ())), str(m.get("min_cli") or ""))
                   for m in data["models"]]
         return cls(models)
 
@@ -568,6 +583,23 @@ class Models:
                            "(aliases: opus, sonnet, haiku).", "invalid_request_error",
                            "model_not_found", "model")
         return model
+
+
+def version_tuple(text: str) -> Tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"[0-9]+", text)[:3])
+
+
+def cli_fits(model: Model, installed: str) -> bool:
+    """Whether the installed claude CLI is new enough for the model (an unknown version is given the benefit)."""
+    return not (model.min_cli and installed) or version_tuple(installed) >= version_tuple(model.min_cli)
+
+
+def cli_too_old(model: Model, installed: str) -> ApiError:
+    """The model needs a newer claude CLI than OCP's: waiting will not fix it, another model or an update will."""
+    return ApiError(400, f"{model.id} needs the claude CLI {model.min_cli or 'in a newer version'} or newer; this OCP "
+                    f"has {installed or 'an older one'}. On the OCP machine run `claude update` (or `npm i -g "
+                    "@anthropic-ai/claude-code@latest`), or choose another model.", "invalid_request_error",
+                    "claude_code_version_too_old", "model", wall=True)
 
 
 def model_object(model: Model) -> Dict[str, Any]:
@@ -4212,6 +4244,9 @@ def result_error(result: Dict[str, Any], api_error: Dict[str, Any],
     if kind == "usage_limit_reached":
         return plan_limit_error(f"The Claude subscription's usage limit is reached: {text}",
                                 plan_reset(api_error, rate_limits), now_s)
+    if any("claude_code_version_too_old" in part for part in (str(kind), text, str(api_error.get("error")))):
+        return ApiError(400, f"Anthropic refused this claude CLI as too old for the model ({text})",
+                        "invalid_request_error", "claude_code_version_too_old", "model", wall=True)
     if status == 429:
         return ApiError(429, f"Anthropic is rate limiting requests: {text}", "rate_limit_error",
                         "upstream_rate_limited", headers={"Retry-After": "10"})
@@ -4487,6 +4522,7 @@ class PlanLimits:
         self.unshared: Dict[str, Dict[str, float]] = {"five_hour": {}, "seven_day": {}}  # window -> key -> cost
         self.overage_spent = dict(saved.get("overage_spent") or {"requests": 0, "cost_usd": 0.0})
         self.overage_status = str(saved.get("overage_status") or "")  # the account's extra usage: allowed, rejected…
+        self.changed: Callable[[], None] = lambda: None  # after a report or a hold (the server's alerts)
 
     def observe(self, info: Dict[str, Any], now_s: float = 0.0) -> bool:
         """Take one rate_limit_event (at `now_s`: windows past their reset go first, a window the
@@ -4507,6 +4543,7 @@ class PlanLimits:
             self.overage_status = str(info.get("overageStatus") or self.overage_status)
             state = self._state()
         self._save(state)
+        self.changed()
         return overage
 
     def _forget(self, now_s: float) -> None:
@@ -4601,6 +4638,7 @@ class PlanLimits:
                 self.hold_until, self.hold_message = resets_at, message
             state = self._state()
         self._save(state)
+        self.changed()
 
     def held(self, now_s: float, model_id: str = "") -> bool:
         """Whether a request (for `model_id`; any, when none is named) would be held now."""
@@ -4792,6 +4830,119 @@ def share_columns(report: Dict[str, Any], key: str) -> Dict[str, Optional[float]
         columns[label] = None if window is None else next(
             (k["share_pct"] for k in window["keys"] if k["key"] == key), 0.0)
     return columns
+
+
+# -- alerts: what the owner should see, POSTed to OCP_ALERT_URL ------------------------------------
+
+ALERTS_QUEUED = 100  # events waiting to be sent at most (the oldest goes first when full)
+ALERTS_REMEMBERED = 2000  # events already raised, so each is raised once (a window's threshold in one period…)
+
+
+def post_json(url: str, event: Dict[str, Any], timeout_s: float) -> None:
+    """POST one event as JSON; raise OSError (urllib's errors are OSErrors) unless a 2xx came back."""
+    import urllib.request  # only when alerts are on: the daemon stays small
+    request = urllib.request.Request(url, json.dumps(event).encode("utf-8"), method="POST", headers={
+        "Content-Type": "application/json", "User-Agent": "ocp/" + __version__})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        if not 200 <= response.status < 300:
+            raise OSError(f"HTTP {response.status}")
+
+
+class Alerts:
+    """Events the owner should see — a plan window past a threshold, a forecast that a window runs
+    out before its reset, a plan limit holding requests, a key at its quota, a broken login —
+    each raised once, written to the audit log and, with OCP_ALERT_URL, POSTed as a small JSON
+    object by one background thread: a request never waits for it (a bounded queue), each POST
+    has a timeout and a few retries with backoff. Thread-safe."""
+
+    def __init__(self, url: str, audit: Callable[[str, str, str], None], clock: Callable[[], float] = time.time,
+                 post: Callable[[str, Dict[str, Any], float], None] = post_json):
+        self.url, self.audit, self.clock, self.post = url, audit, clock, post
+        self.retries, self.backoff_s, self.timeout_s = 3, 2.0, 5.0
+        self._cond = threading.Condition()
+        self._queue: "collections.deque[Dict[str, Any]]" = collections.deque()
+        self._raised: "collections.OrderedDict[Any, None]" = collections.OrderedDict()
+        self._thread: Optional[threading.Thread] = None
+        self.counts = {"raised": 0, "sent": 0, "failed": 0, "dropped": 0}
+
+    def raise_once(self, once: Any, event: str, message: str, **fields: Any) -> bool:
+        """Raise an alert unless one with the same `once` was raised; True when it was raised now."""
+        with self._cond:
+            if once in self._raised:
+                return False
+            self._raised[once] = None
+            while len(self._raised) > ALERTS_REMEMBERED:
+                self._raised.popitem(last=False)
+            self.counts["raised"] += 1
+        body = dict(fields, event=event, message=message, text="OCP: " + message, at=int(self.clock()))
+        self.audit("alert", event, json.dumps(body, sort_keys=True))
+        log.warning("alert %s: %s", event, message, extra={"alert": event})
+        if self.url:
+            self._enqueue(body)
+        return True
+
+    def _enqueue(self, body: Dict[str, Any]) -> None:
+        with self._cond:
+            if len(self._queue) >= ALERTS_QUEUED:
+                self._queue.popleft()
+                self.counts["dropped"] += 1
+            self._queue.append(body)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_all, name="ocp-alerts", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _send_all(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                body = self._queue.popleft()
+            self._send(body)
+
+    def _send(self, body: Dict[str, Any]) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                self.post(self.url, body, self.timeout_s)
+            except (OSError, ValueError) as e:  # (a URL urllib cannot use is a ValueError)
+                log.info("alert %s not delivered (attempt %d): %s", body["event"], attempt + 1, scrub_paths(str(e)))
+                if attempt < self.retries:
+                    time.sleep(self.backoff_s * 2 ** attempt)
+                continue
+            with self._cond:
+                self.counts["sent"] += 1
+            return
+        with self._cond:
+            self.counts["failed"] += 1
+
+    def snapshot(self) -> Dict[str, int]:
+        with self._cond:
+            return dict(self.counts, queued=len(self._queue))
+
+
+def plan_alerts(alerts: Alerts, plan: PlanLimits, thresholds: Tuple[int, ...], now_s: float,
+                tz: Optional[datetime.tzinfo]) -> None:
+    """The plan's alerts after a change: each window past each threshold, a forecast that it runs
+    out before its reset (once per window and period), a hold (once per hold)."""
+    report = plan_report(plan, now_s, tz=tz)
+    for window in report["windows"]:
+        used, name, reset = window["utilization_pct"], window["window"], window["resets_at"]
+        for threshold in thresholds:
+            if used is not None and used >= threshold:
+                alerts.raise_once(("window", name, reset, threshold), "plan_window",
+                                  f"The plan's {window['label']} window is {used:g}% used (past {threshold}%); it "
+                                  f"resets in {window['resets_in']}.", window=name, utilization_pct=used,
+                                  threshold_pct=threshold, resets_at=reset)
+        ahead = window["forecast"]
+        if ahead["before_reset"]:
+            alerts.raise_once(("forecast", name, reset), "plan_forecast", f"Forecast (an estimate): the "
+                              f"{ahead['text']}.", window=name, runs_out_at=ahead["runs_out_at"], resets_at=reset,
+                              pace_pct_per_hour=ahead["pace_pct_per_hour"], drivers=ahead["drivers"])
+    holds = [("*", report["held_until"], "every model")] if report["held_until"] else []
+    holds += [(h["models"], h["until"], h["models"] + " models") for h in report["held_models"]]
+    for models, until, who in holds:
+        alerts.raise_once(("hold", models, until), "plan_held", f"The plan's usage limit is reached: OCP holds "
+                          f"requests for {who} until {utc_time(until)}.", models=models, until=until)
 
 
 ###############################################################################
@@ -5675,6 +5826,8 @@ class Turn:
     def _settle(self, answer: Answer) -> None:
         now = self.services.clock()
         answer.failure = answer.error(now)
+        if answer.failure is not None and answer.failure.code == "claude_code_version_too_old":
+            answer.failure = cli_too_old(self.request.model, self.services.runner.version())
         if answer.failure is not None and answer.failure.code == "usage_limit_reached":
             resets_at = plan_reset(answer.api_error or {}, answer.rate_limits) or int(now + 3600)
             self.services.plan.hold(resets_at, answer.failure.message,
@@ -6343,7 +6496,12 @@ class Ledger:
             row, counts = server.store.reserve(caller.key, caller.name, model_id, request_id, now, bounds,
                                                floor_tokens)
         except QuotaExceeded as e:
-            raise quota_error(e.breach, now) from None
+            breach = e.breach
+            server.alerts.raise_once(("quota", caller.label, breach["period"], breach["unit"], breach["resets_at"]),
+                                     "quota", f"The key {caller.label} reached its {breach['unit']} quota "
+                                     f"{PERIOD_WORDS[breach['period']]} ({breach['used']}/{breach['limit']}).",
+                                     key=caller.label, **{k: breach[k] for k in ("period", "unit", "limit", "resets_at")})
+            raise quota_error(breach, now) from None
         headers = ratelimit_headers(caller.key, counts, bounds, now)
         headers.update(plan_share_headers(server.plan.share_report(now), caller.label))
         return Ticket(self, caller, model_id, request_id, encoder, row, headers)
@@ -6520,6 +6678,8 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
     request = route.parse(h.read_json(), server.models, services.config)
     h.refused_model = request.model.id
     check_model_for(caller, request.model, route.refused_model_status)
+    if not cli_fits(request.model, services.runner.version()):
+        raise cli_too_old(request.model, services.runner.version())
     request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
     job, followup, size = turn_input(request, caller, h.request_id, services)
     if request.user:
@@ -7256,6 +7416,11 @@ class Server(ThreadingHTTPServer):
         self.ledger = Ledger(self)
         self.parks = Parks()
         self.runner.pool.may_spawn = lambda model_id: not self.plan.held(self.wall(), model_id)
+        self.alerts = Alerts(config.alert_url, lambda action, target, detail: self.store.audit(
+            "ocp", action, target, detail, self.wall()), lambda: self.wall())
+        self.plan.changed = lambda: plan_alerts(self.alerts, self.plan, self.config.alert_percents, self.wall(),
+                                                self.config.tzinfo)
+        self.login_episode = 0  # counts the login's breakdowns: each is alerted once
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
         self.sessions = DashboardSessions()
@@ -7409,10 +7574,16 @@ class Server(ThreadingHTTPServer):
             if error is not None and error.code == "upstream_auth_error":
                 self.auth_failures += 1
             elif status == "ok":
+                self.login_episode += self.auth_failures >= 2
                 self.auth_failures = 0
+            broken = self.auth_failures >= 2
             if error is not None:
                 self.recent_errors.append({"at": int(self.wall()), "status": error.status, "code": error.code,
                                            "message": error.message[:200]})
+        if broken:
+            self.alerts.raise_once(("login", self.login_episode), "login", "The Claude login of this OCP failed on "
+                                   "the last requests: on its machine run `claude setup-token` (then set "
+                                   "CLAUDE_CODE_OAUTH_TOKEN) or `claude auth login`.")
 
     def verdict(self) -> Tuple[str, str]:
         """("ok" | "degraded" | "down", why). Down = cannot serve; a timeout is no evidence."""
@@ -7444,6 +7615,7 @@ class Server(ThreadingHTTPServer):
             keys, now = self.store.keys(), self.wall()
             body["detail"] = {
                 "claude": self.runner.claude, "claude_version": self.runner.version() or None,
+                "models_too_new_for_the_cli": unservable_models(self.models, self.runner.version()),
                 "slots": dict(self.runner.slots.snapshot(), leaked=self.runner.slots.leaked()),
                 "running": self.runner.live(), "tools": self.parks.snapshot(),
                 "pool": self.runner.pool.snapshot(), "connections": self.connections.snapshot(),
@@ -8343,6 +8515,7 @@ def doctor_checks(config: Config, live: bool = False) -> List[Dict[str, Any]]:
                             f"claude {version} at {runner.claude}" if version else
                             f"{runner.claude} does not answer --version", [] if version else
                             ["Reinstall it: npm i -g @anthropic-ai/claude-code"]))
+        checks.append(models_check(version))
     try:
         checks.append(login_check(config, runner if live and runner.claude else None))
     finally:
@@ -8351,6 +8524,19 @@ def doctor_checks(config: Config, live: bool = False) -> List[Dict[str, Any]]:
     checks += permission_checks(config)
     checks.append(disk_check(config))
     return checks
+
+
+def models_check(version: str) -> Dict[str, Any]:
+    """The models of models.json the installed claude CLI is too old for."""
+    unservable = unservable_models(Models.load(os.path.join(HERE, "models.json")), version)
+    if not unservable:
+        return check("models", "ok", f"claude {version or '(unknown version)'} can serve every listed model")
+    return check("models", "warn", f"claude {version} is too old for " + ", ".join(
+        f"{m['model']} (needs {m['needs']})" for m in unservable), [], ["claude update"])
+
+
+def unservable_models(models: Models, version: str) -> List[Dict[str, str]]:
+    return [{"model": m.id, "needs": m.min_cli} for m in models.models if not cli_fits(m, version)]
 
 
 def login_check(config: Config, runner: Optional[Runner]) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ Keys: text (the answer; default "Echo: <last text block>"), texts (a list: the
 reply for the input's count of earlier assistant turns), deltas (how many
 text deltas), pace_ms (pause between deltas), thinking (a thinking block
 first), error (plan_limit, rate_limit, auth, not_logged_in, overloaded,
-server_error, prompt_too_long, blocking_limit, mid_stream, bad_request), crash (exit code,
+server_error, prompt_too_long, blocking_limit, version_too_old, mid_stream, bad_request), crash (exit code,
 no result), hang (print init, then wait to be killed), slow_start_ms, drop
 (a dropped connection: partial deltas, abandoned, retried non-streamed),
 garbage (unparsable lines between events), usage ({input, output,
@@ -51,7 +51,7 @@ import os
 import sys
 import time
 
-VERSION = "2.1.330"  # (hashlib, subprocess: imported where used; every spawn of a test pays its imports)
+VERSION = os.environ.get("FAKE_CLAUDE_VERSION") or "2.1.330"  # (hashlib, subprocess: imported where used; every spawn of a test pays its imports)
 PLAN_RESET = 1795503600
 WEEK_RESET = 1795838400
 
@@ -334,6 +334,10 @@ ERRORS = {
     "server_error": (500, "server_error", "api_error",
                      "API Error: 500 Internal server error. This is a server-side issue, usually "
                      "temporary — try again in a moment.", "api_error", 2),
+    "version_too_old": (400, "invalid_request", "invalid_request_error",
+                        "API Error: 400 {\"type\":\"error\",\"error\":{\"type\":\"invalid_request_error\","
+                        "\"code\":\"claude_code_version_too_old\",\"message\":\"This model requires a newer "
+                        "version of Claude Code.\"}}", "api_error", 0),
     "prompt_too_long": (400, "invalid_request", "invalid_request_error",
                         "Prompt is too long · the request is ~250000 tokens (limit 200000)",
                         "prompt_too_long", 0),

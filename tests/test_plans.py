@@ -3,8 +3,11 @@ the CLI a model needs, nothing started while held, and keys that end."""
 
 import json
 import os
+import socket
+import threading
 import time
 import unittest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import ocp
 from helpers import ServerTest, TempHome, directive, wait_until
@@ -197,6 +200,156 @@ class NothingStartsWhileHeld(PlanTest):
         time.sleep(1.0)  # a spare started after the limit answer would be running by now
         self.assertEqual(self.ask()[0], 429)
         self.assertEqual((len(self.runs()), self.server.runner.pool.snapshot()["spawned"]), (runs, spawned))
+
+
+class AlertReceiver:
+    """A local HTTP endpoint that records the JSON POSTed to it; it can answer late or fail."""
+
+    def __init__(self, status=204, delay_s=0.0):
+        self.events, self.attempts, self.status, self.delay_s = [], 0, status, delay_s
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.attempts += 1
+                time.sleep(receiver.delay_s)
+                if receiver.status < 300:
+                    receiver.events.append(dict(json.loads(body), content_type=self.headers["Content-Type"]))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def kinds(self):
+        return [e["event"] for e in self.events]
+
+
+class AlertsTest(PlanTest):
+    status, delay_s = 204, 0.0
+
+    def setUp(self):
+        self.receiver = AlertReceiver(self.status, self.delay_s)
+        self.addCleanup(self.receiver.close)
+        super().setUp()
+        self.server.alerts.backoff_s = 0.01
+
+    def server_env(self):
+        return dict(self.env, OCP_ALERT_URL=self.receiver.url)
+
+    def audited(self):
+        return [row["target"] for row in self.server.store.audit_trail(100) if row["action"] == "alert"]
+
+
+class AlertsTheOwnerSees(AlertsTest):
+    def test_thresholds_a_forecast_and_a_hold_each_once(self):
+        self.ask(directive(plan=0.5))
+        self.now += 600
+        self.ask(directive(plan=0.85))  # past 80 %, and 210 %/h: gone long before the reset
+        self.now += 60
+        self.ask(directive(plan=0.86))
+        wait_until(lambda: len(self.receiver.events) >= 2)
+        self.assertEqual(sorted(self.receiver.kinds()), ["plan_forecast", "plan_window"])
+        window = next(e for e in self.receiver.events if e["event"] == "plan_window")
+        self.assertEqual((window["window"], window["threshold_pct"], window["utilization_pct"]), ("five_hour", 80, 85.0))
+        self.assertEqual(window["content_type"], "application/json")
+        self.assertIn("5-hour window is 85% used (past 80%)", window["text"])
+        self.assertIn("5-hour limit reached around", next(e for e in self.receiver.events
+                                                           if e["event"] == "plan_forecast")["message"])
+        self.assertEqual(self.ask(directive(error="plan_limit"))[0], 429)
+        wait_until(lambda: "plan_held" in self.receiver.kinds())
+        self.assertEqual(sorted(self.receiver.kinds()), ["plan_forecast", "plan_held", "plan_window", "plan_window"])
+        self.assertEqual(sorted(self.audited()), sorted(self.receiver.kinds()), "each is in the audit log")
+
+    def test_a_key_at_its_quota_and_a_broken_login(self):
+        kid = self.admin("POST", "/api/keys", {"name": "kid", "daily": 1})[2]["key"]
+        self.assertEqual(self.ask(key=kid)[0], 200)
+        self.assertEqual(self.ask(key=kid)[0], 429)
+        self.assertEqual(self.ask(key=kid)[0], 429)
+        for _ in range(3):
+            self.assertEqual(self.ask(directive(error="auth"))[0], 503)
+        wait_until(lambda: len(self.receiver.events) >= 2)
+        time.sleep(0.2)
+        self.assertEqual(sorted(self.receiver.kinds()), ["login", "quota"], "each once")
+        quota = next(e for e in self.receiver.events if e["event"] == "quota")
+        self.assertEqual((quota["key"], quota["period"], quota["limit"]), ("kid", "day", 1))
+
+
+class AlertsThatCannotBeDelivered(AlertsTest):
+    status = 500
+
+    def test_retries_are_bounded_and_requests_unaffected(self):
+        kid = self.admin("POST", "/api/keys", {"name": "kid", "daily": 0})[2]["key"]
+        self.assertEqual(self.ask(key=kid)[0], 429)
+        wait_until(lambda: self.server.alerts.snapshot()["failed"] == 1)
+        self.assertEqual(self.receiver.attempts, self.server.alerts.retries + 1)
+        self.assertEqual(self.ask()[0], 200)
+
+    def test_an_unreachable_url(self):
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        self.server.alerts.url = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+        closed.close()
+        kid = self.admin("POST", "/api/keys", {"name": "kid", "daily": 0})[2]["key"]
+        self.assertEqual(self.ask(key=kid)[0], 429)
+        wait_until(lambda: self.server.alerts.snapshot()["failed"] == 1)
+        self.assertEqual(self.server.alerts.snapshot()["sent"], 0)
+
+
+class AlertsThatTakeTheirTime(AlertsTest):
+    delay_s = 2.0
+
+    def test_a_slow_endpoint_never_slows_a_request(self):
+        kid = self.admin("POST", "/api/keys", {"name": "kid", "daily": 0})[2]["key"]
+        started = time.monotonic()
+        self.assertEqual(self.ask(key=kid)[0], 429)
+        self.assertEqual(self.ask()[0], 200)
+        self.assertLess(time.monotonic() - started, 1.5, "the alert is sent beside the requests")
+        wait_until(lambda: self.server.alerts.snapshot()["sent"] == 1, timeout=10)
+
+
+class ACliThatFitsTheModels(PlanTest):
+    env = dict(PlanTest.env, FAKE_CLAUDE_VERSION="2.1.200")
+
+    def test_a_model_the_cli_is_too_old_for_is_a_clear_400_and_no_run(self):
+        runs = len(self.runs())
+        status, _, body = self.ask(model="opus")
+        self.assertEqual((status, body["error"]["code"], body["error"]["param"]), (400, "claude_code_version_too_old", "model"))
+        for words in ("claude-opus-5-5 needs the claude CLI 2.1.280", "this OCP has 2.1.200", "claude update"):
+            self.assertIn(words, body["error"]["message"])
+        self.assertEqual(len(self.runs()), runs)
+        self.assertEqual(self.ask(model="sonnet")[0], 200)
+        status, _, body = self.request("POST", "/v1/messages", {"model": "opus", "max_tokens": 10, "messages": [
+            {"role": "user", "content": "hi"}]}, headers={"x-api-key": self.ann})
+        self.assertEqual((status, body["type"], body["error"]["type"]), (400, "error", "invalid_request_error"))
+        detail = self.admin("GET", "/health")[2]["detail"]
+        self.assertEqual(detail["models_too_new_for_the_cli"], [{"model": "claude-opus-5-5", "needs": "2.1.280"}])
+
+    def test_doctor_names_the_models_the_cli_cannot_serve(self):
+        code, out, _ = run_main(["doctor", "--json"], self.environ(FAKE_CLAUDE_VERSION="2.1.200"))
+        models = next(c for c in json.loads(out)["checks"] if c["id"] == "models")
+        self.assertEqual(models["level"], "warn")
+        self.assertIn("claude-opus-5-5 (needs 2.1.280)", models["message"])
+        code, out, _ = run_main(["doctor", "--json"], self.environ())
+        self.assertEqual(next(c for c in json.loads(out)["checks"] if c["id"] == "models")["level"], "ok")
+
+
+class UpstreamSaysTheCliIsTooOld(PlanTest):
+    def test_claude_code_version_too_old_from_upstream_is_the_same_error(self):
+        status, _, body = self.ask(directive(error="version_too_old"), model="haiku")
+        self.assertEqual((status, body["error"]["code"]), (400, "claude_code_version_too_old"))
+        self.assertIn("claude-haiku-5-5 needs the claude CLI", body["error"]["message"])
+        self.assertIn("this OCP has 2.1.330", body["error"]["message"])
 
 
 class Forecasts(unittest.TestCase):

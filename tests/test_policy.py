@@ -106,16 +106,21 @@ class ReadmeSettingsTables(unittest.TestCase):
 
     def setUp(self):
         with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-            self.rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
-                         for line in f if line.strip().startswith("| `")]
+            self.lines = [line.strip() for line in f]
+        self.rows = [self.cells(line) for line in self.lines if line.startswith("| `")]
+
+    @staticmethod
+    def cells(line):
+        return [cell.strip() for cell in line.strip("|").split("|")]
 
     def test_every_variable_is_documented_and_every_documented_one_exists(self):
         documented = {name for row in self.rows for name in re.findall(r"`((?:CLAUDE|OCP|PROXY)_[A-Z0-9_]+)`", row[0])}
         self.assertEqual(documented, {s.env for s in ocp.SETTINGS})
 
     def test_the_runtime_settings_table(self):
-        runtime = {row[0].strip("`"): row[1].strip("`") for row in self.rows
-                   if len(row) == 2 and re.fullmatch(r"`[a-z][A-Za-z0-9]+`", row[0])}
+        start = self.lines.index("| runtime setting | variable |") + 2
+        table = self.lines[start:next(i for i in range(start, len(self.lines)) if not self.lines[i].startswith("|"))]
+        runtime = {cells[0].strip("`"): cells[1].strip("`") for cells in map(self.cells, table)}
         self.assertEqual(runtime, {name: s.env for name, s in ocp.RUNTIME_SETTINGS.items()})
 
 
