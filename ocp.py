@@ -5069,8 +5069,8 @@ def sample(name: str, labels: Dict[str, str], value: float) -> str:
     return f"{name} {value}"
 
 
-def by_window(windows: Dict[str, Any], field: str) -> Dict[str, Any]:
-    return {name: w[field] for name, w in windows.items() if w["utilization"] is not None}
+def by_window(view: Any, field: str) -> Dict[str, Any]:
+    return {name: w[field] for name, w in current_windows(view.plan, view.now).items() if w["utilization"] is not None}
 
 
 READ = (  # what /metrics reads from the daemon's parts when asked (the view: Server.metric_view)
@@ -5082,9 +5082,11 @@ READ = (  # what /metrics reads from the daemon's parts when asked (the view: Se
     Family("ocp_plan_held", "gauge", "1 while the plan's usage limit holds requests.", (),
            lambda v: int(v.plan["hold_until"] > v.now)),
     Family("ocp_plan_utilization", "gauge", "Plan window utilization (1 = full).", ("window",),
-           lambda v: by_window(v.plan["windows"], "utilization")),
+           lambda v: by_window(v, "utilization")),
     Family("ocp_plan_resets_at", "gauge", "When a plan window resets (epoch seconds).", ("window",),
-           lambda v: by_window(v.plan["windows"], "resets_at")),
+           lambda v: by_window(v, "resets_at")),
+    Family("ocp_plan_held_models", "gauge", "1 while a per-model limit holds that family's requests.", ("models",),
+           lambda v: {family: 1 for family, h in v.plan["model_holds"].items() if h["until"] > v.now}),
     Family("ocp_plan_share_percent", "gauge", "Estimated share of a plan window used by a key (percent of the "
            "window; see the README).", ("window", "key"),
            lambda v: {(name, e["key"]): e["share_pct"] for name, w in v.share["windows"].items() for e in w["keys"]}),

@@ -139,6 +139,9 @@ class EveryWindowByName(PlanTest):
         status, headers, _ = self.ask(directive(weekly_only=True), path="/v1/responses")
         self.assertEqual(status, 200)
         self.assertEqual([w["window"] for w in self.plan()["windows"]], ["seven_day"])
+        dashboard = self.request("GET", "/dashboard/data", headers={"Authorization": f"Bearer {ADMIN}"})[2]
+        self.assertEqual([(w["window"], w["label"]) for w in dashboard["plan"]["windows"]], [("seven_day", "weekly")])
+        self.assertTrue(dashboard["plan"]["windows"][0]["forecast"]["estimate"])
         self.assertEqual((headers["x-codex-primary-used-percent"], headers["x-codex-primary-window-minutes"]),
                          ("45", "10080"))
         self.assertNotIn("x-codex-secondary-used-percent", headers)
@@ -171,6 +174,9 @@ class PerModelLimits(PlanTest):
         self.assertEqual(self.ask(model="haiku")[0], 200)
         plan = self.plan()
         self.assertEqual((plan["held_until"], [h["models"] for h in plan["held_models"]]), (None, ["opus"]))
+        dashboard = self.request("GET", "/dashboard/data", headers={"Authorization": f"Bearer {ADMIN}"})[2]
+        self.assertEqual([(h["models"], h["until"]) for h in dashboard["plan"]["held_models"]], [("opus", WEEK_RESET)])
+        self.assertIn('ocp_plan_held_models{models="opus"} 1', self.admin("GET", "/metrics")[2])
         self.assertEqual(self.admin("GET", "/health")[2]["status"], "ok", "the plan-wide verdict is unaffected")
 
     def test_the_5_hour_limit_still_holds_everyone(self):
