@@ -4760,7 +4760,7 @@ def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None,
     the holds, and OCP's extra usage."""
     state = plan.snapshot()
     share = plan.share_report(now_s)
-    windows = [window_report(name, w, state, share, now_s, tz) for name, w in current_windows(state, now_s).items()]
+    windows = [window_report(name, w, state, now_s, tz, key) for name, w in current_windows(state, now_s).items()]
     holds = [{"models": family, "until": h["until"], "message": h["message"]}
              for family, h in sorted(state["model_holds"].items()) if h["until"] > now_s]
     return {"windows": windows, "held_until": state["hold_until"] if state["hold_until"] > now_s else None,
@@ -4771,11 +4771,13 @@ def plan_report(plan: PlanLimits, now_s: float, key: Optional[str] = None,
             "overage_spent": state["overage_spent"], "share": key_share(share, key)}
 
 
-def window_report(name: str, window: Dict[str, Any], state: Dict[str, Any], share: Dict[str, Any], now_s: float,
-                  tz: Optional[datetime.tzinfo]) -> Dict[str, Any]:
+def window_report(name: str, window: Dict[str, Any], state: Dict[str, Any], now_s: float,
+                  tz: Optional[datetime.tzinfo], key: Optional[str] = None) -> Dict[str, Any]:
+    """One window for people; with `key`, the forecast names no other key (a member sees its own)."""
     kind = plan_window(name)
     ahead = forecast(state["readings"].get(name) or [], kind.minutes, window["resets_at"], now_s)
-    ahead["drivers"] = pace_drivers(state["shares"].get(name), ahead["based_on"]["span_minutes"] * 60, now_s)
+    drivers = pace_drivers(state["shares"].get(name), ahead["based_on"]["span_minutes"] * 60, now_s)
+    ahead["drivers"] = drivers if key is None else [d for d in drivers if d["key"] == key]
     ahead["text"] = forecast_text(kind, ahead, window["resets_at"], tz)
     return {"window": name, "label": kind.label, "models": kind.models or None,
             "utilization_pct": None if window["utilization"] is None else round(window["utilization"] * 100, 1),

@@ -159,6 +159,20 @@ class EveryWindowByName(PlanTest):
         self.assertNotIn("five_hour", self.server.plan.snapshot()["windows"], "not kept either")
 
 
+class AMemberSeesItsOwn(PlanTest):
+    def test_the_forecast_names_no_other_key_to_a_member(self):
+        bob = self.admin("POST", "/api/keys", {"name": "bob"})[2]["key"]
+        for i, (key, plan) in enumerate(((self.ann, 0.2), (bob, 0.3), (self.ann, 0.4), (bob, 0.5))):
+            self.now = NOW + 400 * i
+            self.ask(directive(plan=plan), key=key)
+        mine = self.request("GET", "/dashboard/data", headers={"Authorization": f"Bearer {bob}"})[2]
+        drivers = [d["key"] for w in mine["plan"]["windows"] for d in w["forecast"]["drivers"]]
+        self.assertEqual(set(drivers), {"bob"})
+        self.assertNotIn("ann", json.dumps(mine["plan"]))
+        everyone = self.request("GET", "/dashboard/data", headers={"Authorization": f"Bearer {ADMIN}"})[2]
+        self.assertLessEqual({"ann", "bob"}, {d["key"] for d in everyone["plan"]["windows"][0]["forecast"]["drivers"]})
+
+
 class PerModelLimits(PlanTest):
     def test_a_rejected_opus_window_holds_opus_only(self):
         status, headers, body = self.ask(directive(error="plan_limit", limit_window="seven_day_opus"), model="opus")
