@@ -162,6 +162,7 @@ class Config:
     pool_max_mb: int = 0  # 0: derived from the machine's memory (default_pool_mb)
     pool_max_clis: int = 0  # 0: twice max_concurrent
     pool_idle_ttl_ms: int = 3_600_000
+    pool_spare_after: int = 2  # conversations a key began with a configuration before a spare is kept for it
     max_connections: int = 0  # 0: derived from the open-files limit (connection_cap)
     wall_status: str = "auto"  # auto: each client its own final refusal (wall_for); 429: a plain 429 for all
     reserve_5h: int = 0  # percent of the 5-hour window kept for higher-priority keys (0: off)
@@ -348,6 +349,9 @@ SETTINGS = (
             "idle CLIs the pool keeps at most, whatever their size (0 = 2 x CLAUDE_MAX_CONCURRENT)", (0, 1024)),
     Setting("pool_idle_ttl_ms", "OCP_POOL_IDLE_TTL", "--pool-idle-ttl", "int",
             "milliseconds an idle warm CLI is kept", (100, 7 * DAY_MS)),
+    Setting("pool_spare_after", "OCP_POOL_SPARE_AFTER", "--pool-spare-after", "int", "conversations one key "
+            "began with a configuration before a warm spare is kept for it (1: after any; 0: never a spare)",
+            (0, 100)),
     Setting("max_connections", "OCP_MAX_CONNECTIONS", "--max-connections", "int", "client connections open at "
             "once (0 = half the open-files limit, 16 to 4096); past it the newest that never sent a keyed request "
             "close first, then members' idle ones", (0, 1 << 20)),
@@ -2555,6 +2559,8 @@ class Lease:
         self.spawn_job, self.creds = job, Credentials("none")  # what its CLI was started for, and as whom
         self.spent_usd = 0.0  # its CLI's total_cost_usd so far
         self.pooled = ""  # while idle in the pool: "warm" (no conversation) or "conversation"
+        self.spare = False  # started by the pool ahead of a request (a warm spare), not used yet
+        self.continued = 0  # how often the conversation it holds was continued in it (0: it began one)
         self.parked_round = False  # while it waits in Parks for its client's tool results
         self.rss_mb = 0.0  # measured when it last went idle: idle CLIs outside the pool count in its budget
 
@@ -2598,7 +2604,7 @@ class Lease:
     def _adopt(self, warm: "Lease") -> None:
         """Take over a pooled CLI: it answers this lease's request now, and the pooled lease ends."""
         self.proc, self.run_dir, self.held = warm.proc, warm.run_dir, warm.held
-        self.spent_usd = warm.spent_usd
+        self.spent_usd, self.spare, self.continued = warm.spent_usd, warm.spare, warm.continued
         self.key, self.spawn_job, self.creds = warm.key, warm.spawn_job, warm.creds
         self.proc.on_control = self.on_control or refuse_control
         self.runner.hand_over(warm, self)
@@ -2787,6 +2793,10 @@ def rss_mb(pid: int) -> float:
         return 0.0
 
 
+USES_REMEMBERED = 1024  # spawn keys whose uses the pool counts (a warm spare only for one that recurs)
+UNCONTINUED_AFTER_S = 120  # a kept conversation not continued this long is likely done (an agent's title call)
+
+
 def spawn_key(job: Job, creds: Credentials) -> str:
     """Everything a CLI is fixed to when it starts (argv, environment, whose key): a pooled CLI
     serves only a job with the same spawn key."""
@@ -2804,6 +2814,12 @@ class Warm:
     since: float  # idle since (monotonic)
     rss_mb: float
 
+    def unpromising(self, now: Optional[float]) -> bool:
+        """A conversation its CLI never continued though its client had a while to (an agent's
+        one-shot title call, a question asked once): the first of its key's to go."""
+        return (bool(self.conversation) and not self.lease.continued and now is not None
+                and now - self.since >= UNCONTINUED_AFTER_S)
+
     @property
     def account(self) -> str:
         return self.lease.job.account
@@ -2813,11 +2829,12 @@ class Warm:
         return PRIORITIES.index(self.lease.job.priority)
 
 
-def pool_to_end(entries: List[Warm], room_mb: float, max_count: int) -> List[Warm]:
+def pool_to_end(entries: List[Warm], room_mb: float, max_count: int, now: Optional[float] = None) -> List[Warm]:
     """Which pooled CLIs end so that the rest fit in `room_mb` and number at most `max_count`
     (`entries` least recently used first). Each key has a fair share — the room over the keys
     present — and the key furthest over its share loses its own least recently used first,
-    among the keys of the lowest priority present: a high key's CLIs outlast a low key's."""
+    among the keys of the lowest priority present: a high key's CLIs outlast a low key's; within a
+    key, a conversation not continued within UNCONTINUED_AFTER_S (at `now`) goes before the rest."""
     rest, ending = list(entries), []
     while rest and (len(rest) > max_count or sum(w.rss_mb for w in rest) > room_mb):
         share = room_mb / len({w.account for w in rest})
@@ -2826,7 +2843,7 @@ def pool_to_end(entries: List[Warm], room_mb: float, max_count: int) -> List[War
             used[warm.account] += warm.rss_mb
         lowest = min(w.rank for w in rest)
         victim = min((w for w in rest if w.rank == lowest),
-                     key=lambda w: (-(used[w.account] - share), rest.index(w)))
+                     key=lambda w: (-(used[w.account] - share), not w.unpromising(now), rest.index(w)))
         rest.remove(victim)
         ending.append(victim)
     return ending
@@ -2860,6 +2877,8 @@ class Pool:
         self.hits = {"warm": 0, "reset": 0, "continued": 0}
         self.evictions = {"budget": 0, "idle": 0, "exited": 0, "cleared": 0}
         self.misses = self.spawned = 0
+        self.spares = {"used": 0, "unused": 0}  # warm spares a request took, or that ended untouched
+        self._uses: "collections.OrderedDict[str, int]" = collections.OrderedDict()  # spawn key -> uses seen
 
     def enabled(self) -> bool:
         return self.runner.config.pool and not self.closed
@@ -2887,10 +2906,12 @@ class Pool:
 
     def _shed(self, room_mb: float) -> List[Warm]:
         """(under the lock) Take out what pool_to_end names; return it for the caller to end."""
-        evicted = pool_to_end(self._entries, room_mb - sum(self._spawning.values()), self.max_count())
+        evicted = pool_to_end(self._entries, room_mb - sum(self._spawning.values()), self.max_count(),
+                              self.runner.clock())
         for warm in evicted:
             self._entries.remove(warm)
         self.evictions["budget"] += len(evicted)
+        self.spares["unused"] += sum(w.lease.spare for w in evicted)
         return evicted
 
     # -- lending -------------------------------------------------------------
@@ -2908,6 +2929,8 @@ class Pool:
                     return None
                 found = min(same, key=lambda w: bool(w.conversation))  # warm first, else the oldest holder
                 self._entries.remove(found)
+                self.spares["used"] += found.lease.spare
+                found.lease.spare, found.lease.continued = False, 0
             lease = found.lease
             if lease.proc.popen.poll() is None and (not found.conversation or lease.reset()):
                 with self._cond:
@@ -2937,6 +2960,7 @@ class Pool:
             return None
         with self._cond:
             self.hits["continued"] += 1
+        lease.continued += 1
         lease.pooled, lease.rss_mb = "", found[0].rss_mb  # until it runs, it counts as idle outside the pool
         return lease
 
@@ -2955,7 +2979,8 @@ class Pool:
                 return False
             self.largest_mb = max(self.largest_mb, rss)
             warm = Warm(lease, conversation, self.runner.clock(), rss)
-            if warm in pool_to_end(self._entries + [warm], room - sum(self._spawning.values()), self.max_count()):
+            if warm in pool_to_end(self._entries + [warm], room - sum(self._spawning.values()), self.max_count(),
+                                   warm.since):
                 return False  # it would push out a higher key's CLI, or a fairer share: it goes itself
             self._entries.append(warm)
             evicted = self._shed(room)
@@ -2973,12 +2998,14 @@ class Pool:
         return sum(w.rss_mb for w in self._entries) + sum(self._spawning.values())
 
     def replenish(self, lease: Lease) -> None:
-        """Spawn-after-use: a lease of this configuration ended, so a warm CLI for it starts in the
-        background — unless one is there or starting, it would not fit, a slot is not free,
-        or the plan is held (a warm CLI would wait for nothing)."""
-        if not (lease.key and self.enabled() and self.may_spawn(lease.spawn_job.model)
-                and not self.runner.stopping):
-            return
+        """Spawn-after-use: a lease that began a conversation of this configuration ended and the
+        configuration recurs (this key began conversations with it before: an agent's system
+        prompt names its project, so a spare for a one-off shape would wait for nothing), so a warm
+        CLI for it starts in the background — unless one is there or starting, it would not fit,
+        a slot is not free, or the plan is held."""
+        if lease.continued or not (lease.key and self.enabled() and self.recurs(lease.key)
+                                   and self.may_spawn(lease.spawn_job.model) and not self.runner.stopping):
+            return  # (a continued conversation took no spare: none is owed)
         guess = self.largest_mb or POOL_RSS_GUESS_MB
         with self._cond:
             if lease.key in self._spawning or any(w.lease.key == lease.key and not w.conversation
@@ -2990,6 +3017,17 @@ class Pool:
         threading.Thread(target=self._warm_up, args=(lease.spawn_job, lease.creds, lease.key),
                          name="ocp-pool-spawn", daemon=True).start()
 
+    def recurs(self, key: str) -> bool:
+        """Count a conversation begun with spawn key `key`; True once OCP_POOL_SPARE_AFTER were (the
+        last USES_REMEMBERED keys counted)."""
+        with self._cond:
+            uses = self._uses.pop(key, 0) + 1
+            self._uses[key] = uses
+            while len(self._uses) > USES_REMEMBERED:
+                self._uses.popitem(last=False)
+        after = self.runner.config.pool_spare_after
+        return bool(after) and uses >= after
+
     def _warm_up(self, job: Job, creds: Credentials, key: str) -> None:
         runner = self.runner
         job = dataclasses.replace(job, blocks=(), request_id="warm-" + secrets.token_hex(4))
@@ -3000,6 +3038,7 @@ class Pool:
                 lease.start(creds, key)
                 ready = lease.reset()
                 self._started(key)  # from now on its measured size counts, not the guess
+                lease.spare = True
                 kept = ready and self.keep(lease, "")
         except (ApiError, OSError) as e:
             log.info("no warm CLI: %s", getattr(e, "message", None) or e)
@@ -3025,6 +3064,7 @@ class Pool:
                 for warm in gone:
                     self._entries.remove(warm)
                     self.evictions["idle" if warm.since + ttl <= now else "exited"] += 1
+                    self.spares["unused"] += warm.lease.spare
                 entries = list(self._entries)
             for warm in gone:
                 warm.lease.kill("idle")
@@ -3046,6 +3086,7 @@ class Pool:
         with self._cond:
             entries, self._entries = self._entries, []
             self.evictions["cleared"] += len(entries)
+            self.spares["unused"] += sum(w.lease.spare for w in entries)
             self._cond.notify()
         for warm in entries:
             warm.lease.kill(reason)
@@ -3064,6 +3105,7 @@ class Pool:
                     "starting": len(self._spawning), "rss_mb": round(sum(w.rss_mb for w in self._entries), 1),
                     "budget_mb": self.budget_mb() if self.runner.config.pool else 0,
                     "hits": dict(self.hits), "misses": self.misses, "spawned": self.spawned,
+                    "spares": dict(self.spares),
                     "evictions": dict(self.evictions)}
 
 
@@ -5108,6 +5150,8 @@ READ = (  # what /metrics reads from the daemon's parts when asked (the view: Se
            lambda v: v.pool["misses"]),
     Family("ocp_pool_spawns_total", "counter", "Warm CLIs started after a use of their configuration.", (),
            lambda v: v.pool["spawned"]),
+    Family("ocp_pool_spares_total", "counter", "Warm spares a request took (used) or that ended untouched (unused).",
+           ("outcome",), lambda v: v.pool["spares"]),
     Family("ocp_pool_evictions_total", "counter", "Pooled CLIs ended: over the budget, idle past the TTL, exited, "
            "cleared.", ("reason",), lambda v: v.pool["evictions"]),
     Family("ocp_connections", "gauge", "Client connections open.", (), lambda v: v.connections["open"]),

@@ -210,7 +210,7 @@ class PerModelLimits(PlanTest):
 
 
 class NothingStartsWhileHeld(PlanTest):
-    env = dict(PlanTest.env, OCP_POOL="1")
+    env = dict(PlanTest.env, OCP_POOL="1", OCP_POOL_SPARE_AFTER="1")  # a spare after any first use
 
     def test_no_cli_starts_once_a_limit_answer_is_known(self):
         self.assertEqual(self.ask()[0], 200)

@@ -2,6 +2,7 @@
 conversations that go on in the CLI that holds them (only the new turns are sent)."""
 
 import json
+import re
 import threading
 import time
 import unittest
@@ -19,7 +20,8 @@ def said(body) -> str:
 
 
 class PoolTest(ServerTest):
-    env = {"OCP_POOL": "1", "OCP_ADMIN_KEY": ADMIN}
+    env = {"OCP_POOL": "1", "OCP_ADMIN_KEY": ADMIN, "OCP_POOL_SPARE_AFTER": "1"}  # a spare after any use (the
+    # default waits for a configuration's second use: SparesForShapesThatRecur)
 
     def setUp(self):
         super().setUp()
@@ -228,7 +230,8 @@ class Conversations(PoolTest):
 class KeyedPool(PoolTest):
     """(no tests) Keys in multi mode, every pooled CLI measured at 100 MiB."""
 
-    env = {"OCP_POOL": "1", "CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_POOL_MAX_MB": "450"}
+    env = {"OCP_POOL": "1", "CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "OCP_POOL_MAX_MB": "450",
+           "OCP_POOL_SPARE_AFTER": "1"}
 
     def setUp(self):
         patcher = mock.patch.object(ocp, "rss_mb", return_value=100.0)  # four pooled CLIs fit in 450 MiB
@@ -330,8 +333,53 @@ class SessionsList(PoolTest):
                          [("conversation", False), ("warm", False)])
 
 
+class SparesForShapesThatRecur(PoolTest):
+    """A warm spare is kept only for a configuration a key begins conversations with again
+    (OCP_POOL_SPARE_AFTER, default 2): agents name their project in the system prompt."""
+
+    env = {"OCP_POOL": "1", "OCP_ADMIN_KEY": ADMIN}
+
+    def session(self, directory):
+        """An agent's session: a title call never continued, and a main conversation of four turns."""
+        system = f"You are a coding agent working in {directory}."
+        title = [{"role": "system", "content": system + " Reply with a title."}, {"role": "user", "content": "fix it"}]
+        self.assertEqual(self.chat(messages=title)[0], 200)
+        self.settled()
+        self.converse("step 0", "step 1", "step 2", "step 3", system_first=system)
+
+    def converse(self, *texts, system_first=""):
+        messages = [{"role": "system", "content": system_first}]
+        for text in texts:
+            messages.append({"role": "user", "content": text})
+            status, _, body = self.chat(messages=list(messages))
+            self.assertEqual(status, 200, body)
+            messages.append({"role": "assistant", "content": said(body)})
+            self.settled()
+
+    def spares(self):
+        text = self.admin("GET", "/metrics")[2]
+        return {outcome: float(re.search(r'ocp_pool_spares_total\{outcome="%s"\} ([0-9.]+)' % outcome, text).group(1))
+                for outcome in ("used", "unused")}
+
+    def test_sessions_in_three_directories_start_no_spare(self):
+        for directory in ("/src/a", "/src/b", "/src/c"):
+            self.session(directory)
+        pool = self.settled()
+        self.assertEqual((pool["warm"], pool["spawned"], pool["hits"]["continued"]), (0, 0, 9))
+        self.assertEqual(self.spares(), {"used": 0, "unused": 0})
+
+    def test_a_project_that_comes_back_gets_its_spares_and_uses_them(self):
+        self.session("/src/a")
+        self.assertEqual(self.settled()["spawned"], 0)
+        self.session("/src/a")  # its title and main configurations each begin a second conversation
+        self.assertEqual(self.settled(warm=2)["spawned"], 2)
+        self.session("/src/a")
+        pool = self.settled()
+        self.assertEqual((pool["hits"]["warm"], self.spares()["used"]), (2, 2))
+
+
 class IdleTtl(PoolTest):
-    env = {"OCP_POOL": "1", "OCP_POOL_IDLE_TTL": "300"}
+    env = {"OCP_POOL": "1", "OCP_POOL_IDLE_TTL": "300", "OCP_POOL_SPARE_AFTER": "1"}
 
     def test_idle_clis_end_after_the_ttl(self):
         self.chat("hello")

@@ -23,7 +23,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--
 
 class DashboardInChromium(ServerTest):
     env = {"CLAUDE_AUTH_MODE": "multi", "OCP_ADMIN_KEY": ADMIN, "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-ui",
-           "OCP_POOL": "1"}
+           "OCP_POOL": "1", "OCP_POOL_SPARE_AFTER": "1"}
 
     @classmethod
     def setUpClass(cls):

@@ -142,7 +142,7 @@ class EndedClisCallNoModel(RealCliTest):
 
 
 class PooledClisCallNoModel(RealCliTest):
-    env = {"OCP_ADMIN_KEY": ADMIN, "OCP_POOL": "1"}
+    env = {"OCP_ADMIN_KEY": ADMIN, "OCP_POOL": "1", "OCP_POOL_SPARE_AFTER": "1"}
 
     def setUp(self):
         super().setUp()

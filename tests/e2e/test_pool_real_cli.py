@@ -18,7 +18,7 @@ def words(body) -> str:
 
 
 class PoolWithTheRealCli(OpenAIClientTest):
-    env = {"OCP_POOL": "1"}
+    env = {"OCP_POOL": "1", "OCP_POOL_SPARE_AFTER": "1"}  # a spare after any first use (default: the second)
 
     def setUp(self):
         super().setUp()

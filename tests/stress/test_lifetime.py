@@ -189,7 +189,7 @@ class DaemonWithPool(Daemon):
                           if len([r for r in self.runs() if pid_alive(r["pid"])]) >= 2 else None, timeout=10)
 
     def test_sigterm_ends_every_pooled_cli(self):
-        daemon, port = self.start_daemon(OCP_POOL="1")
+        daemon, port = self.start_daemon(OCP_POOL="1", OCP_POOL_SPARE_AFTER="1")
         pids = self.pooled(port, 2)
         daemon.send_signal(signal.SIGTERM)
         self.assertEqual(daemon.wait(timeout=20), 0)
@@ -198,7 +198,7 @@ class DaemonWithPool(Daemon):
         self.assertEqual(self.run_dirs(), [])
 
     def test_kill_9_ends_every_pooled_cli(self):
-        daemon, port = self.start_daemon(OCP_POOL="1")
+        daemon, port = self.start_daemon(OCP_POOL="1", OCP_POOL_SPARE_AFTER="1")
         pids = self.pooled(port, 2)
         daemon.kill()
         daemon.wait()
