@@ -53,6 +53,7 @@ import datetime
 import errno
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import logging.handlers
@@ -5197,19 +5198,23 @@ def log_entry(record: logging.LogRecord) -> Dict[str, Any]:
 
 
 class LogRing(logging.Handler):
-    """The last log entries in memory, behind GET /logs. Thread-safe (logging locks emit)."""
+    """The last log records in memory, behind GET /logs; each becomes an entry when it is read
+    (most never are: a request's line costs its thread no formatting). A record with an exception
+    is an entry at once: its traceback would keep the frames alive. Thread-safe (logging locks emit)."""
 
     def __init__(self, size: int = 1000):
         super().__init__()
-        self.entries: "collections.deque[Dict[str, Any]]" = collections.deque(maxlen=size)
+        self.entries: "collections.deque[Any]" = collections.deque(maxlen=size)  # records or entries
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.entries.append(log_entry(record))
+        record.msg, record.args = record.getMessage(), None  # the text as it is now
+        self.entries.append(log_entry(record) if record.exc_info else record)
 
     def tail(self, n: int, level: str = "DEBUG") -> List[Dict[str, Any]]:
         floor = logging.getLevelName(level)
-        chosen = [e for e in list(self.entries) if logging.getLevelName(e["level"]) >= floor]
-        return chosen[-n:]
+        chosen = [e for e in list(self.entries)
+                  if (e.levelno if isinstance(e, logging.LogRecord) else logging.getLevelName(e["level"])) >= floor]
+        return [log_entry(e) if isinstance(e, logging.LogRecord) else e for e in chosen[-n:]]
 
 
 class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
@@ -5227,24 +5232,83 @@ class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
         if not self.ended:
             super().emit(record)
 
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        """The size so far alone (logging also stats the path twice and formats each record once more
+        for it: OCP's file is its own, and a line past 5 MB is no harm)."""
+        if self.stream is None:
+            self.stream = self._open()
+        return self.maxBytes > 0 and self.stream.tell() >= self.maxBytes
+
     def close(self) -> None:
         with self.lock:  # (emit runs under it: no record reopens the file after this)
             self.ended = True
             super().close()
 
 
+class LogWriter(logging.Handler):
+    """The log's slow outputs (the file, stderr), written by one background thread: a request
+    hands its record over and goes on. The file's lock, its size check and its writes are in no
+    request's path (at 8 connections, threads queueing for that lock held a cheap route to 0.4x
+    of a bare server). Bounded: a record that finds LOG_QUEUED waiting is dropped and counted."""
+
+    def __init__(self, outputs: List[logging.Handler]):
+        super().__init__()
+        self.outputs = outputs
+        self.queue: "queue.Queue[Optional[logging.LogRecord]]" = queue.Queue(maxsize=LOG_QUEUED)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._write, name="ocp-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None  # the text as it is now: its arguments may change
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        while True:
+            records = [self.queue.get()]  # then what came meanwhile, and a pause: under load the
+            with contextlib.suppress(queue.Empty):  # thread wakes ~50 times a second, not per record
+                while len(records) < 1000:
+                    records.append(self.queue.get_nowait())
+            for record in records:
+                if record is None:
+                    return
+                for output in self.outputs:
+                    if record.levelno >= output.level:
+                        output.handle(record)
+            time.sleep(LOG_PAUSE_S)
+
+    def close(self) -> None:
+        """Write what is queued, then close the outputs (the file)."""
+        if self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self.queue.put(None, timeout=5)
+            self._thread.join(5)
+        for output in self.outputs:
+            output.close()
+        super().close()
+
+
+LOG_QUEUED = 10_000
+LOG_PAUSE_S = 0.02
+
+
 def setup_logging(config: Config, ring: LogRing, console: bool = True) -> None:
-    """Daemon logging: stderr for people, a rotating JSON file and the ring for /logs."""
+    """Daemon logging: stderr for people and a rotating JSON file (written in the background),
+    and the ring for /logs."""
     logs = os.path.join(config.home, "logs")
     os.makedirs(logs, mode=0o700, exist_ok=True)
     level = getattr(logging, config.log_level.upper())
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # no record shows them
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(message)s"))
     file_handler = PrivateRotatingFile(os.path.join(logs, "ocp.log"), maxBytes=5 * 1024 * 1024, backupCount=3)
     file_handler.setFormatter(JsonFormatter())
     for handler in log.handlers[:]:  # a second setup (tests, a restart in-process) closes the first one's file
         handler.close()
-    log.handlers[:] = ([stderr] if console else []) + [file_handler, ring]
+    log.handlers[:] = [LogWriter(([stderr] if console else []) + [file_handler]), ring]
     log.setLevel(level)
     log.propagate = False
 
@@ -6771,16 +6835,30 @@ def handle_health(h: Handler) -> None:
 
 def handle_models(h: Handler) -> None:
     """The models this caller may use: a key with an allowlist sees only those. Asked with
-    `anthropic-version` (Claude Code), each entry also has Anthropic's fields."""
-    models = [model_object(m) for m in h.server.models.models if model_allowed(h.caller, m)]
-    body: Dict[str, Any] = {"object": "list", "data": models}
-    if h.headers.get("anthropic-version"):
-        created = datetime.datetime.fromtimestamp(h.server.started_at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        for entry in models:
+    `anthropic-version` (Claude Code), each entry also has Anthropic's fields. The bytes are made
+    once per allowlist and kind (the list is fixed while OCP runs)."""
+    allowed = h.caller.key.models if h.caller.key else None
+    anthropic = bool(h.headers.get("anthropic-version"))
+    cache = h.server.models_bodies
+    data = cache.get((allowed, anthropic))
+    if data is None:
+        data = json.dumps(models_body(h.server.models, h.caller, anthropic, h.server.started_at),
+                          ensure_ascii=False).encode("utf-8")
+        if len(cache) < 256:
+            cache[(allowed, anthropic)] = data
+    h.send_body(200, data, "application/json")
+
+
+def models_body(models: Models, caller: Caller, anthropic: bool, started_at: float) -> Dict[str, Any]:
+    entries = [model_object(m) for m in models.models if model_allowed(caller, m)]
+    body: Dict[str, Any] = {"object": "list", "data": entries}
+    if anthropic:
+        created = datetime.datetime.fromtimestamp(started_at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for entry in entries:
             entry.update(type="model", display_name=entry["id"], created_at=created)
-        body.update(has_more=False, first_id=models[0]["id"] if models else None,
-                    last_id=models[-1]["id"] if models else None)
-    h.send_json(200, body)
+        body.update(has_more=False, first_id=entries[0]["id"] if entries else None,
+                    last_id=entries[-1]["id"] if entries else None)
+    return body
 
 
 def handle_count_tokens(h: Handler) -> None:
@@ -7073,6 +7151,7 @@ ROUTES = {
 }
 
 
+
 ###############################################################################
 # HTTP ########################################################################
 ###############################################################################
@@ -7217,41 +7296,48 @@ class Deadlines:
         self.clock = clock
         self._cond = threading.Condition()
         self._watches: Dict[int, List[Any]] = {}  # id -> [deadline, socket, expired]
-        self._next_id = 0
+        self._ids = itertools.count(1)
         self._wake_at = float("inf")
         self._thread: Optional[threading.Thread] = None
 
     def watch(self, sock: socket.socket, seconds: float) -> int:
-        """Cut `sock` after `seconds` unless `done` is called with the returned id first."""
+        """Cut `sock` after `seconds` unless `done` is called with the returned id first. Lock-free
+        but for the rare watch due before the thread wakes: every request takes and drops one, and
+        eight threads taking a lock for it queued on it (a convoy under the GIL)."""
         deadline = self.clock() + seconds
-        with self._cond:
-            self._next_id += 1
-            self._watches[self._next_id] = [deadline, sock, False]
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="ocp-deadlines", daemon=True)
-                self._thread.start()
-            if deadline < self._wake_at:
+        watch = next(self._ids)  # (count and dict operations are atomic under the GIL)
+        self._watches[watch] = [deadline, sock, False]
+        if deadline < self._wake_at or self._thread is None:
+            with self._cond:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._work, name="ocp-deadlines", daemon=True)
+                    self._thread.start()
+                self._wake_at = min(self._wake_at, deadline)
                 self._cond.notify()
-            return self._next_id
+        return watch
 
     def done(self, watch: Optional[int]) -> bool:
         """Stop watching; return True when the deadline had already passed."""
-        with self._cond:
-            entry = self._watches.pop(watch, None) if watch is not None else None
+        entry = self._watches.pop(watch, None) if watch is not None else None
         return bool(entry and entry[2])
 
     def _work(self) -> None:
         with self._cond:
             while True:
                 now = self.clock()
-                for entry in self._watches.values():
-                    if not entry[2] and entry[0] <= now:
+                pending = []
+                for entry in list(self._watches.values()):
+                    if entry[2]:
+                        continue
+                    if entry[0] <= now:
                         entry[2] = True
                         with contextlib.suppress(OSError):
                             entry[1].shutdown(socket.SHUT_RD)
-                pending = [e[0] for e in self._watches.values() if not e[2]]
+                    else:
+                        pending.append(entry[0])
                 self._wake_at = min(pending, default=float("inf"))
-                self._cond.wait(None if not pending else max(0.0, self._wake_at - now))
+                # (at most a second: a watch added while this scan ran saw the old _wake_at)
+                self._cond.wait(None if not pending else min(1.0, max(0.0, self._wake_at - now)))
 
 
 HANGUP = getattr(select, "POLLRDHUP", 0)  # Linux: a peer's close is seen even behind unread bytes
@@ -7413,10 +7499,10 @@ class Connections:
         return None
 
     def mark(self, sock: socket.socket, state: str, trust: int = 0) -> None:
-        with self._lock:
-            entry = self._open.get(sock)
-            if entry is not None:
-                entry[0], entry[1] = state, max(entry[1], trust)
+        """(No lock: twice a request, and one entry's fields; the shedding reads them under its own.)"""
+        entry = self._open.get(sock)
+        if entry is not None:
+            entry[0], entry[1] = state, max(entry[1], trust)
 
     def closed(self, sock: socket.socket) -> None:
         with self._lock:
@@ -7471,11 +7557,13 @@ class Server(ThreadingHTTPServer):
         self.login_episode = 0  # counts the login's breakdowns: each is alerted once
         self.hangups = Hangups()
         self.turn_routes = dict(TURN_ROUTES)  # path → TurnRoute; a test may plug in its own
+        self.models_bodies: Dict[Tuple[Any, bool], bytes] = {}  # GET /v1/models, by allowlist and kind
+        self.route_shapes: Dict[str, List[str]] = {}  # a route pattern's segments, split once (ROUTES stays the truth)
         self.sessions = DashboardSessions()
         self.logins = LoginThrottle()
         self.deadlines = Deadlines()
         self.active_requests = 0
-        self._active_cond = threading.Condition()
+        self._active_cond = threading.Condition(threading.Lock())  # (a plain lock: twice a request)
         self.body_timeout_s = MAX_BODY_READ_S
         self.metrics = Metrics()
         self._services = TurnServices(self.runner, self.plan, self.parks, self.metrics, config,
@@ -7532,9 +7620,8 @@ class Server(ThreadingHTTPServer):
             self.active_requests += 1
 
     def request_ended(self) -> None:
-        with self._active_cond:
+        with self._active_cond:  # (wait_for polls: no notify)
             self.active_requests -= 1
-            self._active_cond.notify_all()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Outside a request (e.g. a reset idle keep-alive): clients do that, it is no traceback."""
@@ -7722,6 +7809,31 @@ def wall_for(error: ApiError, api: str, user_agent: str, force_429: bool = False
                     resets_at=error.resets_at)
 
 
+class RequestHeaders(dict):
+    """A request's headers by lower-cased name (the first of each, as email.message's `get`; every
+    one through `get_all`): http.server's message walks all headers on each `get`, and a request
+    asks a dozen times."""
+
+    def __init__(self, message: Any):
+        super().__init__()
+        self.every: Dict[str, List[str]] = {}
+        for name, value in message.items():
+            self.every.setdefault(name.lower(), []).append(value)
+            self.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name: str) -> Any:
+        return dict.get(self, name.lower())
+
+    def __contains__(self, name: Any) -> bool:
+        return dict.__contains__(self, str(name).lower())
+
+    def get_all(self, name: str, default: Any = None) -> Any:
+        return self.every.get(name.lower(), default)
+
+
 class Handler(BaseHTTPRequestHandler):
     """One connection: reads the request, finds its route (TURN_ROUTES, ROUTES), and answers
     every failure as JSON in the route's error shape (OpenAI's unless the route says)."""
@@ -7757,6 +7869,12 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.deadlines.done(self.head_watch)
 
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        if parsed:
+            self.headers = RequestHeaders(self.headers)  # type: ignore[assignment]
+        return parsed
+
     def route(self) -> Tuple[Optional[Route], str, List[Any]]:
         """Return (route, route pattern, its arguments) for this request."""
         path = self.path.split("?", 1)[0].split("#", 1)[0]
@@ -7781,7 +7899,8 @@ class Handler(BaseHTTPRequestHandler):
             return (TURN_ROUTE if self.command == "POST" else None), path, [turn_route]
         parts = path.split("/")
         for _, pattern in ROUTES:
-            shape = pattern.split("/")
+            shapes = self.server.route_shapes
+            shape = shapes.get(pattern) or shapes.setdefault(pattern, pattern.split("/"))
             if len(shape) == len(parts) and all(s in ("*", p) for s, p in zip(shape, parts)):
                 args = [urllib.parse.unquote(p) for s, p in zip(shape, parts) if s == "*"]
                 return ROUTES.get((self.command, pattern)), pattern, args
@@ -7864,10 +7983,13 @@ class Handler(BaseHTTPRequestHandler):
         if not self.body_read and not self.close_connection:
             self.discard_body()  # one request, one response: an unread body is no next request
         self.count_response(self.status_sent)  # (none left: the client hung up first, 0)
-        log.info("%s %s %s %s", self.request_id, self.command, key, self.status_sent,
-                 extra={"request_id": self.request_id, "method": self.command, "route": key,
-                        "status": self.status_sent, "ms": int((time.monotonic() - started) * 1000),
-                        "caller": self.caller.name if self.caller else None})
+        if log.isEnabledFor(logging.INFO):  # the access line, made directly: no caller lookup for it
+            record = logging.LogRecord(log.name, logging.INFO, "", 0, "%s %s %s %s",
+                                       (self.request_id, self.command, key, self.status_sent), None)
+            record.__dict__.update(request_id=self.request_id, method=self.command, route=key,
+                                   status=self.status_sent, ms=int((time.monotonic() - started) * 1000),
+                                   caller=self.caller.name if self.caller else None)
+            log.handle(record)
 
     def send_response(self, code: int, message: Optional[str] = None) -> None:
         """Count the response as its status line goes out, before its body: a client that asks
@@ -7956,9 +8078,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self._headers_buffer.append(b"\r\n")  # end_headers, and the body in the same write: one
+        if self.command != "HEAD":  # segment, one syscall (http.server writes them apart)
+            self._headers_buffer.append(data)
+        self.flush_headers()
 
     def send_event_stream(self) -> None:
         self.send_response(200)
@@ -8023,6 +8146,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_json(self) -> Any:
         return parse_json_body(self.read_body())
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """(OCP's own access line is written once the answer is out: wrap_up.)"""
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
