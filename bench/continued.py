@@ -7,10 +7,11 @@ The real CLI (PATH, or OCP_E2E_CLAUDE) against the fake Anthropic API of tests/e
 once. Pairs alternate:
 
   raw   the CLI started with OCP's flags (claude_argv) and environment essentials, turn 1 on its
-        stdin read to its `result`, 100 ms idle (as a pooled CLI between a client's turns), then
+        stdin read to its `result`, 200 ms idle (as a pooled CLI between a client's turns), then
         turn 2: the time from writing turn 2 to its first text delta on stdout
-  ocp   a pool-on daemon: a streamed chat, then its follow-up, which continues in the pooled
-        CLI that answered it: the time from sending the follow-up to its first content chunk
+  ocp   a pool-on daemon: a streamed chat, then (after the same 200 ms) its follow-up, which
+        continues in the pooled CLI that answered it: the time from sending the follow-up to
+        its first content chunk
 
 and the figure is OCP's median minus the raw median, with the median of the paired differences
 (same run: this machine is noisy). The issue's target: within 5 ms.
@@ -32,6 +33,8 @@ from bench import real_cli_args, real_cli_parser, report  # noqa: E402
 from e2e.fake_anthropic import FakeAnthropic, Reply  # noqa: E402
 import ocp  # noqa: E402
 
+IDLE_S = 0.2  # between turn 1's answer and turn 2, on both sides: right after a result the CLI is still busy
+
 
 def raw_turn_two(claude, upstream_url, home):
     """Seconds from writing turn 2 on the stdin of the CLI that answered turn 1 to its first text delta."""
@@ -48,7 +51,7 @@ def raw_turn_two(claude, upstream_url, home):
         for line in proc.stdout:
             if b'"result"' in line and json.loads(line).get("type") == "result":  # (its keys come in any order)
                 break
-        time.sleep(0.1)  # idle a moment, as a pooled CLI is between a client's turns
+        time.sleep(IDLE_S)  # idle, as a pooled CLI is between a client's turns
         started = time.perf_counter()
         proc.stdin.write(ocp.stdin_line(({"type": "text", "text": "turn two"},)))
         proc.stdin.flush()
@@ -80,7 +83,9 @@ def main():
             raw.append(raw_turn_two(args.claude, upstream.url, home))
             talk = Conversation(daemon)
             talk.say()
+            answered = time.monotonic()
             daemon.settle()
+            time.sleep(max(0.0, IDLE_S - (time.monotonic() - answered)))  # the same idle as the raw CLI's
             through.append(talk.say())
             daemon.settle()
             gaps.append(through[-1] - raw[-1])
