@@ -5684,7 +5684,6 @@ class Turn:
     def __init__(self, request: TurnRequest, job: Job, services: TurnServices, resume: Optional[Park] = None,
                  followup: Optional[Followup] = None):
         self.request, self.job, self.services = request, job, services
-        self.config = services.config  # (the settings in force when the request came)
         self.resume = resume  # client tools: the parked round this request continues
         self.followup = followup  # a pooled CLI holds the conversation: `job` has only the new turns
         self.history = followup.history if followup else ""  # (computed once per request)
@@ -5796,7 +5795,7 @@ class Turn:
             {"role": "assistant", "content": [{"type": "text", "text": reply}]},
             {"role": "user", "content": [{"type": "text", "text": f"That reply was not accepted: {problem}. "
                                           "Reply again with only the corrected JSON."}]})
-        system, blocks = messages_to_input(dataclasses.replace(self.request, turns=turns), self.config,
+        system, blocks = messages_to_input(dataclasses.replace(self.request, turns=turns), self.services.config,
                                            self.services.secret)
         return dataclasses.replace(self.job, system_prompt=system, blocks=blocks)
 
@@ -5846,9 +5845,9 @@ class Turn:
             held = None
         if followup is None or held is not None:
             return held, job
-        fetch = fetch_image if self.config.allow_image_urls else None
-        system, blocks = messages_to_input(self.request, self.config, self.services.secret, fetch)
-        check_prompt_budget(prompt_chars(system, blocks), self.request, self.config)
+        fetch = fetch_image if self.services.config.allow_image_urls else None
+        system, blocks = messages_to_input(self.request, self.services.config, self.services.secret, fetch)
+        check_prompt_budget(prompt_chars(system, blocks), self.request, self.services.config)
         self.job = dataclasses.replace(job, system_prompt=system, blocks=blocks)
         return None, self.job
 
@@ -5871,7 +5870,7 @@ class Turn:
         lease.cancelled = lambda: self.cancelled  # this request's client now, not the one that parked it
         for _ in lease.resume():
             yield PING, None
-        limit = self.config.tool_result_max_chars
+        limit = self.services.config.tool_result_max_chars
         for turn in self.request.turns:
             for block in turn["content"]:
                 if block["type"] == "tool_result" and block["id"] in resume.ids:
@@ -5893,8 +5892,8 @@ class Turn:
             self.services.parks.put(Park(request.owner, self.job.priority, lease, self.bridge, tuple(delivered),
                                 tuple(c["id"] for c in answer.tool_calls if c["id"] not in delivered),
                                 canonical_hash(list(request.turns)), tool_shape(request),
-                                self.services.parks.clock() + self.config.tool_park_ttl_ms / 1000),
-                           *park_limits(self.config), pool.budget_mb())
+                                self.services.parks.clock() + self.services.config.tool_park_ttl_ms / 1000),
+                           *park_limits(self.services.config), pool.budget_mb())
             pool.fit()  # parked CLIs come first in the kept CLIs' budget: pooled ones make room
 
     def _feed(self, answer: Answer, event: Any) -> List[Tuple[str, Any]]:
@@ -6790,7 +6789,7 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
     request = route.parse(h.read_json(), server.models, services.config)
     h.refused_model = request.model.id
     check_model_for(caller, request.model, route.refused_model_status)
-    if not cli_fits(request.model, services.runner.version()):
+    if request.model.min_cli and not cli_fits(request.model, services.runner.version()):  # (--version runs once)
         raise cli_too_old(request.model, services.runner.version())
     request = dataclasses.replace(request, owner=str(caller.key.id) if caller.key else caller.name)
     job, followup, size = turn_input(request, caller, h.request_id, services)
@@ -7661,26 +7660,25 @@ class Server(ThreadingHTTPServer):
 
     def identify(self, given: str) -> Optional[Caller]:
         """Who a presented key belongs to, or None for no key, an unknown one or one not usable now."""
-        if not given:
-            return None
-        if same_secret(given, self.admin_key):
-            return Caller("admin", admin=True)
-        if self.config.auth_mode == "shared" and same_secret(given, self.config.api_key):
-            return Caller("shared")
-        if self.config.auth_mode == "multi" and same_secret(given, self.config.anonymous_key):
-            ends = self.config.anonymous_expires_at
-            return Caller("anonymous") if not ends or self.wall() < ends else None
-        key = self.store.key_by_secret(given, self.wall())
-        return Caller(key.name, key) if key else None
+        return self.recognise(given)[0]
 
-    def expiry(self, given: str) -> int:
-        """When a presented key that no longer works expired (0: it is no expired key)."""
+    def recognise(self, given: str) -> Tuple[Optional[Caller], int]:
+        """(the caller a presented key makes, or None; when it expired if that is why it makes none,
+        else 0) — one look at the store, whatever the answer."""
+        now = self.wall()
+        if not given:
+            return None, 0
+        if same_secret(given, self.admin_key):
+            return Caller("admin", admin=True), 0
+        if self.config.auth_mode == "shared" and same_secret(given, self.config.api_key):
+            return Caller("shared"), 0
         if self.config.auth_mode == "multi" and same_secret(given, self.config.anonymous_key):
             ends = self.config.anonymous_expires_at
-        else:
-            key = self.store.key_with_secret(given) if given else None
-            ends = key.policy.expires if key is not None and key.status(self.wall()) == "expired" else 0
-        return ends if ends and ends <= self.wall() else 0
+            return (Caller("anonymous"), 0) if not ends or now < ends else (None, ends)
+        key = self.store.key_with_secret(given)
+        if key is not None and key.usable(now):
+            return Caller(key.name, key), 0
+        return None, key.policy.expires if key is not None and key.status(now) == "expired" else 0
 
     def authenticate(self, headers: Mapping[str, str], access: str) -> Caller:
         """The one way in: who sent a request — its key, else its dashboard session — for a route
@@ -7688,14 +7686,13 @@ class Server(ThreadingHTTPServer):
         a stale key on an open proxy is not worth refusing); otherwise no good key is a 401."""
         given = presented_key(headers)
         token = "" if given else cookie_value(headers.get("Cookie", ""), SESSION_COOKIE)
-        caller = self.sessions.resolve(token, self.store, self.wall()) if token else self.identify(given)
+        caller, ended = (self.sessions.resolve(token, self.store, self.wall()), 0) if token else self.recognise(given)
         if caller is not None:
             return caller
         if access == PUBLIC:
             return Caller("public")
         if self.config.auth_mode == "none":
             return Caller("local")
-        ended = self.expiry(given)
         if ended:
             raise ApiError(401, f"This key expired on {utc_time(ended)}. Ask the owner of this OCP for a new key or "
                            "a longer lifetime.", "invalid_request_error", "key_expired",
@@ -8208,6 +8205,8 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
                      daemon=True).start()
     if runner.claude:
         log.info("claude CLI: %s", runner.claude)
+        threading.Thread(target=runner.version, name="ocp-version", daemon=True).start()  # (cached: no request
+        # for a model with a minimum CLI version waits for `claude --version`)
     else:
         log.warning("claude CLI not found: completions answer 503 until it is installed "
                     "(npm i -g @anthropic-ai/claude-code)")

@@ -20,7 +20,6 @@ and the figure is OCP's median minus the raw median, with the median of the pair
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from pool import SYSTEM, Conversation, Daemon  # noqa: E402  (puts tests/ and the checkout on the path)
+from pool import SYSTEM, Conversation, Daemon, ms  # noqa: E402  (puts tests/ and the checkout on the path)
 from bench import real_cli_args, real_cli_parser, report  # noqa: E402
 from e2e.fake_anthropic import FakeAnthropic, Reply  # noqa: E402
 import ocp  # noqa: E402
@@ -89,7 +88,6 @@ def main():
             through.append(talk.say())
             daemon.settle()
             gaps.append(through[-1] - raw[-1])
-        ms = lambda values: round(statistics.median(values) * 1000, 1)
         results = {"pairs": args.pairs, "raw_turn2_first_delta_ms": ms(raw), "ocp_continued_first_chunk_ms": ms(through),
                    "gap_ms": round(ms(through) - ms(raw), 1), "paired_gap_median_ms": ms(gaps),
                    "continued_hits": daemon.pool()["hits"]["continued"]}
