@@ -2371,10 +2371,11 @@ class Sweeper:
     `drain` waits for the queue (tests, shutdown).
     """
 
-    def __init__(self):
+    def __init__(self, on_removed: Callable[[str], None] = lambda path: None):
         self._queue: "queue.Queue[str]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._on_removed = on_removed
 
     def remove(self, path: str) -> None:
         with self._lock:
@@ -2387,6 +2388,7 @@ class Sweeper:
         while True:
             path = self._queue.get()
             shutil.rmtree(path, ignore_errors=True)
+            self._on_removed(path)
             self._queue.task_done()
 
     def drain(self) -> None:
@@ -2395,14 +2397,13 @@ class Sweeper:
 
 KEEPER_SOURCE = r"""
 import os, shutil, signal, sys, time
-groups = {}
-for line in sys.stdin:  # "+PGID RUN_DIR" when OCP starts a CLI, "-PGID" when it has reaped it
-    op, rest = line[:1], line[1:].rstrip("\n")
-    pgid, _, path = rest.partition(" ")
-    if op == "+" and pgid.isdigit():
-        groups[int(pgid)] = path
-    elif op == "-" and pgid.isdigit():
-        groups.pop(int(pgid), None)
+groups, dirs = set(), set()
+for line in sys.stdin:  # what OCP tells it, one line each: see Keeper
+    op, arg = line[:1], line[1:].rstrip("\n")
+    if op in "+-" and arg.isdigit():
+        (groups.add if op == "+" else groups.discard)(int(arg))
+    elif op in "dx" and arg:
+        (dirs.add if op == "d" else dirs.discard)(arg)
 def signal_all(sig):
     alive = []
     for pgid in groups:
@@ -2415,7 +2416,7 @@ def signal_all(sig):
 deadline = time.monotonic() + 3
 while signal_all(signal.SIGTERM if time.monotonic() < deadline else signal.SIGKILL):
     time.sleep(0.1)
-for path in groups.values():
+for path in dirs:
     shutil.rmtree(path, ignore_errors=True)
 """
 
@@ -2423,11 +2424,13 @@ for path in groups.values():
 class Keeper:
     """A tiny watchdog process that ends OCP's CLI processes when OCP itself dies.
 
-    It holds the read end of a pipe: OCP tells it each process group it starts
-    and reaps. However OCP ends — even kill -9 — the pipe closes, and the keeper
-    ends every group still listed (SIGTERM, SIGKILL after 3 s) and removes
-    their run directories. A clean shutdown has reaped everything first, so the
-    keeper just exits. Thread-safe.
+    It holds the read end of a pipe: OCP tells it each run directory before
+    making it (`claim`, line "dPATH") and after removing it (`let_go`, "xPATH"),
+    and each process group it starts (`add`, "+PGID") and reaps (`remove`,
+    "-PGID"). However OCP ends — even kill -9, at any moment — the pipe closes,
+    and the keeper ends every group still listed (SIGTERM, SIGKILL after 3 s)
+    and removes every directory still listed. A clean shutdown has reaped and
+    removed everything first, so the keeper just exits. Thread-safe.
     """
 
     def __init__(self):
@@ -2451,8 +2454,8 @@ class Keeper:
 
     def _tell(self, line: str) -> None:
         with self._lock:
-            if line.startswith("-") and (self._popen is None or self._popen.poll() is not None):
-                return  # a keeper that is gone knew the group; a new one would not: nothing to tell
+            if line[:1] in "-x" and (self._popen is None or self._popen.poll() is not None):
+                return  # a keeper that is gone knew of it; a new one would not: nothing to tell
             popen = self._ensure()
             if popen is None:
                 return
@@ -2463,8 +2466,14 @@ class Keeper:
                 log.warning("the process keeper is gone; a new one takes over from the next run")
                 self._popen = None
 
-    def add(self, pgid: int, run_dir: str) -> None:
-        self._tell(f"+{pgid} {run_dir}")
+    def claim(self, path: str) -> None:
+        self._tell(f"d{path}")
+
+    def let_go(self, path: str) -> None:
+        self._tell(f"x{path}")
+
+    def add(self, pgid: int) -> None:
+        self._tell(f"+{pgid}")
 
     def remove(self, pgid: int) -> None:
         self._tell(f"-{pgid}")
@@ -2596,8 +2605,7 @@ class Lease:
         self.key, self.creds = key, creds
         if not creds.isolated:  # one child at a time may refresh the owner's login
             self._take_refresh_lock()
-        self.run_dir = tempfile.mkdtemp(prefix=f"run-{self.job.request_id}-", dir=runner.config.spawn_dir)
-        os.mkdir(os.path.join(self.run_dir, "tmp"), 0o700)
+        self.run_dir = runner.make_run_dir(self.job.request_id)
         self.proc = runner.spawn(self, creds)
         if self.cancelled():  # the request left while it started (Turn.cancel found no process yet)
             self.proc.cancel("client")
@@ -3135,8 +3143,8 @@ class Runner:
         self.leases_made = self.leases_ended = 0  # every lease ends once: equal when idle
         self._version: Optional[str] = None
         self.kill_grace_s = KILL_GRACE_S
-        self.sweeper = Sweeper()
         self.keeper = Keeper()
+        self.sweeper = Sweeper(self.keeper.let_go)
         self.stopping = False
         self.pool = Pool(self)
 
@@ -3251,7 +3259,7 @@ class Runner:
                            "installed (npm i -g @anthropic-ai/claude-code).", "proxy_error",
                            "claude_unavailable") from None
         lease.proc = proc
-        self.keeper.add(proc.pid, run_dir)
+        self.keeper.add(proc.pid)
         with open(os.path.join(run_dir, "child"), "w", encoding="utf-8") as f:
             f.write(f"{proc.pid} {proc.pid} {process_identity(proc.pid)}")  # found again after a crash
         with self.live_lock:
@@ -3260,6 +3268,19 @@ class Runner:
         if stopping:  # shutdown began while it started: cancel_all may not have seen it
             proc.cancel("shutdown")
         return proc
+
+    def make_run_dir(self, request_id: str) -> str:
+        """Make a fresh run directory, told to the keeper before it exists: a kill -9 at any
+        moment leaves none behind (the sweeper lets the keeper go of it once removed)."""
+        while True:
+            path = os.path.join(self.config.spawn_dir, f"run-{request_id}-{secrets.token_hex(6)}")
+            self.keeper.claim(path)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                continue  # another run's: it is claimed by that run too, and let go by it
+            os.mkdir(os.path.join(path, "tmp"), 0o700)
+            return path
 
     def retire(self, lease: Lease) -> None:
         """A lease ended (Lease._end, once): reap its process, give back its slot and lock."""

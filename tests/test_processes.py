@@ -255,11 +255,39 @@ class LeftoversFromADeadDaemon(TempHome):
     def test_the_keeper_ends_what_it_was_told_of_when_its_pipe_closes(self):
         sleeper, run_dir = self.leftover()
         keeper = ocp.Keeper()
-        keeper.add(sleeper.pid, run_dir)
+        keeper.claim(run_dir)
+        keeper.add(sleeper.pid)
         keeper._popen.stdin.close()  # as when OCP dies: the pipe's write end goes away
         self.assertEqual(sleeper.wait(timeout=10), -15)
         keeper._popen.wait(timeout=10)
         wait_until(lambda: not os.path.exists(run_dir))
+
+    def test_a_reaped_run_whose_directory_was_not_removed_yet_leaves_none(self):
+        """kill -9 between reaping a CLI and the sweeper removing its directory (or between making
+        the directory and starting the CLI): the keeper still removes it; one let go it leaves be."""
+        keeper = ocp.Keeper()
+        pending, let_go = os.path.join(self.tmp, "run-pending"), os.path.join(self.tmp, "run-let-go")
+        for path in (pending, let_go):
+            keeper.claim(path)
+            os.makedirs(os.path.join(path, "tmp"))
+        keeper.let_go(let_go)  # as if removed, then a new run took the same name without telling
+        keeper._popen.stdin.close()
+        keeper._popen.wait(timeout=10)
+        self.assertFalse(os.path.exists(pending))
+        self.assertTrue(os.path.exists(let_go))
+
+    def test_a_run_directory_is_claimed_before_it_exists_and_let_go_once_removed(self):
+        runner = ocp.Runner(ocp.Config(home=self.tmp))
+        told = []
+        runner.keeper._tell = told.append
+        os.makedirs(runner.config.spawn_dir, exist_ok=True)
+        path = runner.make_run_dir("chatcmpl-1")
+        self.assertEqual(told, ["d" + path])
+        self.assertTrue(os.path.isdir(os.path.join(path, "tmp")))
+        runner.sweeper.remove(path)
+        runner.sweeper.drain()
+        self.assertEqual(told, ["d" + path, "x" + path])
+        self.assertFalse(os.path.exists(path))
 
 
 if __name__ == "__main__":
