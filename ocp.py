@@ -1049,7 +1049,8 @@ class Usage:
         return self.input + self.cache_read + self.cache_write
 
     def __add__(self, other: "Usage") -> "Usage":
-        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return Usage(self.input + other.input, self.output + other.output, self.cache_read + other.cache_read,
+                     self.cache_write + other.cache_write, self.cost_usd + other.cost_usd)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Usage":
@@ -1971,6 +1972,7 @@ class Slots:
         self._running = 0
         self._waiting: "collections.deque[SlotTurn]" = collections.deque()
         self._holders: List[Any] = []  # who holds each running slot (None: an anonymous taker)
+        self._finishing: List[Any] = []  # holders that answered: their process is exiting (finishing)
         self.closed = False
 
     def close(self) -> int:
@@ -1988,9 +1990,11 @@ class Slots:
             return {"running": self._running, "queued": len(self._waiting), "limit": self.limit}
 
     def leaked(self) -> int:
-        """Slots held by a holder that has ended (its `ended` is set): each one lost for good."""
+        """Slots held by a holder that has ended (its `ended` is set) and is not finishing (being
+        reaped): each one lost for good."""
         with self._lock:
-            return sum(1 for holder in self._holders if getattr(holder, "ended", ""))
+            return sum(1 for holder in self._holders
+                       if getattr(holder, "ended", "") and holder not in self._finishing)
 
     def _grant(self, holder: Any) -> None:
         self._running += 1
@@ -2023,7 +2027,7 @@ class Slots:
             if self._running < self.limit and not self._waiting:
                 self._grant(holder)
                 return
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue + len(self._finishing):
                 raise queue_full("all CLI slots are busy and the queue is full")
             turn = SlotTurn()
             turn.holder = holder
@@ -2065,12 +2069,22 @@ class Slots:
                 return
         self.release(turn.holder)  # handed a slot while giving up: pass it on
 
+    def finishing(self, holder: Any) -> None:
+        """`holder` has answered and its process is exiting: its slot comes back in moments, so a
+        request may wait for it even when the line is full (a client asking again at once, with
+        CLAUDE_MAX_QUEUE=0, is not refused for a CLI that is only exiting)."""
+        with self._lock:
+            if holder in self._holders and holder not in self._finishing:
+                self._finishing.append(holder)
+
     def release(self, holder: Any = None) -> bool:
         """Give back `holder`'s slot; False (nothing happens) when it holds none."""
         with self._lock:
             if holder not in self._holders:
                 return False
             self._holders.remove(holder)
+            if holder in self._finishing:
+                self._finishing.remove(holder)
             if self._waiting and self._running <= self.limit:
                 self._hand_over()  # hand the slot over, FIFO
             else:
@@ -2123,6 +2137,55 @@ def refuse_control(proc: ClaudeProcess, event: Dict[str, Any]) -> None:
     proc.send(control_response(event.get("request_id"), error="unsupported"))
 
 
+class Workers:
+    """Threads kept for the next task: `run(fn, *args)` wakes an idle one, or starts one (a task
+    never waits for a thread). Thread.start waits until the new thread has run, which under the
+    GIL cost a request ~0.3–0.5 ms for each of its connection, CLI reader and reap (profiled with
+    bench/bench.py's load); waking an idle worker costs the caller a lock release. At most
+    `idle_max` wait, each for `idle_s`; a task's exception is logged, the worker goes on."""
+
+    def __init__(self, name: str, idle_max: int = 32, idle_s: float = 60.0):
+        self.name, self.idle_max, self.idle_s = name, idle_max, idle_s
+        self._lock = threading.Lock()
+        self._idle: List[List[Any]] = []  # [task, wake lock (held while idle)], the last used last
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        if worker is None:
+            worker = [(fn, args), threading.Lock()]
+            worker[1].acquire()
+            threading.Thread(target=self._work, args=(worker,), name=self.name, daemon=True).start()
+        else:
+            worker[0] = (fn, args)
+            worker[1].release()
+
+    def _work(self, worker: List[Any]) -> None:
+        while True:
+            (fn, args), worker[0] = worker[0], None
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("%s: a task failed", self.name)
+            with self._lock:
+                if len(self._idle) >= self.idle_max:
+                    return
+                self._idle.append(worker)
+            if not worker[1].acquire(timeout=self.idle_s):
+                with self._lock:
+                    if worker in self._idle:
+                        self._idle.remove(worker)
+                        return
+                worker[1].acquire()  # handed a task as it timed out: it is on its way
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+
+WORKERS = Workers("ocp-worker")  # connections, CLI readers, reaps (no thread until the first task)
+
+
 class ClaudeProcess:
     """One running CLI: its own process group, stdin kept open, stdout read by its own thread.
 
@@ -2152,8 +2215,8 @@ class ClaudeProcess:
         self.events: "queue.Queue[Any]" = queue.Queue()
         self.on_control = on_control or refuse_control
         self._write_lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name=f"ocp-cli-{self.pid}", daemon=True)
-        self._reader.start()
+        self._read_done = threading.Event()
+        WORKERS.run(self._read)
 
     def send(self, data: bytes) -> None:
         """Write to stdin under the writer lock; a big write goes from a helper thread, so a CLI
@@ -2182,19 +2245,22 @@ class ClaudeProcess:
             self._write_lock.release()
 
     def _read(self) -> None:
-        buffer = b""
-        fd = self.popen.stdout.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                chunk = b""
-            if not chunk:
-                break
-            *lines, buffer = (buffer + chunk).split(b"\n")
-            self._route(lines)
-        self._route([buffer])
-        self.events.put(EOF)
+        try:
+            buffer = b""
+            fd = self.popen.stdout.fileno()
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                *lines, buffer = (buffer + chunk).split(b"\n")
+                self._route(lines)
+            self._route([buffer])
+            self.events.put(EOF)
+        finally:
+            self._read_done.set()
 
     def _route(self, lines: List[bytes]) -> None:
         """Queue the events of one read together (one wake-up for the request, not one per line)."""
@@ -2278,8 +2344,8 @@ class ClaudeProcess:
         # member lives, so this cannot reach an unrelated process.
         self.signal_group(signal.SIGKILL)
         self.close_stdin()  # a blocked writer fails now that no one reads
-        self._reader.join(timeout=5)
-        streams = [self.stderr] + ([self.popen.stdout] if not self._reader.is_alive() else [])
+        self._read_done.wait(timeout=5)
+        streams = [self.stderr] + ([self.popen.stdout] if self._read_done.is_set() else [])
         for stream in streams:  # (a reader still blocked by an escaped grandchild keeps its fd)
             with contextlib.suppress(OSError, ValueError):
                 stream.close()
@@ -2364,6 +2430,23 @@ class ToolBridge:
         self.proc.send(control_response(held[0], {"mcp_response": rpc_result(held[1], result)}))
 
 
+CHILD_FILE, SYSTEM_PROMPT_FILE = "child", "system-prompt.txt"  # what OCP puts in a run directory, beside tmp/
+RUN_DIR_FILES = (CHILD_FILE, SYSTEM_PROMPT_FILE)
+
+
+def remove_run_dir(path: str) -> None:
+    """Remove a run directory: what OCP put there and an empty tmp/ in a few calls, else (the CLI
+    left files) shutil.rmtree, whose walk in Python cost the busy daemon a tenth of its CPU."""
+    for name in RUN_DIR_FILES:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            os.unlink(os.path.join(path, name))
+    try:
+        os.rmdir(os.path.join(path, "tmp"))
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class Sweeper:
     """Removes finished runs' scratch directories on its own thread, off the request's path.
 
@@ -2387,7 +2470,7 @@ class Sweeper:
     def _work(self) -> None:
         while True:
             path = self._queue.get()
-            shutil.rmtree(path, ignore_errors=True)
+            remove_run_dir(path)
             self._on_removed(path)
             self._queue.task_done()
 
@@ -2512,7 +2595,7 @@ def process_identity(pid: int) -> str:
 def end_leftover(run_dir: str) -> bool:
     """A run directory left by a daemon that died: end its CLI if that very process still runs."""
     try:
-        with open(os.path.join(run_dir, "child"), encoding="utf-8") as f:
+        with open(os.path.join(run_dir, CHILD_FILE), encoding="utf-8") as f:
             pid, pgid, identity = f.read().split(" ", 2)
     except (OSError, ValueError):
         return False
@@ -2732,35 +2815,39 @@ class Lease:
         Raises LeaseEnded for a lease that has ended: its process is gone."""
         yield from self._take_slot()
 
-    def release(self) -> bool:
-        """The CLI answered: close its stdin, let it exit, clean up. False if already ended."""
-        return self._end("released")
+    def release(self, wait: bool = True) -> bool:
+        """The CLI answered: close its stdin, let it exit, clean up. False if already ended.
+        `wait=False`: its exit is waited for on a thread of its own (see Runner.retire_later)."""
+        return self._end("released", wait)
 
     def keep(self, conversation: str) -> bool:
         """The CLI answered: pool it, holding `conversation` for its follow-up ("": not worth
-        keeping), or release it; either way its configuration gets a warm CLI again (spawn-after-use).
-        True when it was pooled."""
+        keeping), or release it — reaped off the request's path; either way its configuration
+        gets a warm CLI again (spawn-after-use). True when it was pooled."""
         kept = bool(conversation) and self.runner.pool.keep(self, conversation)
         if not kept:
-            self.release()
+            self.release(wait=False)
         self.runner.pool.replenish(self)
         return kept
 
-    def kill(self, reason: str = "") -> bool:
+    def kill(self, reason: str = "", wait: bool = True) -> bool:
         """End the CLI now (stop sequence, max_tokens, error, hang-up; an idle one outright, see
-        `cancel`). False if already ended."""
+        `cancel`). False if already ended. `wait=False`: reaped on a thread of its own."""
         if self.proc is not None and not self.ended:
             self.cancel(reason)
-        return self._end("killed")
+        return self._end("killed", wait)
 
-    def _end(self, how: str) -> bool:
+    def _end(self, how: str, wait: bool = True) -> bool:
         with self.runner.live_lock:
             ended, self.ended = self.ended, self.ended or how
         if ended:
             self.has_slot = False
             self.runner.slots.release(self)  # (none held: a no-op) — never a slot kept for good
             return False
-        self.runner.retire(self)
+        if wait:
+            self.runner.retire(self)
+        else:
+            self.runner.retire_later(self)
         return True
 
 
@@ -3141,6 +3228,7 @@ class Runner:
         self.live_lock = threading.Lock()
         self._live: Dict[str, Lease] = {}
         self.leases_made = self.leases_ended = 0  # every lease ends once: equal when idle
+        self.reaping = 0  # leases whose process is being reaped off the request's path (retire_later)
         self._version: Optional[str] = None
         self.kill_grace_s = KILL_GRACE_S
         self.keeper = Keeper()
@@ -3260,7 +3348,7 @@ class Runner:
                            "claude_unavailable") from None
         lease.proc = proc
         self.keeper.add(proc.pid)
-        with open(os.path.join(run_dir, "child"), "w", encoding="utf-8") as f:
+        with open(os.path.join(run_dir, CHILD_FILE), "w", encoding="utf-8") as f:
             f.write(f"{proc.pid} {proc.pid} {process_identity(proc.pid)}")  # found again after a crash
         with self.live_lock:
             self._live[job.request_id or str(proc.pid)] = lease
@@ -3281,6 +3369,25 @@ class Runner:
                 continue  # another run's: it is claimed by that run too, and let go by it
             os.mkdir(os.path.join(path, "tmp"), 0o700)
             return path
+
+    def retire_later(self, lease: Lease) -> None:
+        """A request's lease ended: its answer goes out now, and a thread of its own waits for the
+        CLI to exit (the real CLI takes ~50 ms after its stdin closes: measured, 2.1.330). Until
+        then the process keeps its slot and its place in the live set (shutdown waits for it);
+        a request in line for that slot is let in even past a full line (Slots.finishing)."""
+        if lease.proc is not None:
+            lease.proc.close_stdin(wait=False)  # it starts exiting now
+        self.slots.finishing(lease)
+        with self.live_lock:
+            self.reaping += 1
+        WORKERS.run(self._reap, lease)
+
+    def _reap(self, lease: Lease) -> None:
+        try:
+            self.retire(lease)
+        finally:
+            with self.live_lock:
+                self.reaping -= 1
 
     def retire(self, lease: Lease) -> None:
         """A lease ended (Lease._end, once): reap its process, give back its slot and lock."""
@@ -3307,7 +3414,7 @@ class Runner:
     def _system_arg(self, job: Job, run_dir: str) -> Tuple[str, str]:
         if len(job.system_prompt.encode("utf-8")) <= ARGV_PROMPT_LIMIT:
             return ("--system-prompt", job.system_prompt)
-        path = os.path.join(run_dir, "system-prompt.txt")
+        path = os.path.join(run_dir, SYSTEM_PROMPT_FILE)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(job.system_prompt)
@@ -5906,7 +6013,7 @@ class Turn:
         if ending == "release":
             lease.keep(self.conversation_after(answer))
         elif ending == "kill" or self.request.legacy_functions:
-            lease.kill()  # (legacy function calls carry no ids to continue a CLI by)
+            lease.kill(wait=False)  # (legacy function calls carry no ids to continue a CLI by)
         else:
             delivered = [c["id"] for c in self.delivered_calls(answer)]
             request, pool = self.request, self.services.runner.pool
@@ -7421,7 +7528,8 @@ class Hangups:
             with self._lock:
                 if self._watched.get(fd, (None,))[0] is sock:
                     del self._watched[fd]
-            self._poke()
+            # No poke: the watcher may poll this fd until the next change of its list; if it
+            # fires (a close, or POLLNVAL once closed), the watcher finds it unwatched and moves on.
 
     def _poke(self) -> None:
         with contextlib.suppress(OSError):
@@ -7616,6 +7724,10 @@ class Server(ThreadingHTTPServer):
                 self.connections.make_room()
                 time.sleep(0.05)
             raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """The connection on a kept worker thread (ThreadingMixIn would start a thread each time)."""
+        WORKERS.run(self.process_request_thread, request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """A place for the connection within OCP_MAX_CONNECTIONS, or it is closed unanswered."""

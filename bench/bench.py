@@ -8,8 +8,10 @@ as the CLI, a throwaway OCP_HOME and the warm pool off (bench/pool.py measures t
 pool with the real CLI), then measures:
 
   overhead   OCP's latency for a non-streaming completion minus the fake CLI run
-             alone (same argv and stdin): rounds alternate the two, and the figure is
-             the median of the paired differences over --runs rounds, at c=1 and c=8
+             alone (same argv and stdin) until it exits: rounds alternate the two, and the
+             figure is the median of the paired differences over --runs rounds, at c=1 and
+             c=8; overhead_c1_to_result_ms is the stricter figure against the fake's result
+             line (OCP answers then, and waits for the CLI's exit off the request's path)
   cpu        the daemon's own CPU time (user + system) per completion
   ttfc       streaming: time to the first content chunk through OCP minus the
              fake CLI's own time to its first text delta
@@ -122,8 +124,9 @@ def first_chunk(port, body):
     return first
 
 
-def fake_alone(env, body, stream_first=False):
-    """Run the fake CLI as OCP would (argv, stdin); return its wall time or time to first delta."""
+def fake_alone(env, body, stream_first=False, results=None):
+    """Run the fake CLI as OCP would (argv, stdin); return its wall time or time to first delta
+    (and append the time to its result line to `results`)."""
     config = ocp.Config(home=env["OCP_HOME"])
     request = ocp.parse_chat_request(body, ocp.Models.load(os.path.join(ROOT, "models.json")), config)
     system, blocks = ocp.messages_to_input(request, config, b"k" * 32)
@@ -139,6 +142,8 @@ def fake_alone(env, body, stream_first=False):
     for line in proc.stdout:
         if first is None and b'"text_delta"' in line:
             first = time.perf_counter() - started
+        if results is not None and line.startswith(b'{"type": "result"'):
+            results.append(time.perf_counter() - started)
     proc.wait()
     return first if stream_first else time.perf_counter() - started
 
@@ -151,13 +156,14 @@ def cpu_seconds(pid):
 
 
 def paired(ocp_round, fake_round, rounds):
-    """Alternate OCP and bare-CLI rounds; return (median OCP, median CLI, median difference)."""
+    """Alternate OCP and bare-CLI rounds; return (median OCP, median CLI, median difference,
+    OCP's times)."""
     ocp_times, fake_times = [], []
     for _ in range(rounds):
         ocp_times.append(ocp_round())
         fake_times.append(fake_round())
     differences = [a - b for a, b in zip(ocp_times, fake_times)]
-    return statistics.median(ocp_times), statistics.median(fake_times), statistics.median(differences)
+    return statistics.median(ocp_times), statistics.median(fake_times), statistics.median(differences), ocp_times
 
 
 def concurrent(fn, workers, per_worker):
@@ -212,17 +218,21 @@ def main():
             post(daemon.port, BODY)
             fake_alone(daemon.env, BODY)
         cpu_before = cpu_seconds(daemon.proc.pid)
-        ocp_c1, fake_c1, overhead_c1 = paired(lambda: post(daemon.port, BODY),
-                                              lambda: fake_alone(daemon.env, BODY), args.runs)
+        to_result = []
+        ocp_c1, fake_c1, overhead_c1, ocp_times = paired(lambda: post(daemon.port, BODY),
+                                                         lambda: fake_alone(daemon.env, BODY, results=to_result),
+                                                         args.runs)
         results["cpu_per_request_ms"] = ms((cpu_seconds(daemon.proc.pid) - cpu_before) / args.runs)
-        ocp_c8, fake_c8, overhead_c8 = paired(
+        ocp_c8, fake_c8, overhead_c8, _ = paired(
             lambda: statistics.median(concurrent(lambda: post(daemon.port, BODY), 8, 1)),
             lambda: statistics.median(concurrent(lambda: fake_alone(daemon.env, BODY), 8, 1)), args.runs)
         results.update(ocp_c1_ms=ms(ocp_c1), fake_c1_ms=ms(fake_c1), overhead_c1_ms=ms(overhead_c1),
+                       fake_c1_to_result_ms=ms(statistics.median(to_result)),
+                       overhead_c1_to_result_ms=ms(statistics.median(a - b for a, b in zip(ocp_times, to_result))),
                        ocp_c8_ms=ms(ocp_c8), fake_c8_ms=ms(fake_c8), overhead_c8_ms=ms(overhead_c8))
         slow = {"model": "sonnet", "messages": [{"role": "user", "content": "x <<fake " + json.dumps(
             {"text": "streamed answer in pieces", "deltas": 5, "pace_ms": 20}) + ">>"}]}
-        ttfc_ocp, ttfc_fake, ttfc_overhead = paired(lambda: first_chunk(daemon.port, slow),
+        ttfc_ocp, ttfc_fake, ttfc_overhead, _ = paired(lambda: first_chunk(daemon.port, slow),
                                                     lambda: fake_alone(daemon.env, slow, True), args.runs)
         results.update(ttfc_ocp_ms=ms(ttfc_ocp), ttfc_fake_ms=ms(ttfc_fake), ttfc_overhead_ms=ms(ttfc_overhead))
         concurrent(lambda: post(daemon.port, BODY), 8, 25)

@@ -17,7 +17,8 @@ garbage (unparsable lines between events), usage ({input, output,
 cache_read, cache_creation}), overage (the answer is paid from extra usage),
 ignore_term (survive SIGTERM), grandchild (leave a sleeping child in the
 group), stderr (text for stderr), tail_ms (pause between the answer's last
-event and the result), control (send a control_request of that subtype first),
+event and the result), exit_after_ms (a slow exit: the pause between stdin's
+end and exiting), control (send a control_request of that subtype first),
 calls (with --mcp-config's sdk server "ocp": a list of tool rounds, each a list of
 {"name", "arguments"[, "id"]}: the model calls them, OCP answers the tools/call
 requests, the next round follows), final (the answer after the last round;
@@ -660,6 +661,7 @@ def main():
         code = one_turn(opts, blocks, directive, record)
         if "crash" in directive:
             return code
+    time.sleep(directive.get("exit_after_ms", 0) / 1000)  # a slow exit (the real CLI takes ~50 ms)
     record["ended"] = f"exit {code}"
     record["control_responses"] = CONTROL_RESPONSES
     log_run(record)

@@ -180,6 +180,17 @@ class ServerTest(TempHome):
         self.addCleanup(self.server.runner.cancel_all)
         return self.server
 
+    def settle(self):
+        """Wait for the CLIs OCP reaps after their answer went out (Runner.retire_later) and for
+        their run directories to go: what a test reads about a finished run is then final."""
+        wait_until(lambda: self.server.runner.reaping == 0)
+        self.server.runner.sweeper.drain()
+
+    def runs(self) -> list:
+        """The fake CLI's run records once finished runs are reaped (their records are final)."""
+        self.settle()
+        return super().runs()
+
     def connection(self, timeout=30) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         self.addCleanup(conn.close)

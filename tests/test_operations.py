@@ -269,6 +269,7 @@ class LogsMetricsStatusSessions(ServerTest):
     def test_metrics_parse_as_prometheus_text(self):
         self.chat("one")
         self.chat("x " + directive(error="overloaded"))
+        self.settle()  # (their CLIs exit after the answers went out)
         conn = self.connection()
         conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
         response = conn.getresponse()

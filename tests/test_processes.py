@@ -1,5 +1,6 @@
 """CLI process lifetime under load: hang-ups, timeouts, the queue, shutdown."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import unittest
 
 import ocp
@@ -173,6 +175,128 @@ class SlowAndIdleClients(ServerTest):
         self.assertEqual(idle[0].recv(10), b"")
         for sock in idle + [slow]:
             sock.close()
+
+
+class AnsweredBeforeTheCliExits(ServerTest):
+    """The answer goes out when the CLI's result is in; its exit (~50 ms for the real CLI) is
+    waited for off the request's path, and its slot is kept until then."""
+
+    env = {"CLAUDE_MAX_CONCURRENT": "1", "CLAUDE_MAX_QUEUE": "0"}
+    SLOW_EXIT = directive(exit_after_ms=600)
+
+    def test_the_answer_goes_out_while_the_cli_exits(self):
+        status, _, body = self.chat("hi " + self.SLOW_EXIT)
+        self.assertEqual((status, body["choices"][0]["finish_reason"]), (200, "stop"))
+        run = TempHome.runs(self)[-1]  # (as it is now, not waiting for the reap)
+        self.assertTrue(pid_alive(run["pid"]), "answered while its CLI was still exiting")
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 1, "its slot is kept until it exits")
+        self.assertEqual(self.server.health(admin=True)["status"], "ok", "a CLI that is exiting is no leaked slot")
+        self.settle()
+        self.assertEqual((pid_alive(run["pid"]), self.runs()[-1]["ended"]), (False, "exit 0"))
+        self.assertEqual(self.server.runner.slots.snapshot()["running"], 0)
+        self.assertFalse([n for n in os.listdir(os.path.join(self.ocp_home, "spawn")) if n.startswith("run-")])
+
+    def test_a_stream_ends_while_the_cli_exits(self):
+        status, _, events = self.stream("hi " + self.SLOW_EXIT)
+        self.assertEqual((status, events[-1][1]), (200, "[DONE]"))
+        self.assertTrue(pid_alive(TempHome.runs(self)[-1]["pid"]))
+
+    def test_asking_again_at_once_waits_for_the_exiting_cli_not_refused(self):
+        """CLAUDE_MAX_QUEUE=0 and one slot: the next request waits for the slot of a CLI that has
+        answered and is only exiting, rather than a 429 for a line that is full."""
+        self.assertEqual(self.chat("one " + self.SLOW_EXIT)[0], 200)
+        status, _, body = self.chat("two")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(self.runs()[0]["ended"], "exit 0")
+
+
+class SlotsWhileTheCliExits(unittest.TestCase):
+    def test_a_finishing_holder_lets_one_more_wait_and_is_no_leak(self):
+        slots, first = ocp.Slots(1, 0), types.SimpleNamespace(ended="")
+        for _ in slots.waiting(time.monotonic() + 5, lambda: False, holder=first):
+            pass
+        with self.assertRaises(ocp.ApiError):  # the line is 0 long: a busy slot refuses
+            for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+                pass
+        first.ended = "released"
+        self.assertEqual(slots.leaked(), 1, "an ended holder keeping its slot")
+        slots.finishing(first)
+        self.assertEqual(slots.leaked(), 0, "one being reaped is no leak")
+        second = types.SimpleNamespace(ended="")
+        waiter = slots.waiting(time.monotonic() + 5, lambda: False, tick_s=0.05, holder=second)
+        next(waiter)  # in line, although the line is 0 long
+        self.assertEqual(slots.snapshot()["queued"], 1)
+        slots.release(first)
+        self.assertEqual(list(waiter), [])
+        self.assertEqual(slots.snapshot(), {"running": 1, "queued": 0, "limit": 1})
+        with self.assertRaises(ocp.ApiError):  # nothing is finishing now: refused again
+            for _ in slots.waiting(time.monotonic() + 5, lambda: False):
+                pass
+
+
+class KeptWorkerThreads(unittest.TestCase):
+    def test_an_idle_worker_takes_the_next_task_and_a_busy_one_never_delays_it(self):
+        workers = ocp.Workers("test-worker", idle_max=1, idle_s=5)
+        ran, gate = [], threading.Event()
+        workers.run(lambda: ran.append(threading.get_ident()))
+        wait_until(lambda: ran and workers.idle() == 1)
+        workers.run(gate.wait, 10)  # the idle worker takes it and is busy now
+        wait_until(lambda: workers.idle() == 0)
+        workers.run(lambda: ran.append(threading.get_ident()))  # no idle worker: a new thread, at once
+        wait_until(lambda: len(ran) == 2)
+        self.assertNotEqual(ran[0], ran[1])
+        gate.set()
+        wait_until(lambda: workers.idle() == 1)  # one stays (idle_max), the other ends
+
+    def test_a_failing_task_is_logged_and_the_worker_goes_on(self):
+        workers = ocp.Workers("test-worker", idle_max=1, idle_s=5)
+        with self.assertLogs("ocp", "ERROR"):
+            workers.run(lambda: 1 / 0)
+            wait_until(lambda: workers.idle() == 1)
+        done = threading.Event()
+        workers.run(done.set)
+        self.assertTrue(done.wait(5))
+
+    def test_an_idle_worker_ends_after_idle_s(self):
+        workers = ocp.Workers("test-worker", idle_max=4, idle_s=0.1)
+        workers.run(lambda: None)
+        wait_until(lambda: workers.idle() == 1)
+        wait_until(lambda: workers.idle() == 0)
+
+
+class RunDirectoriesAndUsage(TempHome):
+    def test_a_run_directory_goes_whatever_the_cli_left_in_it(self):
+        for left in ((), ("tmp/image.png",), ("tmp/deep/er/file",)):
+            path = os.path.join(self.tmp, "run-x")
+            os.makedirs(os.path.join(path, "tmp"))
+            for name in ("child", "system-prompt.txt") + left:
+                os.makedirs(os.path.dirname(os.path.join(path, name)), exist_ok=True)
+                open(os.path.join(path, name), "w").close()
+            ocp.remove_run_dir(path)
+            self.assertFalse(os.path.exists(path), left)
+        ocp.remove_run_dir(os.path.join(self.tmp, "never-made"))  # (no error)
+
+    def test_usage_adds_every_field(self):
+        names = [f.name for f in dataclasses.fields(ocp.Usage)]
+        one = ocp.Usage(*range(1, len(names) + 1))
+        self.assertEqual(dataclasses.astuple(one + one), tuple(2 * n for n in range(1, len(names) + 1)))
+
+
+class HangupWatch(unittest.TestCase):
+    def test_a_close_is_seen_for_a_watched_socket_only_even_on_a_reused_fd(self):
+        hangups, seen = ocp.Hangups(), []
+        first, first_peer = socket.socketpair()
+        with hangups.watch(first, lambda: seen.append("first")):
+            pass
+        fd = first.fileno()
+        first.close()
+        first_peer.close()
+        second, second_peer = socket.socketpair()  # likely the same fd number again
+        self.addCleanup(second.close)
+        with hangups.watch(second, lambda: seen.append(("second", second.fileno() == fd))):
+            second_peer.close()
+            wait_until(lambda: seen)
+        self.assertEqual([s[0] for s in seen], ["second"])
 
 
 class SlotsAtShutdown(unittest.TestCase):

@@ -113,7 +113,7 @@ class NonStreamingChat(ServerTest):
         self.assertEqual(run["env"]["HOME"], os.path.join(spawn, "home"))
         self.assertEqual(run["cwd"], os.path.join(spawn, "work"))
         self.assertTrue(run["env"]["TMPDIR"].startswith(os.path.join(spawn, "run-")))
-        self.server.runner.sweeper.drain()
+        self.settle()
         self.assertFalse(os.path.exists(run["env"]["TMPDIR"]), "the run's scratch directory is removed")
 
     def test_a_large_system_prompt_goes_through_a_private_file(self):
