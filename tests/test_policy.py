@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import unittest
 from unittest import mock
 
@@ -251,6 +252,46 @@ class LogFileClosed(TempHome):
         handler.close()
         handler.emit(logging.makeLogRecord({"msg": "a request thread finishing late"}))
         self.assertIsNone(handler.stream, "logging's FileHandler would reopen its file, and leak it")
+
+    def test_a_batch_is_written_in_order_rolls_over_at_the_cap_and_not_once_closed(self):
+        path = os.path.join(self.tmp, "ocp.log")
+        handler = ocp.PrivateRotatingFile(path, maxBytes=200, backupCount=1)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        batch = [logging.makeLogRecord({"msg": f"line {n}", "levelno": logging.INFO}) for n in range(30)]
+        ocp.write_records(handler, batch)
+        with open(path) as f:
+            self.assertEqual(f.read().splitlines(), [f"line {n}" for n in range(30)])
+        ocp.write_records(handler, batch[:1])  # past 200 bytes: the file rolls over first
+        with open(path) as f:
+            self.assertEqual(f.read(), "line 0\n")
+        self.assertTrue(os.path.exists(path + ".1"))
+        handler.close()
+        ocp.write_records(handler, batch)
+        self.assertIsNone(handler.stream)
+        with open(path) as f:
+            self.assertEqual(f.read(), "line 0\n")
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+
+class Ids(unittest.TestCase):
+    def test_ids_are_hex_of_their_length_and_never_repeat_across_refills(self):
+        ids = ocp.RandomIds(chunk=64)
+        made = [ids.hex(12) for _ in range(200)] + [ids.hex(100)]
+        self.assertEqual(len(set(made)), len(made))
+        self.assertTrue(all(len(i) == 24 and int(i, 16) >= 0 for i in made[:-1]))
+        self.assertEqual(len(made[-1]), 200)
+        threads, lock = [], threading.Lock()
+
+        def make():
+            mine = [ids.hex(12) for _ in range(300)]
+            with lock:
+                made.extend(mine)
+        threads = [threading.Thread(target=make) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len(set(made)), 201 + 1200, "each thread draws from its own buffer")
 
 
 if __name__ == "__main__":
