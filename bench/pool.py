@@ -46,12 +46,13 @@ SYSTEM = "You are a helpful assistant."
 
 
 class Daemon:
-    def __init__(self, claude, upstream, tmp, pool):
+    def __init__(self, claude, upstream, tmp, pool, extra_env=None):
         self.port = free_port()
         env = {"PATH": os.environ["PATH"], "HOME": tmp, "OCP_HOME": os.path.join(tmp, "ocp"), "CLAUDE_BIN": claude,
                "CLAUDE_PROXY_PORT": str(self.port), "OCP_LOG_LEVEL": "WARNING", "OCP_ADMIN_KEY": ADMIN,
                "OCP_UPSTREAM_BASE_URL": upstream.url, "CLAUDE_CODE_OAUTH_TOKEN": "sk-ant-oat01-bench",
                "OCP_POOL": "1" if pool else "0", "CLAUDE_MAX_CONCURRENT": "8"}
+        env.update(extra_env or {})
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ocp.py"), "serve"], env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -79,10 +80,10 @@ class Daemon:
             time.sleep(0.02)
         time.sleep(0.05)
 
-    def stream(self, messages):
+    def stream(self, messages, system=SYSTEM):
         """Stream one completion; return (seconds to the first content chunk, the answer's text)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        body = {"model": "sonnet", "stream": True, "messages": [{"role": "system", "content": SYSTEM}] + messages}
+        body = {"model": "sonnet", "stream": True, "messages": [{"role": "system", "content": system}] + messages}
         started = time.perf_counter()
         conn.request("POST", "/v1/chat/completions", json.dumps(body),
                      {"Authorization": f"Bearer {ADMIN}", "Content-Type": "application/json"})
