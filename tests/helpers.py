@@ -175,6 +175,10 @@ class ServerTest(TempHome):
                                   daemon=True)
         thread.start()
         self.addCleanup(self.server.runner.keeper.close)
+        # (cleanups run last first) pooled and parked CLIs are reaped before the keeper goes: an
+        # unreaped one is a zombie of this process, which the keeper would signal until it gives up
+        self.addCleanup(self.server.runner.pool.close)
+        self.addCleanup(self.server.parks.close)
         self.addCleanup(self.server.server_close)
         self.addCleanup(self.server.shutdown)
         self.addCleanup(self.server.runner.cancel_all)

@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 import unittest
 
@@ -123,11 +124,20 @@ class OneRequestOneResponse(ServerTest):
         routes = [("GET", "/health"), ("GET", "/v1/models"), ("HEAD", "/api/hello"), ("GET", "/dashboard/me"),
                   ("GET", "/usage"), ("GET", "/sessions"), ("DELETE", f"/api/keys/{key.id}"),
                   ("DELETE", "/cache"), ("GET", "/metrics"), ("GET", "/nowhere"), ("PUT", "/health")]
-        for method, path in routes:
+        answers = {}
+
+        def send(method, path):  # (all at once: each waits its quiet time for a second response)
+            head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN}\r\n"
+                    f"Content-Length: {len(self.SMUGGLED)}\r\n\r\n").encode()
+            answers[method, path] = responses_on_one_connection(self.port, head + self.SMUGGLED)
+        threads = [threading.Thread(target=send, args=route) for route in routes]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(len(answers), len(routes))
+        for (method, path), statuses in answers.items():
             with self.subTest(f"{method} {path}"):
-                head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN}\r\n"
-                        f"Content-Length: {len(self.SMUGGLED)}\r\n\r\n").encode()
-                statuses = responses_on_one_connection(self.port, head + self.SMUGGLED)
                 self.assertEqual(len(statuses), 1, statuses)
 
     def test_a_chunked_body_on_a_get_is_no_request_either(self):

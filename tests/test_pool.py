@@ -25,8 +25,6 @@ class PoolTest(ServerTest):
 
     def setUp(self):
         super().setUp()
-        self.addCleanup(self.server.runner.pool.close)  # before the keeper goes (cleanups run last first)
-        self.addCleanup(self.server.parks.close)
         self.pool = self.server.runner.pool
 
     def snapshot(self):

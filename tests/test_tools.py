@@ -22,10 +22,6 @@ def call(name, **arguments):
 
 
 class ToolTest(ServerTest):
-    def setUp(self):
-        super().setUp()
-        self.addCleanup(self.server.parks.close)  # first: parked CLIs are reaped before the keeper goes
-
     def ask(self, rounds, final=None, tools=(WEATHER, TIME), **params):
         steer = {"calls": rounds}
         if final is not None:
