@@ -1927,15 +1927,27 @@ def child_env(environ: Mapping[str, str], config: Config, creds: Credentials,
 
 def read_login(user_home: str, platform: str = sys.platform,
                keychain: Optional[Callable[[], str]] = None) -> Tuple[str, int]:
-    """Return (access token, expiry ms) of the owner's CLI login, or ("", 0). Read-only."""
+    """Return (access token, expiry ms) of the owner's CLI login, or ("", 0). Read-only. The
+    file is read again only when it changed (every spawn and every continued turn asks)."""
     path = os.path.join(user_home, ".claude", ".credentials.json")
-    raw = ""
+    try:
+        stat = os.stat(path)
+        return login_from_file(path, stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        return login_from_text(keychain() if platform == "darwin" and keychain else "")
+
+
+@functools.lru_cache(maxsize=8)
+def login_from_file(path: str, mtime_ns: int, size: int, inode: int) -> Tuple[str, int]:
+    """The login in the credentials file as of that change (the CLI rewrites it on refresh)."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = f.read()
+            return login_from_text(f.read())
     except OSError:
-        if platform == "darwin" and keychain:
-            raw = keychain()
+        return "", 0
+
+
+def login_from_text(raw: str) -> Tuple[str, int]:
     try:
         oauth = json.loads(raw).get("claudeAiOauth") or {}
         return str(oauth.get("accessToken") or ""), int(oauth.get("expiresAt") or 0)

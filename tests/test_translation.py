@@ -301,6 +301,23 @@ class ChoosingCredentials(unittest.TestCase):
     def test_no_login(self):
         self.assertEqual(ocp.resolve_credentials({}, self.home, NOW, platform="linux").source, "none")
 
+    def test_a_rewritten_login_is_read_again_and_an_unchanged_one_is_not(self):
+        path = os.path.join(self.home, ".claude", ".credentials.json")
+        os.makedirs(os.path.dirname(path))
+        for token, mtime in (("token-1", 1000), ("token-2", 2000)):  # same size: the time tells them apart
+            with open(path, "w") as f:
+                json.dump({"claudeAiOauth": {"accessToken": token, "expiresAt": (NOW + 3600) * 1000}}, f)
+            os.utime(path, (mtime, mtime))
+            self.assertEqual(ocp.read_login(self.home, "linux")[0], token)
+        with open(path + ".new", "w") as f:  # the CLI's way: a new file renamed over it, same time and size
+            json.dump({"claudeAiOauth": {"accessToken": "token-3", "expiresAt": (NOW + 3600) * 1000}}, f)
+        os.utime(path + ".new", (2000, 2000))
+        os.replace(path + ".new", path)
+        self.assertEqual(ocp.read_login(self.home, "linux")[0], "token-3")
+        reads = ocp.login_from_file.cache_info().misses
+        ocp.read_login(self.home, "linux")
+        self.assertEqual(ocp.login_from_file.cache_info().misses, reads, "unchanged: not read again")
+
     def test_macos_keychain(self):
         blob = json.dumps({"claudeAiOauth": {"accessToken": "kc", "expiresAt": (NOW + 3600) * 1000}})
         creds = ocp.resolve_credentials({}, self.home, NOW, platform="darwin", keychain=lambda: blob)
