@@ -9,7 +9,8 @@ once. Pairs alternate:
   raw   the CLI started with OCP's flags (claude_argv) and environment essentials, turn 1 on its
         stdin read to its `result`, 200 ms idle (as a pooled CLI between a client's turns), then
         turn 2: the time from writing turn 2 to its first text delta on stdout
-  ocp   a pool-on daemon: a streamed chat, then (after the same 200 ms) its follow-up, which
+  ocp   a pool-on daemon (no warm spares, at most 2 kept CLIs: the same load beside the turn
+        as the raw side's): a streamed chat, then (after the same 200 ms) its follow-up, which
         continues in the pooled CLI that answered it: the time from sending the follow-up to
         its first content chunk
 
@@ -72,7 +73,10 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ocp-bench-continued-")
     home = os.path.join(tmp, "raw")
     os.makedirs(home)
-    daemon = Daemon(args.claude, upstream, os.path.join(tmp, "pool"), pool=True)
+    # No warm spares and few kept CLIs: the raw side has one CLI at a time, and a spare warming up
+    # (or twenty idle CLIs) beside the measured turn would measure the machine's load, not OCP
+    daemon = Daemon(args.claude, upstream, os.path.join(tmp, "pool"), pool=True,
+                    extra_env={"OCP_POOL_SPARE_AFTER": "0", "OCP_POOL_MAX_CLIS": "2"})
     try:
         raw, through, gaps = [], [], []
         for _ in range(2):  # warm both sides
