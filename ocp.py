@@ -29,7 +29,8 @@ TEXT / REASONING / PING … DONE with an Outcome) → the route's
 Encoder (ChatJSON / ChatSSE) writes the bytes; the Ticket records the usage row,
 metrics, cache and the plan's share (PlanLimits.spent) just before the last ones
 leave; Lease.keep pools the CLI for the conversation's follow-up, or Parks keeps it
-for the client's tool results. Hangups tells the Turn when the client leaves. A
+for the client's tool results, or its stdin closes and a kept worker thread (WORKERS)
+reaps it after the answer is out (Runner.retire_later; the keeper knows its run dir). Hangups tells the Turn when the client leaves. A
 refusal goes out through Handler.refuse: a wall (a quota, the plan, a model) in the
 shape this client stops at (wall_for). Connections bounds the sockets, Slots the
 running CLIs, Parks and Pool the idle ones (one memory budget, a share per key).
