@@ -287,6 +287,7 @@ class LogsMetricsStatusSessions(ServerTest):
         self.chat("one")
         self.request("GET", "/api/keys")  # 403: not the admin key
         self.request("POST", "/v1/chat/completions", raw="{")  # 400
+        self.settle()  # the first CLI is reaped: the one live run below is the hanging one
         self.server.runner.slots.resize(1, 0)
         sock = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]})
         wait_until(lambda: self.server.runner.live())

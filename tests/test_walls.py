@@ -150,6 +150,7 @@ class OtherWalls(WallTest):
     def test_a_busy_proxy_stays_a_retryable_429(self):
         self.server.config = ocp.dataclasses.replace(self.server.config, max_concurrent=1, max_queue=0)
         self.server.runner.apply(self.server.config)
+        self.settle()  # (no CLI from before is still exiting: the live run below is the hanging one)
         sock = self.open_raw({"model": "sonnet", "messages": [{"role": "user", "content": "x " + directive(hang=True)}]},
                              ADMIN)
         wait_until(lambda: self.server.runner.live())
