@@ -25,6 +25,7 @@ class PrometheusReadsMetrics(ServerTest):
     def test_families_and_samples(self):
         self.chat("one", model="haiku")
         self.chat("x " + directive(error="overloaded"), model="haiku")
+        self.settle()  # (their CLIs exit after the answers went out: none is in flight then)
         status, _, text = self.request("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
         self.assertEqual(status, 200)
         parsed = list(text_string_to_metric_families(text))
