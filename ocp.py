@@ -1969,6 +1969,31 @@ def macos_keychain() -> str:
     return ""
 
 
+class KeptFor:
+    """A function's answer kept for `ttl_s`: the macOS keychain, read by starting `security`,
+    was asked on every spawn and every continued turn; a login the CLI refreshed is seen
+    within KEYCHAIN_TTL_S (its old token stays good until near its expiry). Thread-safe."""
+
+    def __init__(self, fn: Callable[[], Any], ttl_s: float, clock: Callable[[], float] = time.monotonic):
+        self.fn, self.ttl_s, self.clock = fn, ttl_s, clock
+        self._lock = threading.Lock()
+        self._kept: Optional[Tuple[float, Any]] = None
+
+    def __call__(self) -> Any:
+        with self._lock:
+            kept = self._kept
+        if kept is not None and self.clock() - kept[0] < self.ttl_s:
+            return kept[1]
+        value = self.fn()
+        with self._lock:
+            self._kept = (self.clock(), value)
+        return value
+
+
+KEYCHAIN_TTL_S = 10.0
+recent_keychain = KeptFor(macos_keychain, KEYCHAIN_TTL_S)  # (runs nothing until a request asks, on macOS)
+
+
 def resolve_credentials(environ: Mapping[str, str], user_home: str, now_s: float,
                         platform: str = sys.platform,
                         keychain: Optional[Callable[[], str]] = None) -> Credentials:
@@ -3349,7 +3374,7 @@ class Runner:
 
     def credentials(self) -> Credentials:
         """How the next child logs in, as of now."""
-        return resolve_credentials(self.config.environ, self.config.user_home, self.wall(), keychain=macos_keychain)
+        return resolve_credentials(self.config.environ, self.config.user_home, self.wall(), keychain=recent_keychain)
 
     def hand_over(self, old: Lease, new: Lease) -> None:
         """`new` adopted `old`'s CLI (from the pool): the live set names the new request, `old` ends."""

@@ -318,6 +318,13 @@ class ChoosingCredentials(unittest.TestCase):
         ocp.read_login(self.home, "linux")
         self.assertEqual(ocp.login_from_file.cache_info().misses, reads, "unchanged: not read again")
 
+    def test_the_keychain_is_asked_once_in_its_ttl(self):
+        calls, now = [], [100.0]
+        kept = ocp.KeptFor(lambda: calls.append(1) or f"entry {len(calls)}", 10, lambda: now[0])
+        self.assertEqual((kept(), kept()), ("entry 1", "entry 1"))
+        now[0] += 10
+        self.assertEqual((kept(), len(calls)), ("entry 2", 2))
+
     def test_macos_keychain(self):
         blob = json.dumps({"claudeAiOauth": {"accessToken": "kc", "expiresAt": (NOW + 3600) * 1000}})
         creds = ocp.resolve_credentials({}, self.home, NOW, platform="darwin", keychain=lambda: blob)
