@@ -2228,6 +2228,7 @@ class Workers:
                 fn(*args)
             except Exception:
                 log.exception("%s: a task failed", self.name)
+            del fn, args  # an idle worker holds nothing of its last task (a lease, a socket)
             with self._lock:
                 if len(self._idle) >= self.idle_max:
                     return

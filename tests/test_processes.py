@@ -10,6 +10,7 @@ import threading
 import time
 import types
 import unittest
+import weakref
 
 import ocp
 from helpers import ServerTest, TempHome, directive, pid_alive, wait_until
@@ -234,6 +235,10 @@ class SlotsWhileTheCliExits(unittest.TestCase):
                 pass
 
 
+class Task:
+    """Something a task holds (a lease, a socket): weakly referable."""
+
+
 class KeptWorkerThreads(unittest.TestCase):
     def test_an_idle_worker_takes_the_next_task_and_a_busy_one_never_delays_it(self):
         workers = ocp.Workers("test-worker", idle_max=1, idle_s=5)
@@ -256,6 +261,15 @@ class KeptWorkerThreads(unittest.TestCase):
         done = threading.Event()
         workers.run(done.set)
         self.assertTrue(done.wait(5))
+
+    def test_an_idle_worker_keeps_nothing_of_its_last_task(self):
+        workers, task = ocp.Workers("test-worker", idle_max=1, idle_s=5), Task()
+        gone = threading.Event()
+        weakref.finalize(task, gone.set)
+        workers.run(lambda t: None, task)
+        wait_until(lambda: workers.idle() == 1)
+        del task
+        self.assertTrue(gone.wait(5), "the idle worker still held its last task's argument")
 
     def test_an_idle_worker_ends_after_idle_s(self):
         workers = ocp.Workers("test-worker", idle_max=4, idle_s=0.1)
