@@ -81,7 +81,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers and readers only: importing typing costs the daemon 0.5 MB
-    from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+    from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -2516,7 +2516,7 @@ class Sweeper:
     `drain` waits for the queue (tests, shutdown).
     """
 
-    def __init__(self, on_removed: Callable[[str], None] = lambda path: None):
+    def __init__(self, on_removed: Callable[[str], None]):
         self._queue: "queue.Queue[str]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
@@ -4882,9 +4882,11 @@ class PlanLimits:
                 return True
             return any(h["until"] > now_s and family in model_id.lower() for family, h in self.model_holds.items())
 
-    def check(self, now_s: float, plan_only: bool = False, model_id: str = "", models: Tuple[str, ...] = ()) -> None:
+    def check(self, now_s: float, plan_only: bool = False, model_id: str = "",
+              models: Callable[[], Iterable[str]] = tuple) -> None:
         """Raise the plan-limit 429 while the subscription is out of quota for this request (plan-wide,
-        or its model's family: the models that still work are named), or, plan-only, in overage."""
+        or its model's family: the models that still work, `models()` the caller's, are named), or,
+        plan-only, in overage."""
         with self._lock:
             until, message, overage_until = self.hold_until, self.hold_message, self.overage_until
             family = next((f for f, h in self.model_holds.items() if h["until"] > now_s and f in model_id.lower()), "")
@@ -4893,7 +4895,7 @@ class PlanLimits:
             raise plan_limit_error(message + f" (answered by OCP without calling Claude). Every key of this OCP "
                                    f"waits for the plan's reset, in {format_wait(until - now_s)}.", until, now_s)
         if model_hold is not None:
-            others = [m for m in models if family not in m.lower()]
+            others = [m for m in models() if family not in m.lower()]
             raise plan_limit_error(
                 f"{model_hold['message']} (answered by OCP without calling Claude): the plan's {family.title()} "
                 f"limit resets in {format_wait(model_hold['until'] - now_s)}. Other models still work"
@@ -7047,7 +7049,7 @@ def answer_turn(h: Any, route: TurnRoute) -> None:
         h.admitted = True
         h.response_headers.update(ticket.headers)
         server.plan.check(server.wall(), services.config.plan_only, request.model.id,
-                          tuple(m.id for m in server.models.models if model_allowed(caller, m)))
+                          lambda: [m.id for m in server.models.models if model_allowed(caller, m)])
         resume = tool_followup(request, server.parks) if job.tools else None
         server.parks.end_abandoned(request)
         turn = ticket.turn = Turn(request, job, services, resume, followup)
